@@ -1,0 +1,275 @@
+"""Find a model's repeated trunk(s) and label everything else embedding / head / other.
+
+Why from structure and not from names: a block is called ``h``, ``layers``,
+``layer``, ``block`` or ``blocks`` depending on who wrote the model, but every
+transformer stacks structurally identical blocks in a ``ModuleList`` or
+``Sequential``. That run of children is the trunk; what the model registers
+before it is the embedding, what it registers after it is the head. An
+encoder-decoder has two trunks, and each part is judged against the trunk(s)
+in its own scope (an encoder's final norm is after the encoder's trunk).
+
+Every unique parameter lands in exactly one bucket, so buckets always sum to
+the unique total. A tied tensor is charged to the first bucket (in the order
+embedding, block, head, other) that reaches it, and its other aliases are
+reported where they live.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .inventory import Inventory, _owner_path
+
+__all__ = ["BUCKETS", "Trunk", "BlockParam", "Buckets", "find_buckets"]
+
+BUCKETS: tuple[str, ...] = ("embedding", "block", "head", "other")
+
+# A run of identical children smaller than this share of the largest run is a
+# detail inside the model (a few stacked heads, a pair of convs), not a trunk.
+_MIN_TRUNK_SHARE = 0.10
+
+
+@dataclass(frozen=True)
+class BlockParam:
+    """One parameter of a representative block, as a hand count would list it."""
+
+    module: str  # path relative to the block ("attn.c_attn")
+    type: str
+    name: str  # "weight", "bias", ...
+    shape: tuple[int, ...]
+    numel: int
+
+
+@dataclass
+class Trunk:
+    """A run of structurally alike blocks in one container."""
+
+    path: str  # the container ("transformer.h")
+    block_paths: list[str]
+    params: int  # unique parameters of all its blocks
+    params_per_block: int  # of the representative block
+    representative: str  # path of the block whose breakdown is shown
+    breakdown: list[BlockParam] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.block_paths)
+
+
+@dataclass
+class Buckets:
+    trunks: list[Trunk]
+    module_bucket: dict[str, str]  # module path -> bucket, or "mixed" for containers of a trunk
+    param_bucket: dict[str, str]  # canonical parameter name -> charged bucket
+    alias_bucket: dict[str, str]  # every alias -> the bucket of the module that registers it
+    totals: dict[str, int]
+    bytes: dict[str, int]
+
+
+def _signature(module: nn.Module) -> tuple:
+    """What two blocks must share to be "the same block": types and parameter shapes."""
+    return (
+        type(module).__name__,
+        tuple((n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(remove_duplicate=False)),
+        tuple(type(m).__name__ for m in module.modules()),
+    )
+
+
+def _runs(container: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """Maximal runs of consecutive, structurally alike children, at least two long.
+
+    Children are alike when they have the same class and each has every
+    parameter (name, shape, dtype) of the run's most common signature, which
+    must occur at least twice. This tolerates a first block that carries an
+    extra table (T5's relative attention bias lives only in block 0) while
+    rejecting a stack of Linears of different sizes.
+    """
+    children = list(container.named_children())
+    runs, i = [], 0
+    while i < len(children):
+        j = i + 1
+        while j < len(children) and type(children[j][1]) is type(children[i][1]):
+            j += 1
+        same_class = children[i:j]
+        i = j
+        if len(same_class) < 2 or not any(True for _ in same_class[0][1].parameters()):
+            continue
+        sigs = [_signature(m) for _, m in same_class]
+        common, count = Counter(sigs).most_common(1)[0]
+        if count >= 2:
+            needed = set(common[1])
+        else:
+            # Every child differs (a two-block T5 whose block 0 has an extra
+            # table): alike if the parameters they all share are most of each.
+            needed = set.intersection(*(set(sig[1]) for sig in sigs))
+            shared = sum(_numel(shape) for _, shape, _ in needed)
+            if not needed or any(shared * 2 < sum(_numel(shape) for _, shape, _ in sig[1]) for sig in sigs):
+                continue
+        run: list[tuple[str, nn.Module]] = []
+        for child, sig in zip(same_class, sigs):
+            if needed <= set(sig[1]):
+                run.append(child)
+                continue
+            if len(run) >= 2:
+                runs.append(run)
+            run = []
+        if len(run) >= 2:
+            runs.append(run)
+    return runs
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
+
+
+def _find_trunks(model: nn.Module, inventory: Inventory) -> list[Trunk]:
+    params_of = {m.path: m.params for m in inventory.modules}
+    candidates: list[Trunk] = []
+    for path, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            continue
+        for run in _runs(mod):
+            sigs = [_signature(m) for _, m in run]
+            common = Counter(sigs).most_common(1)[0][0]
+            rep_name = next(n for (n, _), s in zip(run, sigs) if s == common)
+            block_paths = [_join(path, n) for n, _ in run]
+            rep = _join(path, rep_name)
+            candidates.append(
+                Trunk(
+                    path=path,
+                    block_paths=block_paths,
+                    params=0,
+                    params_per_block=params_of[rep],
+                    representative=rep,
+                    breakdown=_breakdown(dict(run)[rep_name]),
+                )
+            )
+    # Keep the outermost runs: the experts inside an MoE block are not a trunk.
+    outer = [
+        t
+        for t in candidates
+        if not any(o is not t and any(_inside(t.path, b) for b in o.block_paths) for o in candidates)
+    ]
+    unique_per_block = _unique_params_under(inventory, [b for t in outer for b in t.block_paths])
+    for t in outer:
+        t.params = sum(unique_per_block[b] for b in t.block_paths)
+    if not outer:
+        return []
+    largest = max(t.params for t in outer)
+    return [t for t in outer if t.params >= _MIN_TRUNK_SHARE * largest and t.params > 0]
+
+
+def _unique_params_under(inventory: Inventory, block_paths: list[str]) -> dict[str, int]:
+    """Parameters per block with a tensor shared by two blocks charged to the first."""
+    counts = {b: 0 for b in block_paths}
+    for p in inventory.parameters:
+        for alias in p.aliases:
+            owner = _owner_path(alias)
+            hit = next((b for b in block_paths if _inside(owner, b)), None)
+            if hit is not None:
+                counts[hit] += p.numel
+                break
+    return counts
+
+
+def _breakdown(block: nn.Module) -> list[BlockParam]:
+    out = []
+    for mpath, mod in block.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            out.append(BlockParam(mpath, type(mod).__name__, pname, tuple(p.shape), p.numel()))
+    return out
+
+
+def _bucket_of_modules(inventory: Inventory, trunks: list[Trunk]) -> dict[str, str]:
+    order = {m.path: i for i, m in enumerate(inventory.modules)}
+    blocks = [b for t in trunks for b in t.block_paths]
+    # Pre-order index range covered by each trunk's blocks.
+    spans = []
+    for t in trunks:
+        inside = [order[m.path] for m in inventory.modules if any(_inside(m.path, b) for b in t.block_paths)]
+        spans.append((t.path, min(inside), max(inside)))
+
+    result: dict[str, str] = {}
+    for m in inventory.modules:
+        path = m.path
+        if any(_inside(path, b) for b in blocks):
+            result[path] = "block"
+            continue
+        if any(_inside(s[0], path) for s in spans):
+            result[path] = "mixed"  # holds a trunk: its own parameters are judged below
+            continue
+        result[path] = _position_bucket(path, order[path], spans)
+    # A container of a trunk whose subtree holds one bucket only (the ModuleList
+    # of blocks itself) is that bucket, not "mixed".
+    for m in inventory.modules:
+        if result[m.path] == "mixed":
+            inner = {result[o.path] for o in inventory.modules if o.own_params and _inside(o.path, m.path)}
+            if m.own_params:
+                inner.add(_position_bucket(m.path, order[m.path], spans))
+            inner.discard("mixed")
+            if len(inner) == 1:
+                result[m.path] = inner.pop()
+    return result
+
+
+def _position_bucket(path: str, index: int, spans: list[tuple[str, int, int]]) -> str:
+    """Before / after the trunks of the innermost scope that contains any."""
+    if not spans:
+        return "other"
+    scope_parts = path.split(".") if path else []
+    for depth in range(len(scope_parts), -1, -1):
+        scope = ".".join(scope_parts[:depth])
+        local = [s for s in spans if _inside(s[0], scope)]
+        if local:
+            if index < min(s[1] for s in local):
+                return "embedding"
+            if index > max(s[2] for s in local):
+                return "head"
+            return "other"
+    return "other"
+
+
+def find_buckets(model: nn.Module, inventory: Inventory) -> Buckets:
+    """Label every parameter embedding / block / head / other from the structure."""
+    trunks = _find_trunks(model, inventory)
+    module_bucket = _bucket_of_modules(inventory, trunks)
+    order = {m.path: i for i, m in enumerate(inventory.modules)}
+    spans_for_owned = [
+        (t.path, min(order[b] for b in t.block_paths), max(order[b] for b in t.block_paths)) for t in trunks
+    ]
+
+    alias_bucket: dict[str, str] = {}
+    param_bucket: dict[str, str] = {}
+    totals = {b: 0 for b in BUCKETS}
+    nbytes = {b: 0 for b in BUCKETS}
+    for p in inventory.parameters:
+        seen = []
+        for alias in p.aliases:
+            owner = _owner_path(alias)
+            bucket = module_bucket[owner]
+            if bucket == "mixed":
+                # A parameter registered directly on a module that holds a trunk
+                # (a root-level position table, a CLS token) sits before its
+                # children in registration order.
+                bucket = _position_bucket(owner, order[owner], spans_for_owned)
+            alias_bucket[alias] = bucket
+            seen.append(bucket)
+        charged = min(seen, key=BUCKETS.index)
+        param_bucket[p.name] = charged
+        totals[charged] += p.numel
+        nbytes[charged] += p.nbytes
+    return Buckets(trunks, module_bucket, param_bucket, alias_bucket, totals, nbytes)

@@ -1,0 +1,139 @@
+"""``python -m profiler [OPTIONS] SCRIPT [ARGS...]``: run a script, report its models.
+
+The script runs unchanged as ``__main__``; its stdout is left untouched and the
+report goes to stderr (so ``python -m profiler train.py > log`` keeps the log
+identical to a plain run), and to ``--json PATH`` if asked. The process exits
+with the script's own status. Our own errors are one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+from . import __version__
+from .analysis import analyze_model
+from .discovery import ModelWatcher
+from .errors import ProfilerError
+from .report import Report
+from .runner import load_script, run_script
+
+__all__ = ["main", "build_parser"]
+
+PROG = "python -m profiler"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run a PyTorch script unchanged and report where its models' parameters and memory go.",
+        epilog="Options go before SCRIPT; everything after SCRIPT (or after --) is passed to the script.",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument("--depth", type=_non_negative_int, default=2, metavar="N", help="module tree depth in the text report (default 2)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no text report (use with --json)")
+    parser.add_argument("--version", action="version", version=f"profiler {__version__}")
+    parser.add_argument("script", help="the Python script to run")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return parser
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def check_writable(path: str) -> None:
+    """Fail before the script runs, not after an hour of training."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise ProfilerError(f"--json {path}: is a directory")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise ProfilerError(f"--json {path}: directory {parent} does not exist")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise ProfilerError(f"--json {path}: file is not writable")
+    if not os.path.exists(target) and not os.access(parent, os.W_OK):
+        raise ProfilerError(f"--json {path}: directory {parent} is not writable")
+
+
+def name_models(models: list[nn.Module], script_globals: dict) -> list[str]:
+    """Call each model by the script's variable name for it, else by its class."""
+    by_id = {}
+    for var, value in script_globals.items():
+        if isinstance(value, nn.Module) and not var.startswith("_"):
+            by_id.setdefault(id(value), var)
+    names, used = [], set()
+    for m in models:
+        base = by_id.get(id(m), type(m).__name__)
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}#{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def _script_models(script_globals: dict) -> list[nn.Module]:
+    """Models left in the script's globals: the fallback when none was ever called."""
+    from .discovery import outermost
+
+    found = [v for v in script_globals.values() if isinstance(v, nn.Module) and any(True for _ in v.parameters())]
+    return outermost(found)
+
+
+def build_report(models: list[nn.Module], script_globals: dict, notes: list[str]) -> Report:
+    reports = [analyze_model(m, name) for m, name in zip(models, name_models(models, script_globals))]
+    return Report(models=reports, notes=notes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parser.parse_args(argv)
+    if opts.args and opts.args[0] == "--":
+        opts.args = opts.args[1:]
+    try:
+        if opts.json:
+            check_writable(opts.json)
+        code = load_script(opts.script)
+    except ProfilerError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+    with ModelWatcher() as watcher:
+        result = run_script(code, opts.script, opts.args)
+
+    notes = []
+    models = watcher.models
+    if not models:
+        models = _script_models(result.globals)
+        if models:
+            notes.append("no model was called; reporting the models left in the script's globals")
+    if result.failed:
+        notes.append(f"the script raised {type(result.exception).__name__}; the report covers what ran before it")
+    try:
+        report = build_report(models, result.globals, notes)
+        report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
+        sys.stdout.flush()
+        if not opts.quiet:
+            print("\n" + report.render(depth=opts.depth), file=sys.stderr)
+        if opts.json:
+            report.to_json(opts.json)
+            print(f"{PROG}: report written to {opts.json}", file=sys.stderr)
+    except ProfilerError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return result.exit_code or exc.exit_code
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write {opts.json}: {exc.strerror or exc}", file=sys.stderr)
+        return result.exit_code or 2
+    return result.exit_code

@@ -1,0 +1,99 @@
+"""Find the models a script builds and calls, without touching the script.
+
+A model is a module that is *called from outside any other module* and owns
+parameters. Two global hooks (the mechanism of ``torch.utils.module_tracker``)
+keep a per-thread nesting depth; a call at depth 0 is a root call. Each new
+root is reported to a callback once, so the caller can analyse it or start
+measuring it on its first forward.
+
+The hooks cost one dict lookup per module call and are removed by ``close()``
+(also on exceptions: use it as a context manager). In a forked child (a
+DataLoader worker) they do nothing, so workers never report.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from torch import nn
+from torch.nn.modules import module as module_hooks
+
+__all__ = ["ModelWatcher"]
+
+
+class ModelWatcher:
+    """Watch every ``nn.Module`` call and collect the root modules with parameters.
+
+    >>> with ModelWatcher() as watcher:
+    ...     train()
+    >>> watcher.models  # [model, ...] in order of first call
+    """
+
+    def __init__(self, on_new_model: Callable[[nn.Module], None] | None = None) -> None:
+        self._on_new_model = on_new_model
+        self._pid = os.getpid()
+        self._local = threading.local()
+        self._seen: set[int] = set()
+        self._models: list[nn.Module] = []
+        self._handles: list = []
+
+    # Hooks ------------------------------------------------------------------
+    def _pre(self, module: nn.Module, args: object) -> None:
+        if os.getpid() != self._pid:
+            return
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        if depth == 0 and id(module) not in self._seen:
+            self._seen.add(id(module))
+            if any(True for _ in module.parameters()):
+                self._models.append(module)
+                if self._on_new_model is not None:
+                    self._on_new_model(module)
+
+    def _post(self, module: nn.Module, args: object, output: object) -> None:
+        if os.getpid() != self._pid:
+            return
+        self._local.depth = max(getattr(self._local, "depth", 1) - 1, 0)
+
+    # Lifecycle ---------------------------------------------------------------
+    def start(self) -> "ModelWatcher":
+        if not self._handles:
+            self._handles = [
+                module_hooks.register_module_forward_pre_hook(self._pre),
+                # always_call: the depth must come back down when a forward raises.
+                module_hooks.register_module_forward_hook(self._post, always_call=True),
+            ]
+        return self
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "ModelWatcher":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def models(self) -> list[nn.Module]:
+        """Root models in order of first call, a submodule called on its own left out."""
+        return outermost(self._models)
+
+
+def outermost(candidates: list[nn.Module]) -> list[nn.Module]:
+    """Drop every candidate that is a submodule of another candidate."""
+    inner: set[int] = set()
+    for m in candidates:
+        for sub in m.modules():
+            if sub is not m:
+                inner.add(id(sub))
+    unique, seen = [], set()
+    for m in candidates:
+        if id(m) not in inner and id(m) not in seen:
+            seen.add(id(m))
+            unique.append(m)
+    return unique

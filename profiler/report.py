@@ -1,0 +1,249 @@
+"""The Report: one object that every collector fills and every renderer reads.
+
+The JSON form is a public contract. ``SCHEMA`` names its version; keys may be
+added freely, but renaming or dropping one needs a new version. Bytes are
+always integers; a figure that could not be measured is ``null`` with the
+reason next to it, never a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+
+from .buckets import BUCKETS, Buckets
+from .inventory import Inventory
+
+__all__ = ["SCHEMA", "ModelReport", "Report", "format_bytes", "format_count"]
+
+SCHEMA = "profiler.report/1"
+
+
+def format_count(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,}"
+
+
+def format_bytes(n: int | None) -> str:
+    """Binary units, as nvidia-smi and torch.cuda report memory."""
+    if n is None:
+        return "n/a"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+@dataclass
+class ModelReport:
+    """What is known about one model: its inventory, buckets and (later) memory."""
+
+    name: str
+    inventory: Inventory
+    buckets: Buckets
+    memory: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # further sections, already JSON-shaped
+
+    # ----- JSON -------------------------------------------------------------
+    def parameters_dict(self) -> dict[str, Any]:
+        inv, b = self.inventory, self.buckets
+        return {
+            "total": inv.total,
+            "total_with_duplicates": inv.total_with_duplicates,
+            "trainable": inv.trainable,
+            "frozen": inv.total - inv.trainable,
+            "bytes": inv.bytes,
+            "dtypes": inv.dtype_counts(),
+            "weight_memory": inv.weight_memory(),
+            "buckets": dict(b.totals),
+            "bucket_bytes": dict(b.bytes),
+            "trunks": [
+                {
+                    "path": t.path,
+                    "blocks": t.blocks,
+                    "params_per_block": t.params_per_block,
+                    "params": t.params,
+                    "block_paths": t.block_paths,
+                    "representative": t.representative,
+                    "breakdown": [
+                        {"module": p.module, "type": p.type, "name": p.name, "shape": list(p.shape), "numel": p.numel}
+                        for p in t.breakdown
+                    ],
+                }
+                for t in b.trunks
+            ],
+            "tied": [
+                {
+                    "aliases": list(p.aliases),
+                    "numel": p.numel,
+                    "bytes": p.nbytes,
+                    "charged_to": b.param_bucket[p.name],
+                    "alias_buckets": {a: b.alias_bucket[a] for a in p.aliases},
+                }
+                for p in inv.tie_groups
+            ],
+            "modules": [
+                {
+                    "path": m.path,
+                    "type": m.type,
+                    "depth": m.depth,
+                    "params": m.params,
+                    "bytes": m.bytes,
+                    "own_params": m.own_params,
+                    "trainable": m.trainable,
+                    "frozen": m.frozen,
+                    "dtypes": m.dtypes,
+                    "buffers": m.buffers,
+                    "buffer_bytes": m.buffer_bytes,
+                    "bucket": b.module_bucket[m.path],
+                }
+                for m in inv.modules
+            ],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        inv = self.inventory
+        out: dict[str, Any] = {
+            "name": self.name,
+            "class": inv.model_class,
+            "parameters": self.parameters_dict(),
+            "buffers": {
+                "total": inv.buffer_total,
+                "bytes": inv.buffer_bytes,
+                "persistent": sum(x.numel for x in inv.buffers if x.persistent),
+                "non_persistent": sum(x.numel for x in inv.buffers if not x.persistent),
+            },
+        }
+        if self.memory is not None:
+            out["memory"] = self.memory
+        out.update(self.extra)
+        return out
+
+    # ----- text -------------------------------------------------------------
+    def render(self, depth: int = 2) -> str:
+        inv, b = self.inventory, self.buckets
+        total = inv.total
+        parts = [f"== {self.name} ({inv.model_class}) =="]
+        summary = [
+            ["parameters (unique)", format_count(total), format_bytes(inv.bytes)],
+            ["parameters (with duplicates)", format_count(inv.total_with_duplicates), ""],
+            ["trainable", format_count(inv.trainable), ""],
+            ["frozen", format_count(total - inv.trainable), ""],
+            ["buffers", format_count(inv.buffer_total), format_bytes(inv.buffer_bytes)],
+        ]
+        parts.append(tabulate(summary, headers=["", "count", "bytes"], colalign=("left", "right", "right")))
+
+        rows = [[k, format_count(b.totals[k]), _percent(b.totals[k], total), format_bytes(b.bytes[k])] for k in BUCKETS]
+        rows.append(["total", format_count(sum(b.totals.values())), _percent(sum(b.totals.values()), total), format_bytes(sum(b.bytes.values()))])
+        parts.append("Buckets (found from the structure; a tied tensor is charged once)\n" + tabulate(rows, headers=["bucket", "params", "share", "bytes"], colalign=("left", "right", "right", "right")))
+
+        if b.trunks:
+            rows = [[t.path or "(root)", t.blocks, format_count(t.params_per_block), format_count(t.params)] for t in b.trunks]
+            parts.append("Trunks\n" + tabulate(rows, headers=["path", "blocks", "params/block", "params"], colalign=("left", "right", "right", "right")))
+        else:
+            parts.append("Trunks: no run of structurally identical blocks found; every parameter is in 'other'.")
+
+        if inv.tie_groups:
+            rows = []
+            for p in inv.tie_groups:
+                aliases = "\n".join(f"{a} [{b.alias_bucket[a]}]" for a in p.aliases)
+                rows.append([aliases, format_count(p.numel), format_bytes(p.nbytes), b.param_bucket[p.name]])
+            parts.append("Tied parameters (one tensor, several names; counted once)\n" + tabulate(rows, headers=["aliases [bucket]", "params", "bytes", "charged to"], colalign=("left", "right", "right", "left")))
+        else:
+            parts.append("Tied parameters: none (no two names share storage).")
+
+        parts.append(self._render_tree(depth))
+        for t in b.trunks:
+            parts.append(self._render_breakdown(t))
+
+        wm = inv.weight_memory()
+        parts.append("Weight memory by storage format (unique parameters)\n" + tabulate([[k, format_bytes(v)] for k, v in wm.items()], headers=["format", "bytes"], colalign=("left", "right")))
+        return "\n\n".join(parts)
+
+    def _render_tree(self, depth: int) -> str:
+        rows = []
+        for m in self.inventory.modules:
+            if m.depth > depth or (m.params == 0 and m.buffers == 0 and m.depth > 0):
+                continue
+            label = "  " * m.depth + (m.path.rpartition(".")[2] if m.path else "(root)")
+            rows.append([label, m.type, format_count(m.params), format_bytes(m.bytes), self.buckets.module_bucket[m.path]])
+        return f"Modules to depth {depth} (subtree unique parameters)\n" + tabulate(rows, headers=["module", "type", "params", "bytes", "bucket"], colalign=("left", "left", "right", "right", "left"))
+
+    def _render_breakdown(self, trunk) -> str:
+        by_module: dict[str, dict[str, Any]] = {}
+        for p in trunk.breakdown:
+            row = by_module.setdefault(p.module, {"type": p.type, "weight": None, "bias": None, "other": []})
+            if p.name in ("weight", "bias") and row[p.name] is None:
+                row[p.name] = p
+            else:
+                row["other"].append(p)
+        rows = []
+        total = 0
+        for mod, r in by_module.items():
+            w, bias = r["weight"], r["bias"]
+            other = sum(p.numel for p in r["other"])
+            n = (w.numel if w else 0) + (bias.numel if bias else 0) + other
+            total += n
+            rows.append([
+                mod or "(block)",
+                r["type"],
+                "x".join(map(str, w.shape)) if w else "-",
+                format_count(w.numel) if w else "-",
+                "x".join(map(str, bias.shape)) if bias else "-",
+                format_count(bias.numel) if bias else "-",
+                ", ".join(f"{p.name} {'x'.join(map(str, p.shape))}" for p in r["other"]) or "-",
+                format_count(n),
+            ])
+        rows.append(["total", "", "", "", "", "", "", format_count(total)])
+        head = f"One block of {trunk.path or '(root)'}: {trunk.representative} (x{trunk.blocks}), weights and biases"
+        return head + "\n" + tabulate(rows, headers=["submodule", "type", "weight", "params", "bias", "params", "other", "total"], colalign=("left", "left", "right", "right", "right", "right", "left", "right"))
+
+
+@dataclass
+class Report:
+    """The result of ``analyze`` or ``profile``: one entry per model."""
+
+    models: list[ModelReport]
+    notes: list[str] = field(default_factory=list)
+    script: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema": SCHEMA, "models": [m.to_dict() for m in self.models]}
+        if self.notes:
+            out["notes"] = list(self.notes)
+        if self.script is not None:
+            out["script"] = self.script
+        return out
+
+    def to_json(self, path: str | os.PathLike[str] | None = None, indent: int = 2) -> str:
+        """Return the JSON text and, when ``path`` is given, write it there."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return text
+
+    def render(self, depth: int = 2) -> str:
+        parts = [m.render(depth) for m in self.models]
+        if not self.models:
+            parts.append("No model with parameters was found.")
+        parts.extend(f"note: {n}" for n in self.notes)
+        return "\n\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def model(self, name: str) -> ModelReport:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
