@@ -19,8 +19,11 @@ from . import __version__
 from .analysis import analyze_model
 from .discovery import ModelWatcher
 from .errors import ProfilerError
-from .report import Report
+from .memory import bucket_resolver
+from .profiling import attach_memory
+from .report import ModelReport, Report
 from .runner import load_script, run_script
+from .tracking import StepTracker, StopAfterSteps
 
 __all__ = ["main", "build_parser"]
 
@@ -35,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument("--depth", type=_non_negative_int, default=2, metavar="N", help="module tree depth in the text report (default 2)")
+    parser.add_argument("--steps", type=_non_negative_int, default=3, metavar="N", help="measure the memory of the first N training steps of each model, then remove the hooks (default 3; 0: parameters only)")
+    parser.add_argument("--stop-after-steps", action="store_true", help="end the script (exit 0) once the steps are measured")
+    parser.add_argument("--interval", type=_positive_float, default=0.01, metavar="SECONDS", help="NVML / host memory sampling interval during measured steps (default 0.01)")
+    parser.add_argument("--no-sampler", action="store_true", help="no background sampling thread (no NVML or host RSS timeline)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no text report (use with --json)")
     parser.add_argument("--version", action="version", version=f"profiler {__version__}")
     parser.add_argument("script", help="the Python script to run")
@@ -49,6 +56,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected more than 0, got {text}")
     return value
 
 
@@ -91,9 +108,60 @@ def _script_models(script_globals: dict) -> list[nn.Module]:
     return outermost(found)
 
 
-def build_report(models: list[nn.Module], script_globals: dict, notes: list[str]) -> Report:
-    reports = [analyze_model(m, name) for m, name in zip(models, name_models(models, script_globals))]
-    return Report(models=reports, notes=notes)
+class ScriptSession:
+    """Models found while the script runs, each measured for its first steps.
+
+    A model is analysed and a StepTracker attached at its first call. Whatever
+    goes wrong here is written into the report as a note: it must never stop
+    the user's training.
+    """
+
+    def __init__(self, steps: int, stop_after_steps: bool, interval: float | None) -> None:
+        self.steps = steps
+        self.stop_after_steps = stop_after_steps
+        self.interval = interval
+        self.entries: dict[int, tuple[ModelReport, StepTracker | None]] = {}
+        self.notes: list[str] = []
+
+    def on_new_model(self, model: nn.Module) -> None:
+        try:
+            entry = analyze_model(model, type(model).__name__)
+        except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
+            self.notes.append(f"could not analyse {type(model).__name__}: {type(exc).__name__}: {exc}")
+            return
+        tracker = None
+        if self.steps > 0:
+            tracker = StepTracker(
+                model,
+                max_steps=self.steps,
+                sample_interval=self.interval,
+                bucket_of=bucket_resolver(entry.buckets),
+                on_finished=self._on_tracker_finished,
+            )
+            tracker.start()
+            tracker.enter_current_forward()
+        self.entries[id(model)] = (entry, tracker)
+
+    def _on_tracker_finished(self, tracker: StepTracker) -> None:
+        if self.stop_after_steps and all(t is None or t.finished for _, t in self.entries.values()):
+            raise StopAfterSteps()
+
+    def close(self) -> None:
+        for _, tracker in self.entries.values():
+            if tracker is not None:
+                tracker.stop()
+
+    def report(self, models: list[nn.Module], script_globals: dict) -> Report:
+        reports = []
+        for model, name in zip(models, name_models(models, script_globals)):
+            entry, tracker = self.entries.get(id(model), (None, None))
+            if entry is None:
+                entry = analyze_model(model, name)
+            entry.name = name
+            if tracker is not None:
+                attach_memory(entry, tracker)
+            reports.append(entry)
+        return Report(models=reports, notes=list(self.notes))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,10 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
 
-    with ModelWatcher() as watcher:
-        result = run_script(code, opts.script, opts.args)
+    session = ScriptSession(opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval)
+    try:
+        with ModelWatcher(on_new_model=session.on_new_model) as watcher:
+            result = run_script(code, opts.script, opts.args)
+    finally:
+        session.close()
 
-    notes = []
+    notes = session.notes
     models = watcher.models
     if not models:
         models = _script_models(result.globals)
@@ -122,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.failed:
         notes.append(f"the script raised {type(result.exception).__name__}; the report covers what ran before it")
     try:
-        report = build_report(models, result.globals, notes)
+        report = session.report(models, result.globals)
         report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
         sys.stdout.flush()
         if not opts.quiet:

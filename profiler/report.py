@@ -167,6 +167,8 @@ class ModelReport:
 
         wm = inv.weight_memory()
         parts.append("Weight memory by storage format (unique parameters)\n" + tabulate([[k, format_bytes(v)] for k, v in wm.items()], headers=["format", "bytes"], colalign=("left", "right")))
+        if self.memory is not None:
+            parts.extend(render_memory(self.memory))
         return "\n\n".join(parts)
 
     def _render_tree(self, depth: int) -> str:
@@ -247,3 +249,73 @@ class Report:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+
+_CATEGORY_LABELS = [
+    ("parameters", "parameters"),
+    ("gradients", "gradients"),
+    ("optimizer_state", "optimizer state"),
+    ("activations", "activations (saved for backward)"),
+    ("autocast_copies", "autocast weight copies"),
+    ("other", "other (temporaries, workspace)"),
+]
+
+_PEAK_LABELS = [
+    ("peak_allocated", "peak allocated (allocator)"),
+    ("reserved", "reserved (allocator)"),
+    ("nvml_process_used_peak", "NVML process used, peak"),
+    ("nvml_device_used_peak", "NVML device used, peak"),
+    ("host_rss_peak", "host RSS, peak"),
+]
+
+
+def _shown_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first step and the last complete (steady) step, the two that differ."""
+    if len(steps) <= 2:
+        return steps
+    complete = [s for s in steps if s.get("complete")] or steps
+    return [steps[0], complete[-1]] if complete[-1] is not steps[0] else [steps[0]]
+
+
+def render_memory(memory: dict[str, Any]) -> list[str]:
+    """Text tables of the measured memory section."""
+    steps = memory.get("steps", [])
+    parts = []
+    if not steps:
+        parts.append("Memory: no training step was measured.")
+        parts.extend(f"  note: {n}" for n in memory.get("notes", []))
+        return parts
+    shown = _shown_steps(steps)
+    headers = ["measured on " + memory["device"]] + [f"step {s['index']} ({s['kind']})" for s in shown]
+    rows = [[label] + [format_bytes(s["categories"][key]) for s in shown] for key, label in _CATEGORY_LABELS]
+    rows += [[label] + [format_bytes(s.get(key)) for s in shown] for key, label in _PEAK_LABELS]
+    for s in shown:
+        nvml, reserved = s.get("nvml_process_used_peak"), s.get("reserved")
+        if nvml is not None and reserved is not None:
+            rows.append(["CUDA context + library workspaces (NVML process - reserved)"] + [format_bytes(x.get("nvml_process_used_peak", 0) - (x.get("reserved") or 0)) if x.get("nvml_process_used_peak") is not None else "n/a" for x in shown])
+            break
+    parts.append("Memory of a training step\n" + tabulate(rows, headers=headers, colalign=("left",) + ("right",) * len(shown)))
+
+    steady = shown[-1]
+    phase_rows = [
+        [name, f"{ph['seconds']:.3f}", format_bytes(ph.get("peak_allocated")), format_bytes(ph.get("host_rss_peak")), format_bytes(ph.get("nvml_process_used_peak"))]
+        for name, ph in steady["phases"].items()
+    ]
+    parts.append(f"Phases of step {steady['index']}\n" + tabulate(phase_rows, headers=["phase", "seconds", "peak allocated", "host RSS peak", "NVML process peak"], colalign=("left", "right", "right", "right", "right")))
+
+    opt = steady.get("optimizer_state", {})
+    if opt.get("by_name"):
+        rows = [[k, format_bytes(v)] for k, v in opt["by_name"].items()]
+        rows += [[f"param group {i}", format_bytes(v)] for i, v in enumerate(opt.get("by_group", []))]
+        parts.append(f"Optimizer state ({memory.get('optimizer')})\n" + tabulate(rows, headers=["state", "bytes"], colalign=("left", "right")))
+
+    act = steady.get("activations_by_bucket", {})
+    total_act = steady["categories"]["activations"]
+    rows = [[b, format_bytes(v), _percent(v, total_act)] for b, v in act.items()]
+    parts.append(f"Activations by bucket (step {memory.get('activations_step')})\n" + tabulate(rows, headers=["bucket", "bytes", "share"], colalign=("left", "right", "right")))
+    top = memory.get("activations_by_module", [])[:10]
+    if top:
+        rows = [[m["path"] or "(root)", m["bucket"], format_bytes(m["bytes"]), _percent(m["bytes"], total_act)] for m in top]
+        parts.append("Activations by module, largest first (each saved tensor charged to the innermost module that saved it)\n" + tabulate(rows, headers=["module", "bucket", "bytes", "share"], colalign=("left", "left", "right", "right")))
+    parts.extend(f"note: {n}" for n in memory.get("notes", []))
+    return parts

@@ -1,0 +1,134 @@
+"""Turn a StepTracker's measurements into the Report's ``memory`` section.
+
+Kept apart from the tracker so the tracker only observes and this module only
+arranges: the JSON shape (a public contract) and the bucket labelling of
+activations live here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .buckets import BUCKETS, Buckets
+from .tracking import StepRecord, StepTracker
+
+__all__ = ["bucket_resolver", "memory_section", "CPU_UNAVAILABLE"]
+
+CPU_UNAVAILABLE = "allocator statistics unavailable on CPU (PyTorch's CPU allocator keeps no counters)"
+
+_STATE_BUCKET = {"before": "embedding", "in": "block", "after": "head"}
+
+
+def bucket_resolver(buckets: Buckets):
+    """Map (module path, where execution is relative to the trunk) to a bucket.
+
+    A module inside one bucket is that bucket. Work done by a container of the
+    trunk itself, or outside the model (a loss computed in the script), is
+    placed by when it ran: before the first block, among the blocks, or after.
+    """
+    module_bucket = buckets.module_bucket
+    has_trunk = bool(buckets.trunks)
+
+    def resolve(path: str, state: str) -> str:
+        bucket = module_bucket.get(path)
+        if bucket is not None and bucket != "mixed":
+            return bucket
+        if not has_trunk:
+            return "other"
+        return _STATE_BUCKET.get(state, "other")
+
+    return resolve
+
+
+def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
+    cuda = tracker.device.type == "cuda"
+    other = None
+    if cuda and step.peak_allocated is not None:
+        known = step.parameters + step.gradients + step.optimizer_state + step.activations + step.autocast_copies
+        other = step.peak_allocated - known
+    out: dict[str, Any] = {
+        "index": step.index,
+        "kind": "first" if step.first else "steady",
+        "complete": step.complete,
+        "seconds": step.seconds,
+        "forwards": step.forwards,
+        "backwards": step.backwards,
+        "optimizer_steps": step.optimizer_steps,
+        "categories": {
+            "parameters": step.parameters,
+            "gradients": step.gradients,
+            "optimizer_state": step.optimizer_state,
+            "activations": step.activations,
+            "autocast_copies": step.autocast_copies,
+            "other": other,
+        },
+        "optimizer_state": {"by_name": step.optimizer_state_by_name, "by_group": step.optimizer_state_by_group},
+        "saved_tensors": step.saved_tensors,
+        "activations_by_bucket": {b: step.activations_by_bucket.get(b, 0) for b in BUCKETS},
+        "phases": {
+            name: {
+                "seconds": ph.seconds,
+                "peak_allocated": ph.peak_allocated,
+                "allocated_end": ph.allocated_end,
+                "reserved_end": ph.reserved_end,
+            }
+            for name, ph in step.phases.items()
+        },
+        "allocated_start": step.allocated_start,
+        "peak_allocated": step.peak_allocated,
+        "reserved": step.reserved,
+        "nvml_process_used_peak": None,
+        "nvml_device_used_peak": None,
+        "host_rss_peak": None,
+    }
+    sampler = tracker.sampler
+    if sampler is not None:
+        by_label = sampler.peaks_by_label()
+        for name in out["phases"]:
+            peaks = by_label.get(f"{step.index}:{name}", {})
+            out["phases"][name].update(
+                {
+                    "host_rss_peak": peaks.get("host_rss"),
+                    "nvml_process_used_peak": peaks.get("nvml_process_used"),
+                    "nvml_device_used_peak": peaks.get("nvml_device_used"),
+                }
+            )
+            for key in ("host_rss_peak", "nvml_process_used_peak", "nvml_device_used_peak"):
+                value = out["phases"][name][key]
+                if value is not None:
+                    out[key] = max(out[key] or 0, value)
+    return out
+
+
+def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
+    """The JSON ``memory`` section for one model."""
+    cuda = tracker.device.type == "cuda"
+    steps = [_step_dict(s, tracker) for s in tracker.steps]
+    measured = [s for s in tracker.steps if s.complete] or tracker.steps
+    last = measured[-1] if measured else None
+    by_module = []
+    if last is not None:
+        for path, nbytes in sorted(last.activations_by_module.items(), key=lambda kv: -kv[1]):
+            bucket = last.activations_module_bucket.get(path, "other")
+            by_module.append({"path": path, "bucket": bucket, "bytes": nbytes})
+    notes = list(tracker.notes)
+    if not cuda:
+        notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null")
+    if not tracker.steps:
+        notes.append("no training step was seen (no forward with gradients enabled)")
+    elif not any(s.complete for s in tracker.steps):
+        notes.append("no complete step (forward and backward) was seen")
+    if tracker.optimizer is None and tracker.steps:
+        notes.append("no optimizer step was seen: optimizer state not measured (weights updated by hand?)")
+    section: dict[str, Any] = {
+        "device": str(tracker.device),
+        "allocator": "cuda caching allocator" if cuda else "unavailable: " + CPU_UNAVAILABLE,
+        "optimizer": type(tracker.optimizer).__name__ if tracker.optimizer is not None else None,
+        "steps": steps,
+        "activations_by_module": by_module,
+        "activations_step": last.index if last is not None else None,
+        "notes": notes,
+    }
+    if tracker.sampler is not None:
+        section["sampler"] = tracker.sampler.to_dict()
+    return section

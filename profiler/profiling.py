@@ -1,0 +1,101 @@
+"""``with profile(model) as prof:``: measure the training steps run inside the block.
+
+>>> with profile(model) as prof:
+...     for x, y in batches:
+...         loss = model(x, y)
+...         loss.backward()
+...         opt.step()
+...         opt.zero_grad()
+>>> print(prof.render())
+>>> prof.to_json("step.json")
+
+The loop inside runs unchanged; steps are found by themselves (the
+optimizer's ``step()``, or the end of backward when weights are updated by
+hand). Hooks are removed when the block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analysis import analyze_model
+from .memory import bucket_resolver, memory_section
+from .report import ModelReport, Report
+from .tracking import StepTracker
+
+__all__ = ["profile", "attach_memory"]
+
+
+def attach_memory(model_report: ModelReport, tracker: StepTracker) -> None:
+    """Put a tracker's measurements into a model's report entry."""
+    model_report.memory = memory_section(tracker, model_report.buckets)
+
+
+class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a context manager
+    """Measure the memory of the training steps of ``model`` run inside the block.
+
+    Args:
+        model: the model being trained.
+        optimizer: its optimizer; found automatically from its first ``step()``
+            when omitted.
+        steps: measure at most this many steps, then remove the hooks so the
+            rest of the block runs at full speed (default: every step).
+        sample_interval: seconds between NVML / host-RSS samples; ``None``
+            turns the sampler thread off.
+        name: the model's name in the report (default: its class name).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        steps: int | None = None,
+        sample_interval: float | None = 0.01,
+        name: str | None = None,
+    ) -> None:
+        self._model_report = analyze_model(model, name)
+        self.tracker = StepTracker(
+            model,
+            optimizer,
+            max_steps=steps,
+            sample_interval=sample_interval,
+            bucket_of=bucket_resolver(self._model_report.buckets),
+        )
+        self.report: Report | None = None
+
+    def __enter__(self) -> "profile":
+        self.tracker.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.tracker.stop()
+        finally:
+            attach_memory(self._model_report, self.tracker)
+            self.report = Report(models=[self._model_report])
+
+    @property
+    def steps(self) -> list:
+        return self.tracker.steps
+
+    def _ready(self) -> Report:
+        if self.report is None:
+            raise RuntimeError("the report is ready once the `with profile(...)` block has ended")
+        return self.report
+
+    def render(self, depth: int = 2) -> str:
+        return self._ready().render(depth)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._ready().to_dict()
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        return self._ready().to_json(path)
+
+    def __str__(self) -> str:
+        return self.render() if self.report is not None else "<profile: running>"

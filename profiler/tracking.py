@@ -1,0 +1,548 @@
+"""Measure what one training step of a model really holds in memory.
+
+Cheap observations only, read at boundaries (the approach of
+``torch/utils/module_tracker.py``, not of a dispatch-level tracker):
+
+* module forward hooks keep a stack of the module that is running, so every
+  tensor autograd saves is charged to the innermost module that saved it;
+* a saved-tensors pack hook sees each tensor saved for backward; storages are
+  deduplicated (views counted once), parameter storages are left out, and
+  autocast's fp16/bf16 copies of the weights (a ``ToCopyBackward`` node on a
+  leaf parameter) are their own category rather than "activations";
+* a hook on the model output's grad_fn marks the start of backward, and an
+  engine callback marks its end, where gradients are counted (one per unique
+  storage, so a tied weight has one gradient);
+* global optimizer step hooks find the optimizer of this model (no need to be
+  told), mark the optimizer phase and count its state per name and group;
+* on CUDA the caching allocator's counters are read at module and phase
+  boundaries; the peak statistic is reset at phase boundaries so that each
+  phase has its own peak. ``empty_cache()`` is never called.
+
+Every hook is removed by ``stop()``, which ``profile.__exit__`` and the runner
+call in ``finally`` blocks, so exceptions and KeyboardInterrupt leave no hook.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.optim import optimizer as optimizer_hooks
+
+__all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE"]
+
+OUTSIDE = "(outside the model)"  # saved while no module of the model was running
+PHASES = ("forward", "backward", "optimizer")
+
+
+class StopAfterSteps(SystemExit):
+    """Raised to end a script once its steps are measured (``--stop-after-steps``)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(data pointer, bytes) of the memory a tensor views, or None if it has none."""
+    try:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        return (ptr, storage.nbytes()) if ptr else None
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return None
+
+
+def _weight_copy_source(t: torch.Tensor) -> bool:
+    """True when ``t`` (or the tensor it views) is a dtype cast of a leaf parameter.
+
+    That is what autocast saves for the backward of a matmul: ``weight.to(fp16)``
+    is a ``ToCopyBackward0`` node whose only input is the weight's
+    ``AccumulateGrad``. Its size is a property of the weights, not of the batch.
+    """
+    base = t._base if t._base is not None else t
+    fn = base.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return False
+    nxt = fn.next_functions
+    return bool(nxt) and nxt[0][0] is not None and hasattr(nxt[0][0], "variable")
+
+
+@dataclass
+class PhaseRecord:
+    seconds: float = 0.0
+    peak_allocated: int | None = None
+    allocated_end: int | None = None
+    reserved_end: int | None = None
+    _start: float | None = None
+
+
+@dataclass
+class StepRecord:
+    """Everything measured during one training step."""
+
+    index: int
+    parameters: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+    optimizer_state_by_name: dict[str, int] = field(default_factory=dict)
+    optimizer_state_by_group: list[int] = field(default_factory=list)
+    activations: int = 0
+    autocast_copies: int = 0
+    activations_by_module: dict[str, int] = field(default_factory=dict)
+    activations_by_bucket: dict[str, int] = field(default_factory=dict)
+    activations_module_bucket: dict[str, str] = field(default_factory=dict)  # where each module's bytes went
+    saved_tensors: int = 0  # how many tensors autograd saved (before deduplication)
+    forwards: int = 0
+    backwards: int = 0
+    optimizer_steps: int = 0
+    optimizer_state_before: int = 0  # state bytes that existed when the step began
+    phases: dict[str, PhaseRecord] = field(default_factory=lambda: {p: PhaseRecord() for p in PHASES})
+    allocated_start: int | None = None
+    peak_allocated: int | None = None
+    reserved: int | None = None
+    seconds: float = 0.0
+    complete: bool = False  # saw a forward and a backward
+    _t0: float = 0.0
+    _saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
+    _copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
+
+    @property
+    def first(self) -> bool:
+        """The step in which the optimizer created its state."""
+        return self.optimizer_state > 0 and self.optimizer_state_before == 0
+
+
+class StepTracker:
+    """Hooks that measure the first ``max_steps`` training steps of one model.
+
+    A step ends at the optimizer's ``step()``; when the script updates weights
+    by hand (no optimizer seen), it ends where the next training forward
+    begins, or when tracking stops.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        max_steps: int | None = None,
+        sample_interval: float | None = 0.01,
+        bucket_of: Callable[[str, str], str] | None = None,
+        on_finished: Callable[["StepTracker"], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.max_steps = max_steps
+        self.sample_interval = sample_interval
+        self.steps: list[StepRecord] = []
+        self.notes: list[str] = []
+        self._bucket_of = bucket_of or (lambda path, state: "other")
+        self._on_finished = on_finished
+        self._paths = {}
+        for path, mod in model.named_modules(remove_duplicate=False):
+            self._paths.setdefault(id(mod), path)
+        self._param_ids = {id(p) for p in model.parameters()}
+        self._param_storages: set[int] = set()
+        self._handles: list[Any] = []
+        self._stack: list[int] = []
+        self._pid = os.getpid()
+        self._thread = threading.get_ident()
+        self._step: StepRecord | None = None
+        self._step_state = "idle"  # idle | forward | after_forward | backward | after_backward
+        self._saved_hooks_pushed = False
+        self._saved_hooks_balanced = False
+        self._trunk_state = "before"  # where execution is relative to the trunk: before/in/after
+        self._running = False
+        self.finished = False
+        self.sampler = None
+        self.device = self._model_device()
+        self._cuda = self.device.type == "cuda"
+        self._lock = threading.Lock()
+        self._compiled = any(_is_compiled(m) for m in model.modules())
+        if self._compiled:
+            self.notes.append(
+                "torch.compile'd module: activations saved inside compiled graphs are not visible to "
+                "saved-tensor hooks and are not measured; gradients and optimizer state are"
+            )
+        devices = {p.device for p in model.parameters()}
+        if len(devices) > 1:
+            self.notes.append(
+                "parameters on several devices (" + ", ".join(sorted(map(str, devices))) + "); "
+                f"allocator figures are for {self.device} only"
+            )
+
+    # ------------------------------------------------------------------ setup
+    def _model_device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def start(self) -> "StepTracker":
+        if self._running:
+            return self
+        self._running = True
+        self._param_storages = {k[0] for p in self.model.parameters() if (k := _storage_key(p)) is not None}
+        for mod in _hookable_modules(self.model):
+            self._handles.append(mod.register_forward_pre_hook(self._module_pre))
+            self._handles.append(mod.register_forward_hook(self._module_post, always_call=True))
+        self._handles.append(optimizer_hooks.register_optimizer_step_pre_hook(self._optimizer_pre))
+        self._handles.append(optimizer_hooks.register_optimizer_step_post_hook(self._optimizer_post))
+        if self.sample_interval:
+            from .sampler import MemorySampler
+
+            self.sampler = MemorySampler(device=self.device, interval=self.sample_interval)
+            self.sampler.start()
+        return self
+
+    def stop(self) -> None:
+        """Remove every hook, close the open step and stop the sampler. Idempotent."""
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self._finish_step()
+        finally:
+            self._pop_saved_hooks()
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            self._stack = []
+            if self.sampler is not None:
+                self.sampler.stop()
+            self.finished = True
+
+    # ---------------------------------------------------------------- memory
+    def _cuda_read(self) -> tuple[int, int, int] | None:
+        if not self._cuda:
+            return None
+        return (
+            torch.cuda.memory_allocated(self.device),
+            torch.cuda.memory_reserved(self.device),
+            torch.cuda.max_memory_allocated(self.device),
+        )
+
+    def _phase_begin(self, name: str) -> None:
+        step = self._step
+        if step is None:
+            return
+        ph = step.phases[name]
+        ph._start = time.perf_counter()
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.sampler is not None:
+            self.sampler.mark(f"{step.index}:{name}")
+
+    def _phase_end(self, name: str) -> None:
+        step = self._step
+        if step is None:
+            return
+        ph = step.phases[name]
+        if ph._start is not None:
+            ph.seconds += time.perf_counter() - ph._start
+            ph._start = None
+        read = self._cuda_read()
+        if read is not None:
+            allocated, reserved, peak = read
+            ph.peak_allocated = max(ph.peak_allocated or 0, peak)
+            ph.allocated_end, ph.reserved_end = allocated, reserved
+            step.peak_allocated = max(step.peak_allocated or 0, peak)
+            step.reserved = max(step.reserved or 0, reserved)
+
+    def _unique_bytes(self, tensors) -> int:
+        seen: dict[int, int] = {}
+        for t in tensors:
+            key = _storage_key(t)
+            if key is not None:
+                seen[key[0]] = key[1]
+            elif t is not None:
+                seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def _count_gradients(self) -> None:
+        if self._step is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._step.gradients = max(self._step.gradients, self._unique_bytes(grads))
+
+    def _count_optimizer_state(self, opt: torch.optim.Optimizer) -> tuple[int, dict[str, int], list[int]]:
+        group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+        seen: set[int] = set()
+        by_name: dict[str, int] = defaultdict(int)
+        by_group = [0] * len(opt.param_groups)
+        for p, state in opt.state.items():
+            if id(p) not in self._param_ids:
+                continue
+            for name, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                key = _storage_key(value)
+                ident = key[0] if key else id(value)
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                nbytes = key[1] if key else value.numel() * value.element_size()
+                by_name[name] += nbytes
+                if id(p) in group_of:
+                    by_group[group_of[id(p)]] += nbytes
+        return sum(by_name.values()), dict(by_name), by_group
+
+    # ----------------------------------------------------------------- steps
+    def _begin_step(self) -> bool:
+        """Open a new step; False once enough steps were measured."""
+        if self.max_steps is not None and len(self.steps) >= self.max_steps:
+            self._done()
+            return False
+        step = StepRecord(index=len(self.steps) + 1)
+        step._t0 = time.perf_counter()
+        step.parameters = self._unique_bytes(list(self.model.parameters()))
+        opt = self.optimizer
+        if opt is not None:
+            step.optimizer_state_before = self._count_optimizer_state(opt)[0]
+        read = self._cuda_read()
+        if read is not None:
+            step.allocated_start = read[0]
+        self._step = step
+        self._trunk_state = "before"
+        return True
+
+    def _finish_step(self) -> None:
+        step = self._step
+        if step is None:
+            return
+        self._pop_saved_hooks()
+        for name in PHASES:
+            if step.phases[name]._start is not None:
+                self._phase_end(name)
+        step.seconds = time.perf_counter() - step._t0
+        step.complete = step.forwards > 0 and step.backwards > 0
+        step.activations = sum(step._saved.values())
+        step.autocast_copies = sum(step._copies.values())
+        step._saved, step._copies = {}, {}
+        if self.optimizer is not None and not step.optimizer_steps:
+            total, by_name, by_group = self._count_optimizer_state(self.optimizer)
+            step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = total, by_name, by_group
+        self.steps.append(step)
+        self._step = None
+        self._step_state = "idle"
+
+    def _done(self) -> None:
+        """Enough steps: remove the hooks and tell the owner (the runner may stop the script)."""
+        self.stop()
+        if self._on_finished is not None:
+            self._on_finished(self)
+
+    # ------------------------------------------------------- saved tensors
+    def _push_saved_hooks(self) -> None:
+        if self._saved_hooks_pushed:
+            return
+        # If the user already has saved-tensor hooks active (save_on_cpu, a
+        # checkpoint), ours must nest strictly inside their context: pop at
+        # the end of this forward. Otherwise keep them until the step's
+        # backward is done, to see what the loss outside the model saves.
+        self._saved_hooks_balanced = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+        self._saved_hooks_pushed = True
+
+    def _pop_saved_hooks(self) -> None:
+        if not self._saved_hooks_pushed or threading.get_ident() != self._thread:
+            return
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is not None and top[0] == self._pack:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+        self._saved_hooks_pushed = False
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        step = self._step
+        # Only what the forward (and a loss computed after it) saves: tensors
+        # saved while backward recomputes a checkpointed segment are transient.
+        if step is None or self._step_state not in ("forward", "after_forward") or threading.get_ident() != self._thread:
+            return t
+        step.saved_tensors += 1
+        key = _storage_key(t)
+        if key is None:
+            return t
+        ptr, nbytes = key
+        if ptr in self._param_storages or ptr in step._saved or ptr in step._copies:
+            return t
+        if _weight_copy_source(t):
+            step._copies[ptr] = nbytes
+            return t
+        step._saved[ptr] = nbytes
+        path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
+        step.activations_by_module[path] = step.activations_by_module.get(path, 0) + nbytes
+        bucket = self._bucket_of(path, self._trunk_state)
+        step.activations_module_bucket.setdefault(path, bucket)
+        step.activations_by_bucket[bucket] = step.activations_by_bucket.get(bucket, 0) + nbytes
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    # ---------------------------------------------------------- module hooks
+    def _module_pre(self, module: nn.Module, args: Any) -> None:
+        if os.getpid() != self._pid or threading.get_ident() != self._thread:
+            return
+        if module is self.model and not self._stack:
+            self._root_forward_begin()
+        self._stack.append(id(module))
+        if self._bucket_of(self._paths.get(id(module), ""), "") == "block":
+            self._trunk_state = "in"
+
+    def _module_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if os.getpid() != self._pid or threading.get_ident() != self._thread:
+            return
+        mid = id(module)
+        if mid in self._stack:
+            while self._stack and self._stack.pop() != mid:
+                pass
+        if self._bucket_of(self._paths.get(mid, ""), "") == "block":
+            self._trunk_state = "after"
+        if module is self.model and not self._stack:
+            self._root_forward_end(output)
+
+    def enter_current_forward(self) -> None:
+        """Start measuring a root forward that is already running.
+
+        The runner creates the tracker from inside the model's first call, when
+        that call's pre-hooks have already been gathered; this does what the
+        root pre-hook would have done.
+        """
+        if self._running and not self._stack:
+            self._root_forward_begin()
+            self._stack.append(id(self.model))
+
+    def _root_forward_begin(self) -> None:
+        if not torch.is_grad_enabled() or not self._running:
+            return  # evaluation forwards are not training steps
+        if self._step is not None and self._step_state == "after_backward" and not self._optimizer_known():
+            self._finish_step()  # hand-written update: the previous step is over
+        if self._step is None and not self._begin_step():
+            return
+        step = self._step
+        step.forwards += 1
+        self._step_state = "forward"
+        self._phase_begin("forward")
+        if not self._compiled:
+            self._push_saved_hooks()
+
+    def _root_forward_end(self, output: Any) -> None:
+        step = self._step
+        if step is None or self._step_state != "forward":
+            return
+        self._phase_end("forward")
+        if self._saved_hooks_balanced:
+            self._pop_saved_hooks()
+        self._step_state = "after_forward"
+        fns = {id(t.grad_fn): t.grad_fn for t in _tensors_in(output) if t.grad_fn is not None}
+        for fn in fns.values():
+            self._watch_backward(fn)
+
+    def _watch_backward(self, fn: torch.autograd.graph.Node) -> None:
+        fired = []
+
+        def prehook(grad_outputs: Any) -> None:
+            if fired:
+                return
+            fired.append(True)
+            handle.remove()
+            self._backward_begin()
+
+        handle = fn.register_prehook(prehook)
+        self._handles.append(handle)
+
+    def _backward_begin(self) -> None:
+        step = self._step
+        if step is None or self._step_state not in ("after_forward", "forward"):
+            return
+        self._step_state = "backward"
+        step.backwards += 1
+        self._phase_begin("backward")
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+
+    def _backward_end(self) -> None:
+        step = self._step
+        if step is None or self._step_state != "backward":
+            return
+        self._count_gradients()
+        self._phase_end("backward")
+        self._step_state = "after_backward"
+
+    # ------------------------------------------------------- optimizer hooks
+    def _optimizer_known(self) -> bool:
+        return self.optimizer is not None
+
+    def _owns(self, opt: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._param_ids for g in opt.param_groups for p in g["params"])
+
+    def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if os.getpid() != self._pid or not self._owns(opt):
+            return
+        if self.optimizer is None:
+            self.optimizer = opt
+        step = self._step
+        if step is None:
+            return
+        self._pop_saved_hooks()
+        self._count_gradients()
+        if step.optimizer_state_before == 0 and not step.optimizer_steps:
+            step.optimizer_state_before = self._count_optimizer_state(opt)[0]
+        self._phase_begin("optimizer")
+
+    def _optimizer_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if os.getpid() != self._pid or opt is not self.optimizer or self._step is None:
+            return
+        step = self._step
+        self._phase_end("optimizer")
+        step.optimizer_steps += 1
+        total, by_name, by_group = self._count_optimizer_state(opt)
+        step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = total, by_name, by_group
+        self._finish_step()
+        if self.max_steps is not None and len(self.steps) >= self.max_steps:
+            self._done()
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors in a forward's output: a tensor, a tuple/list/dict of them, or a ModelOutput."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 3:
+        return []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v, depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors_in(v, depth + 1)]
+    return []
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper, or a module compiled in place with ``.compile()``."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _hookable_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules whose hooks run in eager Python.
+
+    Dynamo would trace a hook on a module inside a compiled region (and fail on
+    our bookkeeping, or break the user's graph), so the walk stops at a compile
+    wrapper: the wrapper itself is hooked, what it compiles is not, and a
+    module compiled in place is not hooked at all.
+    """
+    out, stack, seen = [], [model], set()
+    while stack:
+        mod = stack.pop()
+        if id(mod) in seen or getattr(mod, "_compiled_call_impl", None) is not None:
+            continue
+        seen.add(id(mod))
+        out.append(mod)
+        if hasattr(mod, "_orig_mod"):
+            continue
+        stack.extend(reversed(list(mod.children())))
+    return out

@@ -1,0 +1,402 @@
+"""Measured training-step memory on CPU, checked against independent counts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from profiler.profiling import profile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_nanogpt():
+    spec = importlib.util.spec_from_file_location("nanogpt_for_tracking", ROOT / "examples" / "nanogpt.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+NANOGPT = _load_nanogpt()
+
+
+def tiny_gpt(**overrides) -> nn.Module:
+    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True, tie_weights=True)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return NANOGPT.GPT(NANOGPT.GPTConfig(**cfg))
+
+
+def batch(b: int = 2, t: int = 8, vocab: int = 64):
+    x = torch.randint(0, vocab, (b, t))
+    return x, torch.roll(x, -1, 1)
+
+
+def unique_param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def graph_saved_bytes(loss: torch.Tensor, model: nn.Module) -> int:
+    """Walk the autograd graph and add up the storages its nodes saved.
+
+    Independent of hooks: it reads each node's ``_saved_*`` attributes after
+    the forward, deduplicates by storage and leaves parameter storage out.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        for attr in dir(fn):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(fn, attr)
+            except RuntimeError:
+                continue
+            values = value if isinstance(value, (tuple, list)) else [value]
+            for v in values:
+                if isinstance(v, torch.Tensor) and v.numel() > 0:
+                    s = v.untyped_storage()
+                    if s.data_ptr() and s.data_ptr() not in params:
+                        storages[s.data_ptr()] = s.nbytes()
+        stack.extend(n for n, _ in fn.next_functions)
+    return sum(storages.values())
+
+
+def train(model, opt, steps=3, **kw):
+    losses = []
+    for _ in range(steps):
+        x, y = batch(**kw)
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return losses
+
+
+def memory(prof) -> dict:
+    return prof.to_dict()["models"][0]["memory"]
+
+
+def assert_no_hooks(model: nn.Module) -> None:
+    from torch.nn.modules import module as m
+    from torch.optim import optimizer as o
+
+    for mod in model.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+    assert not m._global_forward_hooks and not m._global_forward_pre_hooks
+    assert not o._global_optimizer_pre_hooks and not o._global_optimizer_post_hooks
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_adamw_categories_are_exact():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with profile(model, sample_interval=None) as prof:
+        train(model, opt, steps=3)
+    mem = memory(prof)
+    pbytes = unique_param_bytes(model)
+    n_tensors = len({id(p) for p in model.parameters()})
+    steps = mem["steps"]
+    assert [s["index"] for s in steps] == [1, 2, 3]
+    assert steps[0]["kind"] == "first" and steps[1]["kind"] == "steady"
+    for s in steps:
+        cat = s["categories"]
+        assert cat["parameters"] == pbytes
+        assert cat["gradients"] == pbytes  # the tied weight has one gradient
+        state = s["optimizer_state"]["by_name"]
+        assert state["exp_avg"] == state["exp_avg_sq"] == pbytes
+        assert state["step"] == n_tensors * torch.tensor(0.0).element_size()
+        assert cat["optimizer_state"] == 2 * pbytes + state["step"]
+        assert cat["autocast_copies"] == 0
+        assert cat["other"] is None  # not measurable on CPU: said, not guessed
+        assert s["peak_allocated"] is None
+        assert sum(s["activations_by_bucket"].values()) == cat["activations"]
+    assert sum(m["bytes"] for m in mem["activations_by_module"]) == steps[-1]["categories"]["activations"]
+    assert any("unavailable on CPU" in n for n in mem["notes"])
+    assert_no_hooks(model)
+
+
+def test_activations_match_an_independent_graph_walk():
+    model = tiny_gpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch(b=3, t=12)
+    with profile(model, sample_interval=None) as prof:
+        _, loss = model(x, y)
+        expected = graph_saved_bytes(loss, model)
+        loss.backward()
+        opt.step()
+    measured = memory(prof)["steps"][0]["categories"]["activations"]
+    assert expected > 0
+    assert measured == expected
+
+
+def test_activations_grow_linearly_with_batch():
+    model = tiny_gpt(n_layer=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sizes = {}
+    for b in (2, 4):
+        with profile(model, sample_interval=None) as prof:
+            train(model, opt, steps=1, b=b, t=8)
+        sizes[b] = memory(prof)["steps"][0]["categories"]["activations"]
+    assert sizes[4] == pytest.approx(2 * sizes[2], rel=0.02)
+
+
+def test_untied_model_has_more_gradient_bytes():
+    tied, untied = tiny_gpt(), tiny_gpt(tie_weights=False)
+    out = {}
+    for name, model in (("tied", tied), ("untied", untied)):
+        opt = torch.optim.AdamW(model.parameters())
+        with profile(model, sample_interval=None) as prof:
+            train(model, opt, steps=1)
+        out[name] = memory(prof)["steps"][0]["categories"]["gradients"]
+    assert out["untied"] - out["tied"] == 64 * 32 * 4
+
+
+def test_blocks_hold_most_activations_and_buckets_sum():
+    model = tiny_gpt(n_layer=4)
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        train(model, opt, steps=2)
+    step = memory(prof)["steps"][-1]
+    by_bucket = step["activations_by_bucket"]
+    assert by_bucket["block"] > by_bucket["embedding"]
+    assert by_bucket["head"] > 0  # final norm, logits and the loss
+    paths = {m["path"] for m in memory(prof)["activations_by_module"]}
+    assert any(p.startswith("transformer.h.3.") for p in paths)
+
+
+def test_autocast_weight_copies_are_their_own_category():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = batch()
+    with profile(model, sample_interval=None) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+    cat = memory(prof)["steps"][0]["categories"]
+    # Every Linear weight is cast to bf16 once and saved for the input gradient.
+    linear_weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    expected = sum(w.numel() * 2 for w in linear_weights.values())
+    assert cat["autocast_copies"] == expected
+    assert cat["activations"] > 0
+
+
+def test_hand_written_update_without_optimizer():
+    model = tiny_gpt()
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(3):
+            x, y = batch()
+            _, loss = model(x, y)
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+            model.zero_grad(set_to_none=True)
+    mem = memory(prof)
+    assert len(mem["steps"]) == 3
+    assert all(s["complete"] for s in mem["steps"])
+    assert all(s["categories"]["optimizer_state"] == 0 for s in mem["steps"])
+    assert mem["steps"][0]["categories"]["gradients"] == unique_param_bytes(model)
+    assert any("no optimizer step" in n for n in mem["notes"])
+
+
+def test_gradient_accumulation_is_one_step():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, opt, sample_interval=None) as prof:
+        for _ in range(2):
+            for _ in range(3):
+                x, y = batch()
+                _, loss = model(x, y)
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    steps = memory(prof)["steps"]
+    assert [(s["forwards"], s["backwards"], s["optimizer_steps"]) for s in steps] == [(3, 3, 1), (3, 3, 1)]
+
+
+def test_frozen_parameters_have_no_gradients_or_state():
+    model = tiny_gpt(tie_weights=False)
+    for p in model.transformer.h[0].parameters():
+        p.requires_grad_(False)
+    frozen = sum(p.numel() * 4 for p in model.transformer.h[0].parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with profile(model, sample_interval=None) as prof:
+        train(model, opt, steps=2)
+    cat = memory(prof)["steps"][-1]["categories"]
+    assert cat["gradients"] == unique_param_bytes(model) - frozen
+    assert memory(prof)["steps"][-1]["optimizer_state"]["by_name"]["exp_avg"] == unique_param_bytes(model) - frozen
+
+
+def test_shared_layer_called_twice_counts_both_calls():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.layer(torch.tanh(self.layer(x)))
+
+    model = Twice()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    with profile(model, sample_interval=None) as prof:
+        out = model(x)
+        loss = out.square().sum()
+        expected = graph_saved_bytes(loss, model)
+        loss.backward()
+        opt.step()
+    mem = memory(prof)
+    assert mem["steps"][0]["categories"]["activations"] == expected
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_reports_less(reentrant):
+    class Ckpt(nn.Module):
+        def __init__(self, use_ckpt):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)) for _ in range(3))
+            self.use_ckpt = use_ckpt
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = checkpoint(b, x, use_reentrant=reentrant) if self.use_ckpt else b(x)
+            return x
+
+    results = {}
+    for use in (False, True):
+        torch.manual_seed(0)
+        model = Ckpt(use)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(8, 16, requires_grad=True)
+        with profile(model, sample_interval=None) as prof:
+            model(x).sum().backward()
+            opt.step()
+        step = memory(prof)["steps"][0]
+        assert step["complete"]
+        assert step["categories"]["gradients"] == unique_param_bytes(model)
+        results[use] = step["categories"]["activations"]
+    assert results[True] < results[False]
+    assert_no_hooks(model)
+
+
+def test_hooks_removed_on_exception_and_keyboard_interrupt():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    for exc in (ValueError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with profile(model, sample_interval=None) as prof:
+                x, y = batch()
+                _, loss = model(x, y)
+                raise exc
+        assert_no_hooks(model)
+        assert prof.report is not None  # the report is still there
+    # Training goes on unhurt after the failed blocks.
+    train(model, opt, steps=1)
+
+
+def test_exception_inside_forward_removes_hooks():
+    model = tiny_gpt()
+    x = torch.randint(0, 64, (2, 40))  # longer than block_size: the model refuses
+    with pytest.raises(AssertionError):
+        with profile(model, sample_interval=None):
+            model(x)
+    assert_no_hooks(model)
+
+
+def test_nested_and_repeated_profiles():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as outer:
+        with profile(model, sample_interval=None) as inner:
+            train(model, opt, steps=1)
+        train(model, opt, steps=1)
+    assert_no_hooks(model)
+    assert len(memory(inner)["steps"]) == 1
+    assert len(memory(outer)["steps"]) == 2
+    with profile(model, sample_interval=None) as again:
+        train(model, opt, steps=2)
+    assert [s["kind"] for s in memory(again)["steps"]] == ["steady", "steady"]
+    assert_no_hooks(model)
+
+
+def test_steps_limit_removes_hooks_and_training_continues():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, steps=2, sample_interval=None) as prof:
+        train(model, opt, steps=2)
+        assert not model._forward_hooks  # removed as soon as two steps were measured
+        train(model, opt, steps=2)
+    assert len(memory(prof)["steps"]) == 2
+
+
+def test_eval_forward_is_not_a_step():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        train(model, opt, steps=1)
+        with torch.no_grad():
+            model(batch()[0])
+        train(model, opt, steps=1)
+    assert len(memory(prof)["steps"]) == 2
+
+
+def test_compiled_module_gives_a_statement_not_a_crash():
+    model = tiny_gpt()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(compiled, sample_interval=None) as prof:
+        for _ in range(2):
+            x, y = batch()
+            _, loss = compiled(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    mem = memory(prof)
+    assert any("compile" in n for n in mem["notes"])
+    assert mem["steps"][-1]["categories"]["gradients"] == unique_param_bytes(model)
+    assert_no_hooks(model)
+
+
+def test_sampler_records_host_rss():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=0.005) as prof:
+        train(model, opt, steps=2)
+    mem = memory(prof)
+    step = mem["steps"][-1]
+    assert step["host_rss_peak"] > 0
+    assert step["nvml_process_used_peak"] is None  # no GPU here: not guessed
+    assert "sampler" in mem and mem["sampler"]["sources"]["host"]
+
+
+def test_report_json_round_trips(tmp_path):
+    import json
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        train(model, opt, steps=2)
+    path = tmp_path / "r.json"
+    prof.to_json(path)
+    data = json.loads(path.read_text())
+    assert data["schema"] == "profiler.report/1"
+    mem = data["models"][0]["memory"]
+    assert set(mem["steps"][0]["categories"]) == {"parameters", "gradients", "optimizer_state", "activations", "autocast_copies", "other"}
+    assert set(mem["steps"][0]["phases"]) == {"forward", "backward", "optimizer"}
+    assert "Memory of a training step" in prof.render()
