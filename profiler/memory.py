@@ -81,8 +81,23 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "nvml_device_used_peak": None,
         "host_rss_peak": None,
     }
+    t0 = step._t0
+    out["baseline"] = {
+        "parameters": step.parameters,
+        "gradients": step.gradients_start,
+        "optimizer_state": step.optimizer_state_before,
+    }
+    out["timeline"] = {
+        "t": [round(t - t0, 6) for t, _, _ in step.events],
+        "category": [c for _, c, _ in step.events],
+        "delta": [d for _, _, d in step.events],
+    }
+    out["phase_spans"] = {
+        name: [[round(a - t0, 6), round(b - t0, 6)] for a, b in spans] for name, spans in step.phase_spans.items()
+    }
     sampler = tracker.sampler
     if sampler is not None:
+        out["sampler_offset"] = round(t0 - sampler.started_at, 6)  # this step's start on the sampler's clock
         by_label = sampler.peaks_by_label()
         for name in out["phases"]:
             peaks = by_label.get(f"{step.index}:{name}", {})

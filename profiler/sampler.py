@@ -518,6 +518,11 @@ class MemorySampler:
     # ---------------------------------------------------------------- results
 
     @property
+    def started_at(self) -> float:
+        """``time.perf_counter()`` at start: add it to a sample's ``t`` for a common clock."""
+        return self._t0
+
+    @property
     def running(self) -> bool:
         return self._running
 

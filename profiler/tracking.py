@@ -111,6 +111,9 @@ class StepRecord:
     seconds: float = 0.0
     complete: bool = False  # saw a forward and a backward
     _t0: float = 0.0
+    gradients_start: int = 0  # gradient bytes alive when the step began (zero_grad without set_to_none)
+    events: list[tuple[float, str, int]] = field(default_factory=list)  # (perf_counter, category, +/- bytes)
+    phase_spans: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # perf_counter spans
     _saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
     _copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
 
@@ -159,6 +162,8 @@ class StepTracker:
         self._step_state = "idle"  # idle | forward | after_forward | backward | after_backward
         self._saved_hooks_pushed = False
         self._saved_hooks_balanced = False
+        self._live: dict[int, tuple[str, int]] = {}  # saved storages not yet used by backward
+        self._grads_seen: set[int] = set()
         self._trunk_state = "before"  # where execution is relative to the trunk: before/in/after
         self._running = False
         self.finished = False
@@ -193,12 +198,15 @@ class StepTracker:
         for mod in _hookable_modules(self.model):
             self._handles.append(mod.register_forward_pre_hook(self._module_pre))
             self._handles.append(mod.register_forward_hook(self._module_post, always_call=True))
+        for p in {id(p): p for p in self.model.parameters()}.values():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
         self._handles.append(optimizer_hooks.register_optimizer_step_pre_hook(self._optimizer_pre))
         self._handles.append(optimizer_hooks.register_optimizer_step_post_hook(self._optimizer_post))
         if self.sample_interval:
             from .sampler import MemorySampler
 
-            self.sampler = MemorySampler(device=self.device, interval=self.sample_interval)
+            self.sampler = MemorySampler(device=self.device, interval=self.sample_interval, max_samples=20_000)
             self.sampler.start()
         return self
 
@@ -235,6 +243,7 @@ class StepTracker:
             return
         ph = step.phases[name]
         ph._start = time.perf_counter()
+        step.phase_spans.setdefault(name, []).append((ph._start, ph._start))
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.sampler is not None:
@@ -246,7 +255,11 @@ class StepTracker:
             return
         ph = step.phases[name]
         if ph._start is not None:
-            ph.seconds += time.perf_counter() - ph._start
+            now = time.perf_counter()
+            ph.seconds += now - ph._start
+            spans = step.phase_spans.get(name)
+            if spans:
+                spans[-1] = (spans[-1][0], now)
             ph._start = None
         read = self._cuda_read()
         if read is not None:
@@ -302,6 +315,10 @@ class StepTracker:
         step = StepRecord(index=len(self.steps) + 1)
         step._t0 = time.perf_counter()
         step.parameters = self._unique_bytes(list(self.model.parameters()))
+        live_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        step.gradients_start = self._unique_bytes(live_grads)
+        self._grads_seen = {k[0] for g in live_grads if (k := _storage_key(g)) is not None}
+        self._live = {}
         opt = self.optimizer
         if opt is not None:
             step.optimizer_state_before = self._count_optimizer_state(opt)[0]
@@ -371,10 +388,15 @@ class StepTracker:
         ptr, nbytes = key
         if ptr in self._param_storages or ptr in step._saved or ptr in step._copies:
             return t
+        now = time.perf_counter()
         if _weight_copy_source(t):
             step._copies[ptr] = nbytes
+            step.events.append((now, "autocast_copies", nbytes))
+            self._live[ptr] = ("autocast_copies", nbytes)
             return t
         step._saved[ptr] = nbytes
+        step.events.append((now, "activations", nbytes))
+        self._live[ptr] = ("activations", nbytes)
         path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
         step.activations_by_module[path] = step.activations_by_module.get(path, 0) + nbytes
         bucket = self._bucket_of(path, self._trunk_state)
@@ -382,9 +404,27 @@ class StepTracker:
         step.activations_by_bucket[bucket] = step.activations_by_bucket.get(bucket, 0) + nbytes
         return t
 
-    @staticmethod
-    def _unpack(t: torch.Tensor) -> torch.Tensor:
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """Backward uses a saved tensor, then frees it: the timeline's release point."""
+        step = self._step
+        if step is not None and self._live:
+            key = _storage_key(t)
+            if key is not None and key[0] in self._live:
+                category, nbytes = self._live.pop(key[0])
+                step.events.append((time.perf_counter(), category, -nbytes))
         return t
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        """A parameter's gradient was accumulated: the timeline's gradient growth."""
+        step = self._step
+        if step is None or param.grad is None:
+            return
+        key = _storage_key(param.grad)
+        ident = key[0] if key else id(param.grad)
+        if ident not in self._grads_seen:
+            self._grads_seen.add(ident)
+            nbytes = key[1] if key else param.grad.numel() * param.grad.element_size()
+            step.events.append((time.perf_counter(), "gradients", nbytes))
 
     # ---------------------------------------------------------- module hooks
     def _module_pre(self, module: nn.Module, args: Any) -> None:
@@ -504,6 +544,8 @@ class StepTracker:
         step.optimizer_steps += 1
         total, by_name, by_group = self._count_optimizer_state(opt)
         step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = total, by_name, by_group
+        if total != step.optimizer_state_before:
+            step.events.append((time.perf_counter(), "optimizer_state", total - step.optimizer_state_before))
         self._finish_step()
         if self.max_steps is not None and len(self.steps) >= self.max_steps:
             self._done()
