@@ -17,6 +17,8 @@ from torch import nn
 
 from . import __version__
 from .analysis import analyze_model
+from .batches import measure_batches
+from .estimates import parse_batches, parse_cards, resolve_card
 from .discovery import ModelWatcher
 from .errors import ProfilerError
 from .memory import bucket_resolver
@@ -42,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop-after-steps", action="store_true", help="end the script (exit 0) once the steps are measured")
     parser.add_argument("--interval", type=_positive_float, default=0.01, metavar="SECONDS", help="NVML / host memory sampling interval during measured steps (default 0.01)")
     parser.add_argument("--no-sampler", action="store_true", help="no background sampling thread (no NVML or host RSS timeline)")
+    plan = parser.add_argument_group("planning (estimates and will-it-fit)")
+    plan.add_argument("--fit", metavar="CARD", help="show the fit for one card only (e.g. T4, A100-80GB, or a --gpu name)")
+    plan.add_argument("--gpu", action="append", metavar="NAME=GiB", help="add a card to the fit table (repeatable)")
+    plan.add_argument("--margin", type=float, default=0.10, metavar="FRACTION", help="safety margin of card memory left unused when planning (default 0.10)")
+    plan.add_argument("--fit-batches", metavar="B1,B2", help="also measure the script at these batch sizes (in child runs) and fit memory against batch size")
+    plan.add_argument("--batch-arg", default="--batch-size", metavar="FLAG", help="the script's batch-size flag, for --fit-batches (default --batch-size)")
+    plan.add_argument("--plot", metavar="PATH.png", help="draw one step's memory over time (needs matplotlib: pip install 'profiler[plot]')")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no text report (use with --json)")
     parser.add_argument("--version", action="version", version=f"profiler {__version__}")
     parser.add_argument("script", help="the Python script to run")
@@ -69,18 +78,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def check_writable(path: str) -> None:
+def check_writable(path: str, option: str) -> None:
     """Fail before the script runs, not after an hour of training."""
     target = os.path.abspath(path)
     if os.path.isdir(target):
-        raise ProfilerError(f"--json {path}: is a directory")
+        raise ProfilerError(f"{option} {path}: is a directory")
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
-        raise ProfilerError(f"--json {path}: directory {parent} does not exist")
+        raise ProfilerError(f"{option} {path}: directory {parent} does not exist")
     if os.path.exists(target) and not os.access(target, os.W_OK):
-        raise ProfilerError(f"--json {path}: file is not writable")
+        raise ProfilerError(f"{option} {path}: file is not writable")
     if not os.path.exists(target) and not os.access(parent, os.W_OK):
-        raise ProfilerError(f"--json {path}: directory {parent} is not writable")
+        raise ProfilerError(f"{option} {path}: directory {parent} is not writable")
 
 
 def name_models(models: list[nn.Module], script_globals: dict) -> list[str]:
@@ -116,14 +125,15 @@ class ScriptSession:
     the user's training.
     """
 
-    def __init__(self, steps: int, stop_after_steps: bool, interval: float | None) -> None:
+    def __init__(self, steps: int, stop_after_steps: bool, interval: float | None, plan: dict | None = None) -> None:
+        self.plan = plan or {}
         self.steps = steps
         self.stop_after_steps = stop_after_steps
         self.interval = interval
         self.entries: dict[int, tuple[ModelReport, StepTracker | None]] = {}
         self.notes: list[str] = []
 
-    def on_new_model(self, model: nn.Module) -> None:
+    def on_new_model(self, model: nn.Module, args: tuple = ()) -> None:
         try:
             entry = analyze_model(model, type(model).__name__)
         except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
@@ -139,7 +149,7 @@ class ScriptSession:
                 on_finished=self._on_tracker_finished,
             )
             tracker.start()
-            tracker.enter_current_forward()
+            tracker.enter_current_forward(args)
         self.entries[id(model)] = (entry, tracker)
 
     def _on_tracker_finished(self, tracker: StepTracker) -> None:
@@ -151,7 +161,7 @@ class ScriptSession:
             if tracker is not None:
                 tracker.stop()
 
-    def report(self, models: list[nn.Module], script_globals: dict) -> Report:
+    def report(self, models: list[nn.Module], script_globals: dict, extra_points: dict | None = None) -> Report:
         reports = []
         for model, name in zip(models, name_models(models, script_globals)):
             entry, tracker = self.entries.get(id(model), (None, None))
@@ -159,9 +169,30 @@ class ScriptSession:
                 entry = analyze_model(model, name)
             entry.name = name
             if tracker is not None:
-                attach_memory(entry, tracker)
+                attach_memory(entry, tracker, extra_points=(extra_points or {}).get(name), **self.plan)
             reports.append(entry)
         return Report(models=reports, notes=list(self.notes))
+
+
+def _validate(opts: argparse.Namespace) -> dict:
+    """Check every option before the script runs, not after an hour of training."""
+    if opts.json:
+        check_writable(opts.json, "--json")
+    if opts.plot:
+        check_writable(opts.plot, "--plot")
+        from .plot import matplotlib_available
+
+        if not matplotlib_available():
+            raise ProfilerError("--plot needs matplotlib: pip install 'profiler[plot]' (or pip install matplotlib)")
+    cards = parse_cards(opts.gpu)
+    if opts.fit:
+        resolve_card(opts.fit, cards)
+    if not 0 <= opts.margin < 1:
+        raise ProfilerError(f"--margin must be at least 0 and below 1, got {opts.margin}")
+    opts.batches = parse_batches(opts.fit_batches) if opts.fit_batches else []
+    if opts.batches and opts.steps == 0:
+        raise ProfilerError("--fit-batches needs measured steps; drop --steps 0")
+    return {"cards": cards, "margin": opts.margin, "focus": opts.fit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,14 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.args and opts.args[0] == "--":
         opts.args = opts.args[1:]
     try:
-        if opts.json:
-            check_writable(opts.json)
+        plan = _validate(opts)
         code = load_script(opts.script)
     except ProfilerError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
 
-    session = ScriptSession(opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval)
+    session = ScriptSession(opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval, plan)
     try:
         with ModelWatcher(on_new_model=session.on_new_model) as watcher:
             result = run_script(code, opts.script, opts.args)
@@ -193,8 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes.append("no model was called; reporting the models left in the script's globals")
     if result.failed:
         notes.append(f"the script raised {type(result.exception).__name__}; the report covers what ran before it")
+    extra_points = None
+    if opts.batches and not result.failed:
+        extra_points, batch_notes = measure_batches(opts.script, opts.args, opts.batches, opts.batch_arg, opts.steps)
+        notes.extend(batch_notes)
     try:
-        report = session.report(models, result.globals)
+        report = session.report(models, result.globals, extra_points)
         report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
         sys.stdout.flush()
         if not opts.quiet:
@@ -202,10 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.json:
             report.to_json(opts.json)
             print(f"{PROG}: report written to {opts.json}", file=sys.stderr)
+        if opts.plot:
+            from .plot import plot_report
+
+            plot_report(report.to_dict(), opts.plot)
+            print(f"{PROG}: plot written to {opts.plot}", file=sys.stderr)
     except ProfilerError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return result.exit_code or exc.exit_code
     except OSError as exc:
-        print(f"{PROG}: error: cannot write {opts.json}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{PROG}: error: cannot write {exc.filename or 'the report'}: {exc.strerror or exc}", file=sys.stderr)
         return result.exit_code or 2
     return result.exit_code

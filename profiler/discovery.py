@@ -3,7 +3,7 @@
 A model is a module that is *called from outside any other module* and owns
 parameters. Two global hooks (the mechanism of ``torch.utils.module_tracker``)
 keep a per-thread nesting depth; a call at depth 0 is a root call. Each new
-root is reported to a callback once, so the caller can analyse it or start
+root is reported to a callback once, with the call's positional arguments, so the caller can analyse it or start
 measuring it on its first forward.
 
 The hooks cost one dict lookup per module call and are removed by ``close()``
@@ -31,7 +31,7 @@ class ModelWatcher:
     >>> watcher.models  # [model, ...] in order of first call
     """
 
-    def __init__(self, on_new_model: Callable[[nn.Module], None] | None = None) -> None:
+    def __init__(self, on_new_model: Callable[[nn.Module, tuple], None] | None = None) -> None:
         self._on_new_model = on_new_model
         self._pid = os.getpid()
         self._local = threading.local()
@@ -50,7 +50,7 @@ class ModelWatcher:
             if any(True for _ in module.parameters()):
                 self._models.append(module)
                 if self._on_new_model is not None:
-                    self._on_new_model(module)
+                    self._on_new_model(module, args)
 
     def _post(self, module: nn.Module, args: object, output: object) -> None:
         if os.getpid() != self._pid:

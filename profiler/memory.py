@@ -51,6 +51,8 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "kind": "first" if step.first else "steady",
         "complete": step.complete,
         "seconds": step.seconds,
+        "input_shape": list(step.input_shape) if step.input_shape is not None else None,
+        "input_is_tokens": step.input_is_tokens,
         "forwards": step.forwards,
         "backwards": step.backwards,
         "optimizer_steps": step.optimizer_steps,

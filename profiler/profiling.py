@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .analysis import analyze_model
+from .estimates import estimates_section, plan_fit
 from .memory import bucket_resolver, memory_section
 from .report import ModelReport, Report
 from .tracking import StepTracker
@@ -30,9 +31,19 @@ from .tracking import StepTracker
 __all__ = ["profile", "attach_memory"]
 
 
-def attach_memory(model_report: ModelReport, tracker: StepTracker) -> None:
-    """Put a tracker's measurements into a model's report entry."""
+def attach_memory(
+    model_report: ModelReport,
+    tracker: StepTracker,
+    *,
+    cards: dict[str, float] | None = None,
+    margin: float = 0.10,
+    focus: str | None = None,
+    extra_points: list | None = None,
+) -> None:
+    """Put a tracker's measurements, the estimates beside them and the fit plan into a report entry."""
     model_report.memory = memory_section(tracker, model_report.buckets)
+    model_report.estimates = estimates_section(model_report, tracker.model)
+    model_report.fit = plan_fit(model_report.memory, extra_points=extra_points, cards=cards, margin=margin, focus=focus)
 
 
 class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a context manager

@@ -51,6 +51,8 @@ class ModelReport:
     inventory: Inventory
     buckets: Buckets
     memory: dict[str, Any] | None = None
+    estimates: dict[str, Any] | None = None
+    fit: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # further sections, already JSON-shaped
 
     # ----- JSON -------------------------------------------------------------
@@ -125,6 +127,10 @@ class ModelReport:
         }
         if self.memory is not None:
             out["memory"] = self.memory
+        if self.estimates is not None:
+            out["estimates"] = self.estimates
+        if self.fit is not None:
+            out["fit"] = self.fit
         out.update(self.extra)
         return out
 
@@ -169,6 +175,10 @@ class ModelReport:
         parts.append("Weight memory by storage format (unique parameters)\n" + tabulate([[k, format_bytes(v)] for k, v in wm.items()], headers=["format", "bytes"], colalign=("left", "right")))
         if self.memory is not None:
             parts.extend(render_memory(self.memory))
+        if self.estimates is not None:
+            parts.extend(render_estimates(self.estimates))
+        if self.fit is not None:
+            parts.extend(render_fit(self.fit))
         return "\n\n".join(parts)
 
     def _render_tree(self, depth: int) -> str:
@@ -318,4 +328,57 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
         rows = [[m["path"] or "(root)", m["bucket"], format_bytes(m["bytes"]), _percent(m["bytes"], total_act)] for m in top]
         parts.append("Activations by module, largest first (each saved tensor charged to the innermost module that saved it)\n" + tabulate(rows, headers=["module", "bucket", "bytes", "share"], colalign=("left", "left", "right", "right")))
     parts.extend(f"note: {n}" for n in memory.get("notes", []))
+    return parts
+
+
+def _error(e: float | None) -> str:
+    return "n/a" if e is None else f"{100 * e:+.0f}%"
+
+
+def render_estimates(est: dict[str, Any]) -> list[str]:
+    """Each formula beside the measurement, with its error and what it leaves out."""
+    if not est.get("available"):
+        return [f"Estimates: {est.get('reason')}"]
+    shape = est["shape"]
+    head = (
+        f"Textbook estimates beside the measurement (step {est['step']}; batch {shape['batch']}, seq {shape['seq']}, "
+        f"{shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads; "
+        f"{'mixed precision' if est['mixed_precision'] else 'no autocast'})"
+    )
+    rows = []
+    for f in est["formulas"]:
+        if not f["applicable"]:
+            rows.append([f["name"], "n/a", format_bytes(f["measured"]), "n/a", "not applicable: " + (f["reason"] or "")])
+            continue
+        rows.append([f["name"], format_bytes(f["estimate"]), format_bytes(f["measured"]), _error(f["error"]), "\n".join(f["misses"])])
+    parts = [head + "\n" + tabulate(rows, headers=["formula", "estimate", "measured", "error", "what it misses"], colalign=("left", "right", "right", "right", "left"))]
+    tutorial = next((f for f in est["formulas"] if f["name"] == "tutorial" and f["applicable"]), None)
+    if tutorial:
+        rows = [[t["term"], format_bytes(t["estimate"]), format_bytes(t["measured"]), _error(t["error"])] for t in tutorial["terms"]]
+        parts.append("The tutorial's formula, term by term\n" + tabulate(rows, headers=["term", "tutorial", "measured", "error"], colalign=("left", "right", "right", "right")))
+    parts.append("sources: " + "; ".join(f"{f['name']}: {f['source']}" for f in est["formulas"]))
+    return parts
+
+
+def render_fit(fit: dict[str, Any]) -> list[str]:
+    """Does it fit, and the largest batch per card, with the assumption used."""
+    if not fit.get("available"):
+        return [f"Fit planning: {fit.get('reason')}"]
+    rows = []
+    for c in fit["cards"]:
+        rows.append([
+            c["card"],
+            format_bytes(c["capacity"]),
+            format_bytes(c["required_at_measured_batch"]),
+            "yes" if c["fits_at_measured_batch"] else "no",
+            "n/a" if c["largest_batch"] is None else str(c["largest_batch"]),
+        ])
+    head = (
+        f"Will it fit? (batch {fit['measured_batch']}, seq {fit['sequence_length']}; "
+        f"{format_bytes(fit['fixed_bytes'])} fixed + {format_bytes(int(fit['bytes_per_sample']))} per sample; "
+        f"safety margin {100 * fit['margin']:.0f}%)"
+    )
+    parts = [head + "\n" + tabulate(rows, headers=["card", "memory", "needed now", "fits", "largest batch"], colalign=("left", "right", "right", "left", "right"))]
+    parts.append(f"fit method: {fit['method']}; measured quantity: {fit['source']}")
+    parts.extend(f"note: {n}" for n in fit.get("notes", []))
     return parts

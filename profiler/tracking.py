@@ -110,6 +110,8 @@ class StepRecord:
     reserved: int | None = None
     seconds: float = 0.0
     complete: bool = False  # saw a forward and a backward
+    input_shape: tuple[int, ...] | None = None  # of the first forward's batch input
+    input_is_tokens: bool = False
     _t0: float = 0.0
     gradients_start: int = 0  # gradient bytes alive when the step began (zero_grad without set_to_none)
     events: list[tuple[float, str, int]] = field(default_factory=list)  # (perf_counter, category, +/- bytes)
@@ -196,7 +198,10 @@ class StepTracker:
         self._running = True
         self._param_storages = {k[0] for p in self.model.parameters() if (k := _storage_key(p)) is not None}
         for mod in _hookable_modules(self.model):
-            self._handles.append(mod.register_forward_pre_hook(self._module_pre))
+            if mod is self.model:  # the root also reports its inputs: batch and sequence sizes
+                self._handles.append(mod.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+            else:
+                self._handles.append(mod.register_forward_pre_hook(self._module_pre))
             self._handles.append(mod.register_forward_hook(self._module_post, always_call=True))
         for p in {id(p): p for p in self.model.parameters()}.values():
             if p.requires_grad:
@@ -448,7 +453,22 @@ class StepTracker:
         if module is self.model and not self._stack:
             self._root_forward_end(output)
 
-    def enter_current_forward(self) -> None:
+    def _root_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self._module_pre(module, args)
+        self._note_inputs(args, kwargs)
+
+    def _note_inputs(self, args: Any, kwargs: Any) -> None:
+        """Remember the batch input's shape: token ids if there are any, else the first tensor."""
+        step = self._step
+        if step is None or step.input_shape is not None:
+            return
+        tensors = _tensors_in(args) + _tensors_in(dict(kwargs or {}))
+        if tensors:
+            ids = [t for t in tensors if not t.is_floating_point() and t.dim() >= 1]
+            step.input_shape = tuple((ids or tensors)[0].shape)
+            step.input_is_tokens = bool(ids)
+
+    def enter_current_forward(self, args: Any = (), kwargs: Any = None) -> None:
         """Start measuring a root forward that is already running.
 
         The runner creates the tracker from inside the model's first call, when
@@ -458,6 +478,7 @@ class StepTracker:
         if self._running and not self._stack:
             self._root_forward_begin()
             self._stack.append(id(self.model))
+            self._note_inputs(args, kwargs)
 
     def _root_forward_begin(self) -> None:
         if not torch.is_grad_enabled() or not self._running:

@@ -1,0 +1,154 @@
+"""Estimates beside measurements, and fit predictions checked against real measurements (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from profiler import ProfilerError, profile
+from profiler.estimates import CARDS, fit_points, parse_batches, parse_cards, plan_fit, predict_required, resolve_card
+
+from test_tracking import tiny_gpt, train
+
+
+def measured(model, opt, b, t=16, steps=2, autocast=False):
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(steps):
+            x = torch.randint(0, 64, (b, t))
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    _, loss = model(x, x)
+            else:
+                _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return prof.report.models[0]
+
+
+def categories_total(entry) -> int:
+    cat = entry.memory["steps"][-1]["categories"]
+    return cat["parameters"] + cat["gradients"] + cat["optimizer_state"] + cat["activations"] + cat["autocast_copies"]
+
+
+def test_formulas_use_the_observed_shape_and_report_errors():
+    model = tiny_gpt(n_layer=3)
+    opt = torch.optim.AdamW(model.parameters())
+    entry = measured(model, opt, b=4, t=16)
+    est = entry.estimates
+    assert est["available"]
+    assert est["shape"] == {"layers": 3, "hidden": 32, "heads": 2, "vocab": 64, "batch": 4, "seq": 16}
+    by_name = {f["name"]: f for f in est["formulas"]}
+    n = entry.inventory.total
+    tut = by_name["tutorial"]
+    assert tut["estimate"] == 2 * n + 2 * n + 4 * n + 4 * 4 * 16 * 32
+    assert tut["measured"] == categories_total(entry)
+    assert tut["error"] == pytest.approx((tut["estimate"] - tut["measured"]) / tut["measured"])
+    assert any("fp32" in m for m in tut["misses"])
+    # fp32 Adam is exact in fp32: weights + grads + two moments = 16 bytes per parameter (+ step counters).
+    assert abs(by_name["fp32-adam"]["error"]) < 0.001
+    flash = by_name["korthikanti-flash"]
+    assert flash["estimate"] == 3 * 34 * 16 * 4 * 32 * 2  # x2: fp32 activations
+    assert flash["measured"] == entry.memory["steps"][-1]["activations_by_bucket"]["block"]
+    assert by_name["korthikanti-full"]["estimate"] > flash["estimate"]
+
+
+def test_autocast_run_is_reported_as_mixed_precision():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    entry = measured(model, opt, b=2, autocast=True)
+    assert entry.estimates["mixed_precision"] is True
+    zero = next(f for f in entry.estimates["formulas"] if f["name"] == "zero-mixed-adam")
+    assert any("fp32 gradients" in m for m in zero["misses"])
+
+
+def test_non_transformer_gets_a_statement_not_a_number():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        model(torch.randn(5, 8)).sum().backward()
+        opt.step()
+    est = prof.report.models[0].estimates
+    kort = next(f for f in est["formulas"] if f["name"].startswith("korthikanti"))
+    assert kort["applicable"] is False and "not a transformer" in kort["reason"]
+    tutorial = next(f for f in est["formulas"] if f["name"] == "tutorial")
+    assert tutorial["applicable"] is False and tutorial["estimate"] is None
+    assert "not applicable" in prof.render()
+
+
+def test_fit_prediction_from_small_batches_holds_at_a_larger_one():
+    model = tiny_gpt(n_layer=2)
+    opt = torch.optim.AdamW(model.parameters())
+    small = [measured(model, opt, b=b) for b in (2, 4)]
+    points = [p for e in small[1:] for p in fit_points(e.memory)]
+    fit = plan_fit(small[0].memory, extra_points=points)
+    assert fit["measured_batches"] == [2, 4]
+    assert "linear fit" in fit["method"]
+    big = measured(model, opt, b=16)
+    predicted = predict_required(fit, 16)
+    actual = categories_total(big)
+    assert abs(predicted - actual) / actual < 0.03
+
+
+def test_single_batch_plan_says_its_assumption_and_scales_per_sample():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    entry = measured(model, opt, b=4)
+    fit = entry.fit
+    assert "one measured batch size" in fit["method"]
+    cat = entry.memory["steps"][-1]["categories"]
+    assert fit["bytes_per_sample"] == pytest.approx(cat["activations"] / 4)
+    t4 = next(c for c in fit["cards"] if c["card"] == "T4")
+    assert t4["capacity"] == 16 * 1024**3
+    assert t4["fits_at_measured_batch"] is True
+    expected = int((t4["capacity"] * 0.9 - fit["fixed_bytes"]) // fit["bytes_per_sample"])
+    assert t4["largest_batch"] == expected
+    assert any("CUDA context" in n for n in fit["notes"])
+
+
+def test_fit_focus_margin_and_custom_cards():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    entry = measured(model, opt, b=2)
+    cards = parse_cards(["Tiny=0.001"])
+    fit = plan_fit(entry.memory, cards=cards, margin=0.5, focus="tiny")
+    assert [c["card"] for c in fit["cards"]] == ["Tiny"]
+    row = fit["cards"][0]
+    assert row["usable"] == int(0.001 * 1024**3 * 0.5)
+    assert row["fits_at_measured_batch"] == (row["required_at_measured_batch"] <= row["usable"])
+    assert resolve_card("a100", CARDS) == "A100-80GB"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: resolve_card("X9", CARDS), "unknown card"),
+        (lambda: parse_cards(["bad"]), "NAME=GiB"),
+        (lambda: parse_cards(["x=-1"]), "positive"),
+        (lambda: parse_batches("4,0"), "positive whole numbers"),
+        (lambda: parse_batches("a"), "positive whole numbers"),
+        (lambda: parse_batches("4,4"), "repeated"),
+    ],
+)
+def test_bad_planning_input_is_one_line(call, message):
+    with pytest.raises(ProfilerError) as info:
+        call()
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_impossible_margin_is_refused():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    entry = measured(model, opt, b=2, steps=1)
+    with pytest.raises(ProfilerError, match="margin"):
+        plan_fit(entry.memory, margin=1.0)
+
+
+def test_estimates_and_fit_in_json():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    entry = measured(model, opt, b=2)
+    d = entry.to_dict()
+    assert d["estimates"]["formulas"] and d["fit"]["cards"]
+    text = entry.render()
+    assert "Textbook estimates" in text and "Will it fit?" in text
