@@ -81,13 +81,24 @@ def _signature(module: nn.Module) -> tuple:
 def _runs(container: nn.Module) -> list[list[tuple[str, nn.Module]]]:
     """Maximal runs of consecutive, structurally alike children, at least two long.
 
-    Children are alike when they have the same class and each has every
-    parameter (name, shape, dtype) of the run's most common signature, which
-    must occur at least twice. This tolerates a first block that carries an
-    extra table (T5's relative attention bias lives only in block 0) while
-    rejecting a stack of Linears of different sizes.
+    A ``ModuleList`` of composite layers is one run whatever their classes.
+
+    Composite children (blocks with submodules) are alike when they share a
+    class: a stack may mix dense and mixture-of-experts layers of one class
+    (DeepSeek's first dense layers, Switch Transformer's alternation), or give
+    block 0 an extra table (T5's relative attention bias). Leaf children (a
+    stack of Linears) must also have the same parameter shapes, so an MLP whose
+    layers merely share the Linear class is not a trunk.
     """
     children = list(container.named_children())
+    if (
+        isinstance(container, nn.ModuleList)
+        and len(children) >= 2
+        and all(any(True for _ in c.children()) and any(True for _ in c.parameters()) for _, c in children)
+    ):
+        # A list holding only composite layers is a stack even when its layer
+        # classes alternate (dense and MoE layers, attention and Mamba layers).
+        return [children]
     runs, i = [], 0
     while i < len(children):
         j = i + 1
@@ -97,25 +108,16 @@ def _runs(container: nn.Module) -> list[list[tuple[str, nn.Module]]]:
         i = j
         if len(same_class) < 2 or not any(True for _ in same_class[0][1].parameters()):
             continue
-        sigs = [_signature(m) for _, m in same_class]
-        common, count = Counter(sigs).most_common(1)[0]
-        if count >= 2:
-            needed = set(common[1])
-        else:
-            # Every child differs (a two-block T5 whose block 0 has an extra
-            # table): alike if the parameters they all share are most of each.
-            needed = set.intersection(*(set(sig[1]) for sig in sigs))
-            shared = sum(_numel(shape) for _, shape, _ in needed)
-            if not needed or any(shared * 2 < sum(_numel(shape) for _, shape, _ in sig[1]) for sig in sigs):
-                continue
+        if any(True for _ in same_class[0][1].children()):
+            runs.append(same_class)
+            continue
         run: list[tuple[str, nn.Module]] = []
-        for child, sig in zip(same_class, sigs):
-            if needed <= set(sig[1]):
-                run.append(child)
-                continue
-            if len(run) >= 2:
-                runs.append(run)
-            run = []
+        for child in same_class:
+            if run and _signature(child[1]) != _signature(run[-1][1]):
+                if len(run) >= 2:
+                    runs.append(run)
+                run = []
+            run.append(child)
         if len(run) >= 2:
             runs.append(run)
     return runs

@@ -176,10 +176,13 @@ class ScriptSession:
 
 def _validate(opts: argparse.Namespace) -> dict:
     """Check every option before the script runs, not after an hour of training."""
+    # Absolute now: the script may change directory (Hydra does) before we write.
     if opts.json:
         check_writable(opts.json, "--json")
+        opts.json = os.path.abspath(opts.json)
     if opts.plot:
         check_writable(opts.plot, "--plot")
+        opts.plot = os.path.abspath(opts.plot)
         from .plot import matplotlib_available
 
         if not matplotlib_available():

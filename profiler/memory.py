@@ -117,6 +117,29 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
     return out
 
 
+def _per_block_module(by_module: list[dict[str, Any]], buckets: Buckets) -> list[dict[str, Any]]:
+    """Activations of the same submodule summed over all blocks of a trunk ("h.*.attn").
+
+    Twelve identical rows say less than one row with the total and the count.
+    """
+    blocks = [(t.path, b) for t in buckets.trunks for b in t.block_paths]
+    groups: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for row in by_module:
+        path = row["path"]
+        key = path
+        for trunk_path, block in blocks:
+            if path == block or path.startswith(block + "."):
+                key = (f"{trunk_path}." if trunk_path else "") + "*" + path[len(block):]
+                break
+        if key not in groups:
+            groups[key] = {"path": key, "bucket": row["bucket"], "bytes": 0, "modules": 0}
+            order.append(key)
+        groups[key]["bytes"] += row["bytes"]
+        groups[key]["modules"] += 1
+    return sorted((groups[k] for k in order), key=lambda g: -g["bytes"])
+
+
 def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
     """The JSON ``memory`` section for one model."""
     cuda = tracker.device.type == "cuda"
@@ -128,6 +151,7 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         for path, nbytes in sorted(last.activations_by_module.items(), key=lambda kv: -kv[1]):
             bucket = last.activations_module_bucket.get(path, "other")
             by_module.append({"path": path, "bucket": bucket, "bytes": nbytes})
+    by_layer = _per_block_module(by_module, buckets)
     notes = list(tracker.notes)
     if not cuda:
         notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null")
@@ -143,6 +167,7 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         "optimizer": type(tracker.optimizer).__name__ if tracker.optimizer is not None else None,
         "steps": steps,
         "activations_by_module": by_module,
+        "activations_by_block_module": by_layer,
         "activations_step": last.index if last is not None else None,
         "notes": notes,
     }

@@ -188,7 +188,12 @@ class ModelReport:
                 continue
             label = "  " * m.depth + (m.path.rpartition(".")[2] if m.path else "(root)")
             rows.append([label, m.type, format_count(m.params), format_bytes(m.bytes), self.buckets.module_bucket[m.path]])
-        return f"Modules to depth {depth} (subtree unique parameters)\n" + tabulate(rows, headers=["module", "type", "params", "bytes", "bucket"], colalign=("left", "left", "right", "right", "left"))
+        return f"Modules to depth {depth} (subtree unique parameters)\n" + tabulate(
+            rows,
+            headers=["module", "type", "params", "bytes", "bucket"],
+            colalign=("left", "left", "right", "right", "left"),
+            preserve_whitespace=True,  # the leading spaces show the nesting
+        )
 
     def _render_breakdown(self, trunk) -> str:
         by_module: dict[str, dict[str, Any]] = {}
@@ -323,10 +328,14 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
     total_act = steady["categories"]["activations"]
     rows = [[b, format_bytes(v), _percent(v, total_act)] for b, v in act.items()]
     parts.append(f"Activations by bucket (step {memory.get('activations_step')})\n" + tabulate(rows, headers=["bucket", "bytes", "share"], colalign=("left", "right", "right")))
-    top = memory.get("activations_by_module", [])[:10]
+    top = memory.get("activations_by_block_module", [])[:12]
     if top:
-        rows = [[m["path"] or "(root)", m["bucket"], format_bytes(m["bytes"]), _percent(m["bytes"], total_act)] for m in top]
-        parts.append("Activations by module, largest first (each saved tensor charged to the innermost module that saved it)\n" + tabulate(rows, headers=["module", "bucket", "bytes", "share"], colalign=("left", "left", "right", "right")))
+        rows = [[m["path"] or "(root)", m["bucket"], m["modules"], format_bytes(m["bytes"]), _percent(m["bytes"], total_act)] for m in top]
+        parts.append(
+            "Activations by module, largest first (each saved tensor charged to the innermost module that saved it; "
+            "'*' sums that module over every block)\n"
+            + tabulate(rows, headers=["module", "bucket", "modules", "bytes", "share"], colalign=("left", "left", "right", "right", "right"))
+        )
     parts.extend(f"note: {n}" for n in memory.get("notes", []))
     return parts
 
@@ -356,7 +365,7 @@ def render_estimates(est: dict[str, Any]) -> list[str]:
     if tutorial:
         rows = [[t["term"], format_bytes(t["estimate"]), format_bytes(t["measured"]), _error(t["error"])] for t in tutorial["terms"]]
         parts.append("The tutorial's formula, term by term\n" + tabulate(rows, headers=["term", "tutorial", "measured", "error"], colalign=("left", "right", "right", "right")))
-    parts.append("sources: " + "; ".join(f"{f['name']}: {f['source']}" for f in est["formulas"]))
+    parts.append("Sources\n" + tabulate([[f["name"], f["source"]] for f in est["formulas"]], headers=["formula", "source"]))
     return parts
 
 

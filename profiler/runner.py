@@ -49,7 +49,8 @@ def load_script(path: str) -> types.CodeType:
     except OSError as exc:
         raise ProfilerError(f"cannot read script {path}: {exc.strerror or exc}") from None
     try:
-        return compile(source, path, "exec", dont_inherit=True)
+        # Python 3.9+ gives a script's code (and __file__) its absolute path.
+        return compile(source, os.path.abspath(path), "exec", dont_inherit=True)
     except SyntaxError as exc:
         where = f"{exc.filename or path}:{exc.lineno}" if exc.lineno else path
         raise ProfilerError(f"syntax error in {where}: {exc.msg}") from None
@@ -81,7 +82,7 @@ def run_script(code: types.CodeType, path: str, args: list[str]) -> ScriptResult
     """Execute compiled ``code`` as ``__main__`` with ``sys.argv = [path, *args]``."""
     main = types.ModuleType("__main__")
     main.__dict__.update(
-        {"__file__": path, "__cached__": None, "__loader__": None, "__package__": None, "__spec__": None, "__builtins__": __builtins__}
+        {"__file__": os.path.abspath(path), "__cached__": None, "__loader__": None, "__package__": None, "__spec__": None, "__builtins__": __builtins__}
     )
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
     saved_main, saved_mp_main = sys.modules.get("__main__"), sys.modules.get("__mp_main__")

@@ -76,6 +76,17 @@ def _weight_copy_source(t: torch.Tensor) -> bool:
 
 
 @dataclass
+class ForwardSaves:
+    """What one forward (and the loss after it) saved for backward."""
+
+    saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
+    copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
+    by_module: dict[str, int] = field(default_factory=dict)
+    by_bucket: dict[str, int] = field(default_factory=dict)
+    module_bucket: dict[str, str] = field(default_factory=dict)  # where each module's bytes went
+
+
+@dataclass
 class PhaseRecord:
     seconds: float = 0.0
     peak_allocated: int | None = None
@@ -116,8 +127,26 @@ class StepRecord:
     gradients_start: int = 0  # gradient bytes alive when the step began (zero_grad without set_to_none)
     events: list[tuple[float, str, int]] = field(default_factory=list)  # (perf_counter, category, +/- bytes)
     phase_spans: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # perf_counter spans
-    _saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
-    _copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
+    _current: "ForwardSaves" = field(default_factory=lambda: ForwardSaves())
+
+    def close_forward(self) -> None:
+        """Fold the forward just measured into the step's figures, keeping the largest.
+
+        With gradient accumulation each micro-batch's saved tensors are freed by
+        its own backward before the next forward, so the step holds the largest
+        forward's activations at once, not their sum. (Counting per forward also
+        keeps a storage address that the allocator reuses in the next
+        micro-batch from being mistaken for one already counted.)
+        """
+        f = self._current
+        total = sum(f.saved.values())
+        if total >= self.activations:
+            self.activations = total
+            self.activations_by_module = f.by_module
+            self.activations_by_bucket = f.by_bucket
+            self.activations_module_bucket = f.module_bucket
+        self.autocast_copies = max(self.autocast_copies, sum(f.copies.values()))
+        self._current = ForwardSaves()
 
     @property
     def first(self) -> bool:
@@ -344,9 +373,7 @@ class StepTracker:
                 self._phase_end(name)
         step.seconds = time.perf_counter() - step._t0
         step.complete = step.forwards > 0 and step.backwards > 0
-        step.activations = sum(step._saved.values())
-        step.autocast_copies = sum(step._copies.values())
-        step._saved, step._copies = {}, {}
+        step.close_forward()
         if self.optimizer is not None and not step.optimizer_steps:
             total, by_name, by_group = self._count_optimizer_state(self.optimizer)
             step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = total, by_name, by_group
@@ -391,22 +418,23 @@ class StepTracker:
         if key is None:
             return t
         ptr, nbytes = key
-        if ptr in self._param_storages or ptr in step._saved or ptr in step._copies:
+        f = step._current
+        if ptr in self._param_storages or ptr in f.saved or ptr in f.copies:
             return t
         now = time.perf_counter()
         if _weight_copy_source(t):
-            step._copies[ptr] = nbytes
+            f.copies[ptr] = nbytes
             step.events.append((now, "autocast_copies", nbytes))
             self._live[ptr] = ("autocast_copies", nbytes)
             return t
-        step._saved[ptr] = nbytes
+        f.saved[ptr] = nbytes
         step.events.append((now, "activations", nbytes))
         self._live[ptr] = ("activations", nbytes)
         path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
-        step.activations_by_module[path] = step.activations_by_module.get(path, 0) + nbytes
         bucket = self._bucket_of(path, self._trunk_state)
-        step.activations_module_bucket.setdefault(path, bucket)
-        step.activations_by_bucket[bucket] = step.activations_by_bucket.get(bucket, 0) + nbytes
+        f.by_module[path] = f.by_module.get(path, 0) + nbytes
+        f.module_bucket.setdefault(path, bucket)
+        f.by_bucket[bucket] = f.by_bucket.get(bucket, 0) + nbytes
         return t
 
     def _unpack(self, t: torch.Tensor) -> torch.Tensor:
@@ -488,6 +516,8 @@ class StepTracker:
         if self._step is None and not self._begin_step():
             return
         step = self._step
+        if step.forwards:
+            step.close_forward()  # gradient accumulation: the next micro-batch begins
         step.forwards += 1
         self._step_state = "forward"
         self._phase_begin("forward")
@@ -546,9 +576,12 @@ class StepTracker:
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if os.getpid() != self._pid or not self._owns(opt):
             return
+        step = self._step
         if self.optimizer is None:
             self.optimizer = opt
-        step = self._step
+            if step is not None:
+                self._merge_unconfirmed_steps(step)
+                step = self._step
         if step is None:
             return
         self._pop_saved_hooks()
@@ -556,6 +589,46 @@ class StepTracker:
         if step.optimizer_state_before == 0 and not step.optimizer_steps:
             step.optimizer_state_before = self._count_optimizer_state(opt)[0]
         self._phase_begin("optimizer")
+
+    def _merge_unconfirmed_steps(self, step: StepRecord) -> None:
+        """The optimizer shows up only now: earlier backward passes were micro-batches of this step.
+
+        Until an optimizer steps, the end of a backward followed by a new
+        forward looked like a hand-written update (one step each). Seeing the
+        optimizer's first ``step()`` proves they were gradient accumulation.
+        """
+        earlier = [s for s in self.steps if s.optimizer_steps == 0]
+        if not earlier or len(earlier) != len(self.steps):
+            return
+        step.close_forward()
+        merged = earlier[0]
+        for s in earlier[1:] + [step]:
+            merged.forwards += s.forwards
+            merged.backwards += s.backwards
+            merged.saved_tensors += s.saved_tensors
+            merged.gradients = max(merged.gradients, s.gradients)
+            if s.activations >= merged.activations:
+                merged.activations = s.activations
+                merged.activations_by_module = s.activations_by_module
+                merged.activations_by_bucket = s.activations_by_bucket
+                merged.activations_module_bucket = s.activations_module_bucket
+            merged.autocast_copies = max(merged.autocast_copies, s.autocast_copies)
+            merged.events.extend(s.events)
+            for name, spans in s.phase_spans.items():
+                merged.phase_spans.setdefault(name, []).extend(spans)
+            for name, ph in s.phases.items():
+                mp = merged.phases[name]
+                mp.seconds += ph.seconds
+                if ph.peak_allocated is not None:
+                    mp.peak_allocated = max(mp.peak_allocated or 0, ph.peak_allocated)
+                    mp.allocated_end, mp.reserved_end = ph.allocated_end, ph.reserved_end
+            for attr in ("peak_allocated", "reserved"):
+                if getattr(s, attr) is not None:
+                    setattr(merged, attr, max(getattr(merged, attr) or 0, getattr(s, attr)))
+        merged.phases["optimizer"] = step.phases["optimizer"]
+        merged.complete = False
+        self.steps = []
+        self._step = merged
 
     def _optimizer_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if os.getpid() != self._pid or opt is not self.optimizer or self._step is None:

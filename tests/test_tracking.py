@@ -230,6 +230,31 @@ def test_gradient_accumulation_is_one_step():
     assert [(s["forwards"], s["backwards"], s["optimizer_steps"]) for s in steps] == [(3, 3, 1), (3, 3, 1)]
 
 
+@pytest.mark.parametrize("pass_optimizer", [True, False])
+def test_accumulated_micro_batches_hold_one_forward_of_activations(pass_optimizer):
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = batch(b=2, t=12)
+    with profile(model, sample_interval=None) as single:
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    one_forward = memory(single)["steps"][0]["categories"]["activations"]
+    with profile(model, opt if pass_optimizer else None, sample_interval=None) as prof:
+        for _ in range(2):
+            for _ in range(4):
+                _, loss = model(x, y)
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    steps = memory(prof)["steps"]
+    # Without being told, the optimizer is found at its first step() and the
+    # four backward passes before it are recognised as micro-batches of step 1.
+    assert [(s["index"], s["forwards"], s["optimizer_steps"]) for s in steps] == [(1, 4, 1), (2, 4, 1)]
+    assert all(s["categories"]["activations"] == one_forward for s in steps)
+
+
 def test_frozen_parameters_have_no_gradients_or_state():
     model = tiny_gpt(tie_weights=False)
     for p in model.transformer.h[0].parameters():

@@ -1,0 +1,487 @@
+"""``python -m profiler SCRIPT``, run for real in a subprocess: the script must
+behave as under plain ``python`` (stdout, exit code, argv, sys.path, tracebacks,
+multiprocessing), our own errors are one line with exit status 2, and the
+report finds and names the models the script calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILER_DIR = ROOT / "profiler"
+EXAMPLES = ROOT / "examples"
+PREFIX = "python -m profiler: error:"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env.pop("PYTHONSAFEPATH", None)
+    env.pop("PYTHONSTARTUP", None)
+    return env
+
+
+def _start(cmd, cwd) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *map(str, cmd)], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_profiler(args, cwd, timeout: float = 180) -> subprocess.CompletedProcess:
+    return _finish(_start(["-m", "profiler", *args], cwd), timeout)
+
+
+def run_both(profiler_args, python_args, cwd, timeout: float = 180):
+    """``python -m profiler ...`` and plain ``python ...`` side by side (two cores, half the wait)."""
+    procs = [_start(["-m", "profiler", *profiler_args], cwd), _start(python_args, cwd)]
+    got, expected = (_finish(p, timeout) for p in procs)
+    return got, expected
+
+
+def write(path: Path, source: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source).lstrip(), encoding="utf-8")
+    return path
+
+
+def models_of(json_path: Path) -> dict[str, dict]:
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert data["schema"] == "profiler.report/1"
+    return {m["name"]: m for m in data["models"]}
+
+
+def _frames(stderr: str) -> list[tuple[str, int, str]]:
+    found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', stderr)
+    return [(os.path.basename(f), int(line), fn) for f, line, fn in found]
+
+
+def _user_frames(stderr: str, script: str) -> list[tuple[str, int, str]]:
+    # torch's own frames differ once any global module hook exists (_call_impl leaves its fast
+    # path), so only the script's frames are compared.
+    return [f for f in _frames(stderr) if f[0] == script]
+
+
+def _frame_files(stderr: str) -> list[str]:
+    return re.findall(r'File "([^"]+)", line \d+', stderr)
+
+
+# --------------------------------------------------------------------------- the script runs as under python
+
+MAIN = """
+    import os
+    import sys
+
+    import helper  # a sibling module: found only if sys.path[0] is the script's folder
+
+    print("hello from the script")
+    print("argv", sys.argv[1:])
+    print("argv0", sys.argv[0])
+    print("name", __name__)
+    print("path0", os.path.basename(sys.path[0]))
+    print("main module", sys.modules["__main__"].__dict__ is globals())
+    print("helper", helper.VALUE)
+    print("to stderr", file=sys.stderr)
+    sys.stdout.write("no newline at the end")
+    sys.exit(3)
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    write(tmp_path / "proj" / "main.py", MAIN)
+    write(tmp_path / "proj" / "helper.py", "VALUE = 42\n")
+    return tmp_path
+
+
+SCRIPT_ARGS = ["a b", "-b", "--c=1", "--json", "x.json", "-q", "--depth", "7", "--", "tail"]
+
+
+@pytest.mark.parametrize("options", [[], ["--json", "out.json", "--"]], ids=["plain", "json-and-dashdash"])
+def test_stdout_and_exit_code_identical_to_python(project, options):
+    got, expected = run_both([*options, "proj/main.py", *SCRIPT_ARGS], ["proj/main.py", *SCRIPT_ARGS], cwd=project)
+    assert expected.returncode == 3, expected.stderr
+    assert got.returncode == 3, got.stderr.decode()
+    assert got.stdout == expected.stdout  # byte for byte: the report goes to stderr
+    out = got.stdout.decode()
+    assert f"argv {SCRIPT_ARGS!r}" in out
+    assert "argv0 proj/main.py" in out
+    assert "name __main__" in out
+    assert "path0 proj" in out
+    assert "main module True" in out
+    assert "helper 42" in out
+    assert out.endswith("no newline at the end")
+    assert "to stderr" in got.stderr.decode()
+    assert "Traceback" not in got.stderr.decode()
+    # The script's own "--json x.json" went to the script, not to us.
+    assert not (project / "x.json").exists()
+    if "--json" in options:
+        data = json.loads((project / "out.json").read_text())
+        assert data["schema"] == "profiler.report/1"
+        assert data["models"] == []
+
+
+def test_dunder_file_is_absolute_like_python(tmp_path):
+    write(tmp_path / "proj" / "show.py", "import os\nprint(__file__)\nprint(os.path.isabs(__file__))\n")
+    got, expected = run_both(["proj/show.py"], ["proj/show.py"], cwd=tmp_path)
+    assert got.returncode == expected.returncode == 0
+    assert got.stdout == expected.stdout
+
+
+def test_json_path_is_relative_to_the_launch_directory(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(
+        tmp_path / "moves.py",
+        """
+        import os
+
+        import torch
+
+        model = torch.nn.Linear(2, 2)
+        model(torch.zeros(1, 2))
+        os.chdir("sub")
+        print("moved")
+        """,
+    )
+    got = run_profiler(["--json", "out.json", "moves.py"], cwd=tmp_path)
+    assert got.returncode == 0, got.stderr.decode()
+    assert got.stdout == b"moved\n"
+    assert not (tmp_path / "sub" / "out.json").exists()
+    assert models_of(tmp_path / "out.json")["model"]["parameters"]["total"] == 6
+
+
+# --------------------------------------------------------------------------- a script that raises
+
+RAISES_AT_TOP = """
+    import torch
+
+    model = torch.nn.Linear(3, 4)
+    model(torch.zeros(2, 3))
+    print("before the error")
+
+
+    def fail():
+        raise ValueError("boom from the script")
+
+
+    fail()
+"""
+
+RAISES_IN_FORWARD = """
+    import torch
+    from torch import nn
+
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 4)
+
+        def forward(self, x):
+            y = self.proj(x)
+            raise RuntimeError("boom in forward")
+
+
+    model = Broken()
+    print("before the error")
+    model(torch.zeros(2, 3))
+"""
+
+
+@pytest.mark.parametrize(
+    "source, error, model_class, total",
+    [
+        (RAISES_AT_TOP, "ValueError: boom from the script", "Linear", 16),
+        (RAISES_IN_FORWARD, "RuntimeError: boom in forward", "Broken", 16),
+    ],
+    ids=["top-level", "in-forward"],
+)
+def test_script_that_raises_keeps_its_traceback(tmp_path, source, error, model_class, total):
+    script = write(tmp_path / "train.py", source)
+    got, expected = run_both(["--json", "out.json", script.name], [script.name], cwd=tmp_path)
+    assert expected.returncode == 1
+    assert got.returncode == 1
+    assert got.stdout == expected.stdout == b"before the error\n"
+
+    err = got.stderr.decode()
+    assert "Traceback (most recent call last):" in err
+    assert error in err
+    # The same frames of the script as under plain python, and none of ours.
+    user = _user_frames(err, "train.py")
+    assert user == _user_frames(expected.stderr.decode(), "train.py")
+    assert len(user) == 2
+    assert user[0][:2] == ("train.py", len(textwrap.dedent(source).lstrip().splitlines()))
+    assert _frames(err)[0] == user[0]  # the first frame shown is the script's, not the runner's
+    assert not [f for f in _frame_files(err) if str(PROFILER_DIR) in os.path.abspath(os.path.join(tmp_path, f))]
+    assert err.count("Traceback") == 1
+
+    # The report is still printed after the traceback, and the JSON still written.
+    assert model_class in err[err.index(error):]
+    models = models_of(tmp_path / "out.json")
+    assert [(m["class"], m["parameters"]["total"]) for m in models.values()] == [(model_class, total)]
+    assert "model" in models
+
+
+# --------------------------------------------------------------------------- our own errors: one line, exit 2
+
+
+def _error_case(tmp_path: Path, case: str) -> list[str]:
+    write(tmp_path / "ok.py", "print('the script ran')\n")
+    if case == "missing script":
+        return ["missing.py"]
+    if case == "directory":
+        (tmp_path / "scripts").mkdir()
+        return ["scripts"]
+    if case == "syntax error":
+        write(tmp_path / "bad.py", "x = 1\ndef broken(:\n    pass\n")
+        return ["bad.py"]
+    if case == "null bytes":
+        (tmp_path / "nul.py").write_bytes(b"x = 1\x00\n")
+        return ["nul.py"]
+    if case == "json dir missing":
+        return ["--json", "no/such/dir/out.json", "ok.py"]
+    if case == "json parent is a file":
+        (tmp_path / "afile.txt").write_text("x")
+        return ["--json", "afile.txt/out.json", "ok.py"]
+    if case == "json is a directory":
+        return ["--json", ".", "ok.py"]
+    if case == "json dir unwritable":
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        return ["--json", "ro/out.json", "ok.py"]
+    raise AssertionError(case)
+
+
+ERROR_CASES = [
+    "missing script",
+    "directory",
+    "syntax error",
+    "null bytes",
+    "json dir missing",
+    "json parent is a file",
+    "json is a directory",
+    pytest.param(
+        "json dir unwritable",
+        marks=pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere"),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def error_runs(tmp_path_factory):
+    """Every error case at once (each is a fresh interpreter that imports torch)."""
+    cases = [c if isinstance(c, str) else c.values[0] for c in ERROR_CASES]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cases.remove("json dir unwritable")
+    started = {}
+    for case in cases:
+        tmp = tmp_path_factory.mktemp("error")
+        started[case] = (tmp, _start(["-m", "profiler", *_error_case(tmp, case)], tmp))
+    return {case: (tmp, _finish(proc)) for case, (tmp, proc) in started.items()}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_user_errors_are_one_line_exit_2(error_runs, case):
+    tmp_path, got = error_runs[case]
+    err = got.stderr.decode()
+    assert got.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(PREFIX), err
+    assert "Traceback" not in err
+    assert got.stdout == b""  # found before the script ran
+    assert not list(tmp_path.rglob("out.json"))
+
+
+def test_syntax_error_names_file_and_line(error_runs):
+    line = error_runs["syntax error"][1].stderr.decode().strip()
+    assert "bad.py" in line and ":2" in line
+
+
+# --------------------------------------------------------------------------- which models are found
+
+
+DISCOVERY = """
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.body(x)
+
+
+    encoder = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    critic = nn.Linear(4, 1)
+    unused = nn.Linear(100, 100)  # never called: not a model while others are
+    x = torch.zeros(2, 4)
+    encoder[0](x)  # a submodule called on its own, before its model
+    critic(encoder(x))
+    encoder[2](torch.zeros(2, 8))  # and after
+
+
+    def train():
+        net = Net()  # a local variable: no global name to give it
+        return net(x)
+
+
+    train()
+    print("ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def discovery(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("discovery")
+    write(tmp / "two_models.py", DISCOVERY)
+    got = run_profiler(["--json", "out.json", "two_models.py"], cwd=tmp)
+    return got, models_of(tmp / "out.json"), json.loads((tmp / "out.json").read_text())
+
+
+def test_models_found_by_call_and_named_by_variable(discovery):
+    got, models, _ = discovery
+    assert got.returncode == 0, got.stderr.decode()
+    assert got.stdout == b"ok\n"
+    assert {name: (m["class"], m["parameters"]["total"]) for name, m in models.items()} == {
+        "encoder": ("Sequential", 4 * 8 + 8 + 8 * 4 + 4),
+        "critic": ("Linear", 5),
+        "Net": ("Net", 15),
+    }
+
+
+def test_submodule_called_alone_is_not_a_model(discovery):
+    _, models, _ = discovery
+    assert "Linear" not in models  # encoder[0] / encoder[2] on their own
+    assert not any(m["parameters"]["total"] in (40, 36) for m in models.values())
+    assert "unused" not in models
+    assert [m["name"] for m in discovery[2]["models"]] == ["encoder", "critic", "Net"]  # order of first call
+
+
+def test_never_called_model_falls_back_to_globals_with_a_note(tmp_path):
+    write(
+        tmp_path / "build_only.py",
+        """
+        from torch import nn
+
+        model = nn.Linear(3, 2)
+        big = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+        inner = big[0]  # part of big: not a model of its own
+        print("built")
+        """,
+    )
+    got = run_profiler(["--json", "out.json", "build_only.py"], cwd=tmp_path)
+    assert got.returncode == 0, got.stderr.decode()
+    assert got.stdout == b"built\n"
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert {m["name"]: m["parameters"]["total"] for m in data["models"]} == {"model": 8, "big": 6}
+    assert any("global" in note for note in data.get("notes", []))
+    assert "note:" in got.stderr.decode()
+
+
+# --------------------------------------------------------------------------- workers
+
+
+MULTIPROCESSING = """
+    import multiprocessing as mp
+
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+
+    def square(x):
+        return x * x
+
+
+    class Numbers(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i)])
+
+
+    if __name__ == "__main__":
+        with mp.get_context("spawn").Pool(2) as pool:
+            print("pool", pool.map(square, range(6)))
+        model = torch.nn.Linear(1, 1)
+        total = 0.0
+        for batch in DataLoader(Numbers(), batch_size=2, num_workers=2):
+            total += float(batch.sum())
+            model(batch)
+        print("loader", total)
+"""
+
+
+def test_multiprocessing_spawn_pool_and_dataloader_workers(tmp_path):
+    write(tmp_path / "workers.py", MULTIPROCESSING)
+    got = run_profiler(["--json", "out.json", "workers.py"], cwd=tmp_path)
+    err = got.stderr.decode()
+    assert got.returncode == 0, err
+    assert got.stdout == b"pool [0, 1, 4, 9, 16, 25]\nloader 28.0\n"
+    assert "Traceback" not in err
+    models = models_of(tmp_path / "out.json")
+    assert {n: m["parameters"]["total"] for n, m in models.items()} == {"model": 2}
+
+
+# --------------------------------------------------------------------------- real training scripts
+
+
+def test_hf_trainer_script(tmp_path):
+    script = EXAMPLES / "hf_trainer.py"
+    assert "import profiler" not in script.read_text() and "from profiler" not in script.read_text()
+    got = run_profiler(["--json", "out.json", script], cwd=tmp_path, timeout=300)
+    err = got.stderr.decode(errors="replace")
+    assert got.returncode == 0, err[-3000:]
+    assert got.stdout.decode().splitlines()[-1] == "done"
+    assert "Traceback" not in err
+    # GPT-2, tied head: n_layer 2, n_embd 32, vocab 100, n_positions 32.
+    V, P, C, L = 100, 32, 32, 2
+    per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    expected = V * C + P * C + L * per_block + 2 * C
+    assert expected == 29_696
+    data = json.loads((tmp_path / "out.json").read_text())
+    gpt2 = [m for m in data["models"] if m["class"] == "GPT2LMHeadModel"]
+    assert len(gpt2) == 1, data["models"]
+    assert gpt2[0]["parameters"]["total"] == expected
+    assert gpt2[0]["parameters"]["total_with_duplicates"] == expected + V * C
+    assert "GPT2LMHeadModel" in err
+
+
+def test_nanogpt_example_json(tmp_path, hand_count):
+    args = "--n_layer 2 --n_embd 64 --n_head 2 --vocab_size 100 --block_size 32 --seq-len 16 --steps 1".split()
+    got = run_profiler(["--json", "out.json", EXAMPLES / "nanogpt.py", *args], cwd=tmp_path)
+    err = got.stderr.decode(errors="replace")
+    assert got.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    expected = hand_count(100, 32, 64, 2)["total"]
+    assert expected == 108_544
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert [(m["class"], m["parameters"]["total"]) for m in data["models"]] == [("GPT", expected)]
+    params = data["models"][0]["parameters"]
+    assert params["total_with_duplicates"] == expected + 100 * 64
+    assert [(t["path"], t["blocks"]) for t in params["trunks"]] == [("transformer.h", 2)]
+    assert "step 0" in got.stdout.decode()
