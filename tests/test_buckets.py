@@ -233,7 +233,7 @@ def test_interleaved_dense_and_moe_layers_form_one_trunk():
     C = 8
     model = TinyLM([DenseLayer(C), MoELayer(C), DenseLayer(C), MoELayer(C)], C)
     inv, b = _analyze(model)
-    assert sum(b.totals.values()) == inv.total  # holds today
+    assert sum(b.totals.values()) == inv.total
     assert not any("experts" in t.path for t in b.trunks)
     assert [t.path for t in b.trunks] == ["layers"]
     assert b.totals["embedding"] == 20 * C
@@ -411,7 +411,7 @@ def _deepseek_v3():
 def test_deepseek_v3_first_dense_layer_is_a_block():
     model = _deepseek_v3()
     inv, b = _analyze(model)
-    _check_common(model, inv, b, _unique_numel(model))  # holds today
+    _check_common(model, inv, b, _unique_numel(model))
     assert b.module_bucket["model.layers.0"] == "block"
     assert b.totals["embedding"] == 64 * 32
 
@@ -423,5 +423,5 @@ def test_switch_transformers_alternating_sparse_blocks():
     )
     model = transformers.SwitchTransformersForConditionalGeneration(config)
     inv, b = _analyze(model)
-    _check_common(model, inv, b, _unique_numel(model))  # holds today
+    _check_common(model, inv, b, _unique_numel(model))
     assert [(t.path, t.blocks) for t in b.trunks] == [("encoder.block", 4), ("decoder.block", 4)]
