@@ -56,6 +56,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "forwards": step.forwards,
         "backwards": step.backwards,
         "optimizer_steps": step.optimizer_steps,
+        "optimizer_skipped": step.optimizer_skipped,
         "categories": {
             "parameters": step.parameters,
             "gradients": step.gradients,

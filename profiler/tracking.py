@@ -121,6 +121,7 @@ class StepRecord:
     reserved: int | None = None
     seconds: float = 0.0
     complete: bool = False  # saw a forward and a backward
+    optimizer_skipped: bool = False  # gradients were cleared without an optimizer step (GradScaler overflow)
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input
     input_is_tokens: bool = False
     _t0: float = 0.0
@@ -272,24 +273,35 @@ class StepTracker:
         )
 
     def _phase_begin(self, name: str) -> None:
+        """Close the open phase and open ``name``: phases tile the step with no gap.
+
+        Forward runs until backward begins (a loss computed outside the model
+        belongs to it), backward until the optimizer step or the next forward
+        (gradient unscaling and clipping belong to it), so the step's peak is
+        the largest phase peak and nothing between phases escapes.
+        """
         step = self._step
         if step is None:
             return
+        now = time.perf_counter()
+        for other, ph in step.phases.items():
+            if ph._start is not None:
+                self._phase_end(other, now)
         ph = step.phases[name]
-        ph._start = time.perf_counter()
+        ph._start = now
         step.phase_spans.setdefault(name, []).append((ph._start, ph._start))
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.sampler is not None:
             self.sampler.mark(f"{step.index}:{name}")
 
-    def _phase_end(self, name: str) -> None:
+    def _phase_end(self, name: str, now: float | None = None) -> None:
         step = self._step
         if step is None:
             return
         ph = step.phases[name]
         if ph._start is not None:
-            now = time.perf_counter()
+            now = time.perf_counter() if now is None else now
             ph.seconds += now - ph._start
             spans = step.phase_spans.get(name)
             if spans:
@@ -511,8 +523,15 @@ class StepTracker:
     def _root_forward_begin(self) -> None:
         if not torch.is_grad_enabled() or not self._running:
             return  # evaluation forwards are not training steps
-        if self._step is not None and self._step_state == "after_backward" and not self._optimizer_known():
-            self._finish_step()  # hand-written update: the previous step is over
+        if self._step is not None and self._step_state == "after_backward":
+            if not self._optimizer_known():
+                self._finish_step()  # hand-written update: the previous step is over
+            elif self._gradients_cleared():
+                # The optimizer is known but did not step (GradScaler skips a step
+                # whose gradients overflowed), and zero_grad() has run: that
+                # iteration is over. Otherwise this forward accumulates gradients.
+                self._step.optimizer_skipped = True
+                self._finish_step()
         if self._step is None and not self._begin_step():
             return
         step = self._step
@@ -528,7 +547,6 @@ class StepTracker:
         step = self._step
         if step is None or self._step_state != "forward":
             return
-        self._phase_end("forward")
         if self._saved_hooks_balanced:
             self._pop_saved_hooks()
         self._step_state = "after_forward"
@@ -563,10 +581,13 @@ class StepTracker:
         if step is None or self._step_state != "backward":
             return
         self._count_gradients()
-        self._phase_end("backward")
         self._step_state = "after_backward"
 
     # ------------------------------------------------------- optimizer hooks
+    def _gradients_cleared(self) -> bool:
+        """True when ``zero_grad(set_to_none=True)`` ran: no trainable parameter has a gradient."""
+        return all(p.grad is None for p in self.model.parameters() if p.requires_grad)
+
     def _optimizer_known(self) -> bool:
         return self.optimizer is not None
 

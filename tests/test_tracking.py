@@ -255,6 +255,32 @@ def test_accumulated_micro_batches_hold_one_forward_of_activations(pass_optimize
     assert all(s["categories"]["activations"] == one_forward for s in steps)
 
 
+def test_grad_scaler_skipped_steps_stay_separate_steps():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # overflows: every step is skipped
+    x, y = batch()
+    with profile(model, opt, sample_interval=None) as prof:
+        for _ in range(3):
+            _, loss = model(x, y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+    steps = memory(prof)["steps"]
+    assert [(s["forwards"], s["optimizer_steps"], s["optimizer_skipped"]) for s in steps] == [(1, 0, True)] * 2 + [(1, 0, False)]
+
+
+def test_phases_tile_the_step():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        train(model, opt, steps=2)
+    spans = memory(prof)["steps"][-1]["phase_spans"]
+    (f0, f1), (b0, b1), (o0, o1) = spans["forward"][0], spans["backward"][0], spans["optimizer"][0]
+    assert f0 <= f1 == b0 <= b1 == o0 <= o1
+
+
 def test_frozen_parameters_have_no_gradients_or_state():
     model = tiny_gpt(tie_weights=False)
     for p in model.transformer.h[0].parameters():

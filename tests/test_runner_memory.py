@@ -1,0 +1,133 @@
+"""``python -m profiler SCRIPT`` measures training steps of unmodified scripts."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from test_cli import EXAMPLES
+from test_cli import run_profiler as _run
+
+
+def run_profiler(args, cwd, timeout: float = 180):
+    """The shared runner, with stdout and stderr as text."""
+    proc = _run(args, cwd, timeout)
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
+    return proc
+
+TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--vocab_size", "64", "--block_size", "16", "--seq-len", "8"]
+
+
+def _report(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_nanogpt_steps_are_measured_then_hooks_removed(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "5"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("step ") == 5  # the script ran all its steps after the measured two
+    model = _report(out)["models"][0]
+    mem = model["memory"]
+    assert [s["index"] for s in mem["steps"]] == [1, 2]
+    assert [s["kind"] for s in mem["steps"]] == ["first", "steady"]
+    assert mem["optimizer"] == "AdamW"
+    cat = mem["steps"][1]["categories"]
+    assert cat["gradients"] == model["parameters"]["bytes"]
+    assert cat["optimizer_state"] >= 2 * model["parameters"]["bytes"]
+    assert cat["activations"] > 0 and cat["other"] is None
+    assert mem["steps"][1]["input_shape"] == [2, 8]
+    assert model["estimates"]["formulas"] and model["fit"]["cards"]
+    assert "Memory of a training step" in proc.stderr
+
+
+def test_stop_after_steps_ends_the_script_with_exit_0(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "1", "--stop-after-steps", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "50"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("step ") < 50
+    assert len(_report(out)["models"][0]["memory"]["steps"]) == 1
+
+
+def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
+    script = tmp_path / "by_hand.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch.nn.modules import module as m
+        net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        for i in range(6):
+            loss = net(torch.randn(8, 4)).pow(2).mean()
+            net.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p -= 0.1 * p.grad
+        print("module hooks left:", sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in net.modules()))
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "3", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "module hooks left: 0" in proc.stdout
+    mem = _report(out)["models"][0]["memory"]
+    assert len(mem["steps"]) == 3 and all(s["complete"] for s in mem["steps"])
+    assert mem["optimizer"] is None
+    assert all(s["categories"]["optimizer_state"] == 0 for s in mem["steps"])
+    assert any("no optimizer step" in n for n in mem["notes"])
+
+
+def test_failing_script_still_gets_a_memory_report(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        net = torch.nn.Linear(4, 4)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for i in range(3):
+            net(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        raise RuntimeError("diverged")
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--json", out, script], tmp_path)
+    assert proc.returncode == 1
+    assert "RuntimeError: diverged" in proc.stderr
+    report = _report(out)
+    assert len(report["models"][0]["memory"]["steps"]) == 3
+    assert any("raised RuntimeError" in n for n in report["notes"])
+
+
+def test_hf_trainer_steps_measured(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--json", out, EXAMPLES / "hf_trainer.py"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model = _report(out)["models"][0]
+    assert model["class"] == "GPT2LMHeadModel"
+    mem = model["memory"]
+    assert mem["optimizer"] is not None
+    assert len(mem["steps"]) == 2 and mem["steps"][-1]["categories"]["optimizer_state"] > 0
+    assert mem["steps"][-1]["categories"]["activations"] > 0
+
+
+def test_fit_batches_reruns_the_script_and_fits_a_line(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_profiler(
+        ["--steps", "2", "--stop-after-steps", "--fit", "T4", "--fit-batches", "4", "--json", out,
+         EXAMPLES / "nanogpt.py", *TINY, "--batch-size", "2"],
+        tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    fit = _report(out)["models"][0]["fit"]
+    assert fit["measured_batches"] == [2, 4]
+    assert "linear fit" in fit["method"]
+    assert [c["card"] for c in fit["cards"]] == ["T4"]
+
+
+def test_plot_option_writes_a_png(tmp_path):
+    png = tmp_path / "step.png"
+    proc = run_profiler(["--steps", "2", "--stop-after-steps", "--plot", png, EXAMPLES / "nanogpt.py", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
