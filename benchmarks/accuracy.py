@@ -358,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         if "cuda_independent" in r:
             ci = r["cuda_independent"]
             print(name, "peak vs unprofiled max_memory_allocated:", ci.get("profiler_peak_vs_unprofiled_max"))
-    print("fit:", data["fit"]["status"])
+    fit = data["fit"]
+    rows = [[c["batch"], c["predicted"], c["measured"], f"{100 * c['rel_err']:+.3f}%"] for c in fit["checks"]]
+    print(f"fit planner ({fit['method']}; {fit['quantity']}):")
+    print(tabulate(rows, headers=["batch", "predicted B", "measured B", "error"]))
     print(f"load average before {load_before} after {load_after}; wrote {path}")
     return 0
 
