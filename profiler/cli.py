@@ -141,15 +141,19 @@ class ScriptSession:
             return
         tracker = None
         if self.steps > 0:
-            tracker = StepTracker(
-                model,
-                max_steps=self.steps,
-                sample_interval=self.interval,
-                bucket_of=bucket_resolver(entry.buckets),
-                on_finished=self._on_tracker_finished,
-            )
-            tracker.start()
-            tracker.enter_current_forward(args)
+            try:
+                tracker = StepTracker(
+                    model,
+                    max_steps=self.steps,
+                    sample_interval=self.interval,
+                    bucket_of=bucket_resolver(entry.buckets),
+                    on_finished=self._on_tracker_finished,
+                )
+                tracker.start()
+                tracker.enter_current_forward(args)
+            except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
+                self.notes.append(f"could not measure {entry.name}: {type(exc).__name__}: {exc}")
+                tracker = None
         self.entries[id(model)] = (entry, tracker)
 
     def _on_tracker_finished(self, tracker: StepTracker) -> None:

@@ -115,6 +115,12 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
                 value = out["phases"][name][key]
                 if value is not None:
                     out[key] = max(out[key] or 0, value)
+        baseline = sampler.baseline_nvml_device_used
+        if out["nvml_device_used_peak"] is not None and baseline is not None:
+            # What a container that hides our pid from NVML still allows: the
+            # device's growth since sampling began (the CUDA context, created
+            # before that, is not in it).
+            out["nvml_device_used_above_baseline_peak"] = out["nvml_device_used_peak"] - baseline
     return out
 
 

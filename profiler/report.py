@@ -280,6 +280,7 @@ _PEAK_LABELS = [
     ("reserved", "reserved (allocator)"),
     ("nvml_process_used_peak", "NVML process used, peak"),
     ("nvml_device_used_peak", "NVML device used, peak"),
+    ("nvml_device_used_above_baseline_peak", "NVML device used above the sampler's start, peak"),
     ("host_rss_peak", "host RSS, peak"),
 ]
 
@@ -303,7 +304,11 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
     shown = _shown_steps(steps)
     headers = ["measured on " + memory["device"]] + [f"step {s['index']} ({s['kind']})" for s in shown]
     rows = [[label] + [format_bytes(s["categories"][key]) for s in shown] for key, label in _CATEGORY_LABELS]
-    rows += [[label] + [format_bytes(s.get(key)) for s in shown] for key, label in _PEAK_LABELS]
+    rows += [
+        [label] + [format_bytes(s.get(key)) for s in shown]
+        for key, label in _PEAK_LABELS
+        if key in shown[-1] or key != "nvml_device_used_above_baseline_peak"
+    ]
     for s in shown:
         nvml, reserved = s.get("nvml_process_used_peak"), s.get("reserved")
         if nvml is not None and reserved is not None:

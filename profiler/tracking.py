@@ -24,6 +24,7 @@ call in ``finally`` blocks, so exceptions and KeyboardInterrupt leave no hook.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -41,6 +42,24 @@ __all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE"]
 
 OUTSIDE = "(outside the model)"  # saved while no module of the model was running
 PHASES = ("forward", "backward", "optimizer")
+
+
+def _guarded(method: Callable) -> Callable:
+    """Run a hook so that a failure of ours never stops the user's training.
+
+    The error becomes a note in the report and measuring stops; a pack or
+    unpack hook still hands autograd its tensor back.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: "StepTracker", *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except Exception as exc:  # noqa: BLE001 - reported, never raised into the training loop
+            self._fail(method.__name__, exc)
+            return args[0] if method.__name__ in ("_pack", "_unpack") else None
+
+    return wrapper
 
 
 class StopAfterSteps(SystemExit):
@@ -202,7 +221,6 @@ class StepTracker:
         self.sampler = None
         self.device = self._model_device()
         self._cuda = self.device.type == "cuda"
-        self._lock = threading.Lock()
         self._compiled = any(_is_compiled(m) for m in model.modules())
         if self._compiled:
             self.notes.append(
@@ -226,6 +244,16 @@ class StepTracker:
         if self._running:
             return self
         self._running = True
+        try:
+            self._install()
+        except Exception as exc:  # noqa: BLE001 - reported; the training runs unmeasured
+            self._fail("start", exc)
+        except BaseException:
+            self.stop()  # never leave half the hooks behind
+            raise
+        return self
+
+    def _install(self) -> None:
         self._param_storages = {k[0] for p in self.model.parameters() if (k := _storage_key(p)) is not None}
         for mod in _hookable_modules(self.model):
             if mod is self.model:  # the root also reports its inputs: batch and sequence sizes
@@ -243,7 +271,15 @@ class StepTracker:
 
             self.sampler = MemorySampler(device=self.device, interval=self.sample_interval, max_samples=20_000)
             self.sampler.start()
-        return self
+
+    def _fail(self, where: str, exc: Exception) -> None:
+        """Our own error inside a hook: note it and stop measuring, leaving training alone."""
+        self.notes.append(f"measuring stopped after an internal error in {where}: {type(exc).__name__}: {exc}")
+        self._step = None  # the open step is unreliable: drop it
+        try:
+            self.stop()
+        except Exception:  # noqa: BLE001 - hooks are gone or going; nothing more to save
+            pass
 
     def stop(self) -> None:
         """Remove every hook, close the open step and stop the sampler. Idempotent."""
@@ -419,6 +455,7 @@ class StepTracker:
             torch._C._autograd._pop_saved_tensors_default_hooks()
         self._saved_hooks_pushed = False
 
+    @_guarded
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         step = self._step
         # Only what the forward (and a loss computed after it) saves: tensors
@@ -449,6 +486,7 @@ class StepTracker:
         f.by_bucket[bucket] = f.by_bucket.get(bucket, 0) + nbytes
         return t
 
+    @_guarded
     def _unpack(self, t: torch.Tensor) -> torch.Tensor:
         """Backward uses a saved tensor, then frees it: the timeline's release point."""
         step = self._step
@@ -459,6 +497,7 @@ class StepTracker:
                 step.events.append((time.perf_counter(), category, -nbytes))
         return t
 
+    @_guarded
     def _grad_ready(self, param: torch.Tensor) -> None:
         """A parameter's gradient was accumulated: the timeline's gradient growth."""
         step = self._step
@@ -472,6 +511,7 @@ class StepTracker:
             step.events.append((time.perf_counter(), "gradients", nbytes))
 
     # ---------------------------------------------------------- module hooks
+    @_guarded
     def _module_pre(self, module: nn.Module, args: Any) -> None:
         if os.getpid() != self._pid or threading.get_ident() != self._thread:
             return
@@ -481,6 +521,7 @@ class StepTracker:
         if self._bucket_of(self._paths.get(id(module), ""), "") == "block":
             self._trunk_state = "in"
 
+    @_guarded
     def _module_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if os.getpid() != self._pid or threading.get_ident() != self._thread:
             return
@@ -493,6 +534,7 @@ class StepTracker:
         if module is self.model and not self._stack:
             self._root_forward_end(output)
 
+    @_guarded
     def _root_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self._module_pre(module, args)
         self._note_inputs(args, kwargs)
@@ -567,6 +609,7 @@ class StepTracker:
         handle = fn.register_prehook(prehook)
         self._handles.append(handle)
 
+    @_guarded
     def _backward_begin(self) -> None:
         step = self._step
         if step is None or self._step_state not in ("after_forward", "forward"):
@@ -576,6 +619,7 @@ class StepTracker:
         self._phase_begin("backward")
         torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
 
+    @_guarded
     def _backward_end(self) -> None:
         step = self._step
         if step is None or self._step_state != "backward":
@@ -594,6 +638,7 @@ class StepTracker:
     def _owns(self, opt: torch.optim.Optimizer) -> bool:
         return any(id(p) in self._param_ids for g in opt.param_groups for p in g["params"])
 
+    @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if os.getpid() != self._pid or not self._owns(opt):
             return
@@ -651,6 +696,7 @@ class StepTracker:
         self.steps = []
         self._step = merged
 
+    @_guarded
     def _optimizer_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if os.getpid() != self._pid or opt is not self.optimizer or self._step is None:
             return

@@ -396,6 +396,22 @@ def test_steps_limit_removes_hooks_and_training_continues():
     assert len(memory(prof)["steps"]) == 2
 
 
+def test_an_internal_error_never_stops_training(monkeypatch):
+    import profiler.tracking as tracking
+
+    def broken(t):
+        raise RuntimeError("simulated bug")
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    monkeypatch.setattr(tracking, "_storage_key", broken)
+    with profile(model, sample_interval=None) as prof:
+        losses = train(model, opt, steps=3)  # must not raise
+    assert len(losses) == 3
+    assert any("internal error" in n and "simulated bug" in n for n in memory(prof)["notes"])
+    assert_no_hooks(model)
+
+
 def test_eval_forward_is_not_a_step():
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())

@@ -1,0 +1,72 @@
+"""Print the README's performance tables from the committed JSON results.
+
+The README must not carry numbers that no run produced; this script is how
+its tables are made: ``python benchmarks/summarize.py`` reads
+``benchmarks/results/*.json`` and prints Markdown tables with the machine
+each number came from.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("ours", "torch_profiler", "memtracker")
+LABELS = {"ours": "profiler.profile()", "torch_profiler": "torch.profiler (profile_memory)", "memtracker": "MemTracker"}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _machine(d: dict) -> str:
+    m = d["machine"]
+    where = m.get("cuda_device") or f"CPU, {m['cpu_count']} cores"
+    return f"{where}, torch {m['torch']}"
+
+
+def overhead_table() -> str:
+    rows = []
+    for path in sorted(RESULTS.glob("overhead_*.json")):
+        d = json.loads(path.read_text())
+        s = d["settings"]
+        plain = d["medians"]["plain"]["per_step_s"]
+        for mode in MODES:
+            if mode not in d["medians"]:
+                continue
+            r = d["ratios_to_plain"][mode]
+            model = s.get("model", {})
+            shape = f"{model.get('preset')} ({model.get('batch')}x{model.get('seq')}, {model.get('amp')})"
+            rows.append([
+                path.name, shape, s.get("torch_num_threads"), _machine(d), LABELS[mode],
+                f"{plain:.3f}", f"{d['medians'][mode]['per_step_s']:.3f}", f"{r['ratio_of_medians']:.3f}x",
+            ])
+    return tabulate(rows, headers=["file", "model", "threads", "machine", "tool", "plain s/step", "tool s/step", "ratio"], tablefmt="github")
+
+
+def static_table() -> str:
+    d = _load("static_speed.json")
+    if d is None:
+        return "(no static_speed.json)"
+    rows = [
+        [name, f"{m['params_total']:,}", m["device"], f"{m['medians']['build_s']:.3f}", f"{m['medians']['analyze_s']:.4f}"]
+        for name, m in d["models"].items()
+    ]
+    table = tabulate(rows, headers=["model", "parameters", "device", "build s", "analyze() s"], tablefmt="github")
+    return table + f"\n\n({_machine(d)}; target met: {d['target_met']})"
+
+
+def main() -> int:
+    print(overhead_table())
+    print()
+    print(static_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
