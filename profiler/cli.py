@@ -13,19 +13,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from torch import nn
 
 from . import __version__
-from .analysis import analyze_model
 from .batches import measure_batches
-from .estimates import parse_batches, parse_cards, resolve_card
 from .discovery import ModelWatcher
 from .errors import ProfilerError
-from .memory import bucket_resolver
-from .profiling import attach_memory
-from .report import ModelReport, Report
+from .estimates import check_margin, parse_batches, parse_cards, resolve_card
 from .runner import load_script, run_script
-from .tracking import StepTracker, StopAfterSteps
+from .session import ScriptSession, script_models
 
 __all__ = ["main", "build_parser"]
 
@@ -92,92 +87,6 @@ def check_writable(path: str, option: str) -> None:
         raise ProfilerError(f"{option} {path}: directory {parent} is not writable")
 
 
-def name_models(models: list[nn.Module], script_globals: dict) -> list[str]:
-    """Call each model by the script's variable name for it, else by its class."""
-    by_id = {}
-    for var, value in script_globals.items():
-        if isinstance(value, nn.Module) and not var.startswith("_"):
-            by_id.setdefault(id(value), var)
-    names, used = [], set()
-    for m in models:
-        base = by_id.get(id(m), type(m).__name__)
-        name, k = base, 2
-        while name in used:
-            name, k = f"{base}#{k}", k + 1
-        used.add(name)
-        names.append(name)
-    return names
-
-
-def _script_models(script_globals: dict) -> list[nn.Module]:
-    """Models left in the script's globals: the fallback when none was ever called."""
-    from .discovery import outermost
-
-    found = [v for v in script_globals.values() if isinstance(v, nn.Module) and any(True for _ in v.parameters())]
-    return outermost(found)
-
-
-class ScriptSession:
-    """Models found while the script runs, each measured for its first steps.
-
-    A model is analysed and a StepTracker attached at its first call. Whatever
-    goes wrong here is written into the report as a note: it must never stop
-    the user's training.
-    """
-
-    def __init__(self, steps: int, stop_after_steps: bool, interval: float | None, plan: dict | None = None) -> None:
-        self.plan = plan or {}
-        self.steps = steps
-        self.stop_after_steps = stop_after_steps
-        self.interval = interval
-        self.entries: dict[int, tuple[ModelReport, StepTracker | None]] = {}
-        self.notes: list[str] = []
-
-    def on_new_model(self, model: nn.Module, args: tuple = ()) -> None:
-        try:
-            entry = analyze_model(model, type(model).__name__)
-        except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
-            self.notes.append(f"could not analyse {type(model).__name__}: {type(exc).__name__}: {exc}")
-            return
-        tracker = None
-        if self.steps > 0:
-            try:
-                tracker = StepTracker(
-                    model,
-                    max_steps=self.steps,
-                    sample_interval=self.interval,
-                    bucket_of=bucket_resolver(entry.buckets),
-                    on_finished=self._on_tracker_finished,
-                )
-                tracker.start()
-                tracker.enter_current_forward(args)
-            except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
-                self.notes.append(f"could not measure {entry.name}: {type(exc).__name__}: {exc}")
-                tracker = None
-        self.entries[id(model)] = (entry, tracker)
-
-    def _on_tracker_finished(self, tracker: StepTracker) -> None:
-        if self.stop_after_steps and all(t is None or t.finished for _, t in self.entries.values()):
-            raise StopAfterSteps()
-
-    def close(self) -> None:
-        for _, tracker in self.entries.values():
-            if tracker is not None:
-                tracker.stop()
-
-    def report(self, models: list[nn.Module], script_globals: dict, extra_points: dict | None = None) -> Report:
-        reports = []
-        for model, name in zip(models, name_models(models, script_globals)):
-            entry, tracker = self.entries.get(id(model), (None, None))
-            if entry is None:
-                entry = analyze_model(model, name)
-            entry.name = name
-            if tracker is not None:
-                attach_memory(entry, tracker, extra_points=(extra_points or {}).get(name), **self.plan)
-            reports.append(entry)
-        return Report(models=reports, notes=list(self.notes))
-
-
 def _validate(opts: argparse.Namespace) -> dict:
     """Check every option before the script runs, not after an hour of training."""
     # Absolute now: the script may change directory (Hydra does) before we write.
@@ -194,8 +103,7 @@ def _validate(opts: argparse.Namespace) -> dict:
     cards = parse_cards(opts.gpu)
     if opts.fit:
         resolve_card(opts.fit, cards)
-    if not 0 <= opts.margin < 1:
-        raise ProfilerError(f"--margin must be at least 0 and below 1, got {opts.margin}")
+    check_margin(opts.margin)
     opts.batches = parse_batches(opts.fit_batches) if opts.fit_batches else []
     if opts.batches and opts.steps == 0:
         raise ProfilerError("--fit-batches needs measured steps; drop --steps 0")
@@ -225,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = session.notes
     models = watcher.models
     if not models:
-        models = _script_models(result.globals)
+        models = script_models(result.globals)
         if models:
             notes.append("no model was called; reporting the models left in the script's globals")
     if result.failed:

@@ -36,6 +36,7 @@ __all__ = [
     "fit_points",
     "predict_required",
     "resolve_card",
+    "check_margin",
 ]
 
 GIB = 1024**3
@@ -340,8 +341,7 @@ def plan_fit(
     focus: str | None = None,
 ) -> dict[str, Any]:
     """Predict the memory at any batch size and the largest batch each card holds."""
-    if not 0 <= margin < 1:
-        raise ProfilerError(f"--margin must be at least 0 and below 1, got {margin}")
+    check_margin(margin)
     cards = dict(CARDS if cards is None else cards)
     if focus is not None:
         key = resolve_card(focus, cards)
@@ -428,6 +428,12 @@ def predict_required(fit: dict[str, Any], batch: int, include_context: bool = Tr
 
 
 # ------------------------------------------------------------------- parsing
+def check_margin(margin: float) -> None:
+    """A safety margin is a fraction of the card left unused: 0 up to (not including) 1."""
+    if not 0 <= margin < 1:
+        raise ProfilerError(f"--margin must be at least 0 and below 1, got {margin}")
+
+
 def resolve_card(name: str, cards: dict[str, float]) -> str:
     """Case-insensitive card lookup, with a one-line error listing the known names."""
     lowered = {k.lower(): k for k in cards}

@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
 __all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE"]

@@ -8,7 +8,7 @@ import torch
 from profiler import ProfilerError, profile
 from profiler.estimates import CARDS, fit_points, parse_batches, parse_cards, plan_fit, predict_required, resolve_card
 
-from test_tracking import tiny_gpt, train
+from test_tracking import tiny_gpt
 
 
 def measured(model, opt, b, t=16, steps=2, autocast=False):
