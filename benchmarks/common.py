@@ -314,7 +314,7 @@ def nvidia_smi_apps() -> dict[str, Any]:
 
 
 def fit_check(preset: str, device: torch.device, *, amp: str | None, fit_batches: list[int], check_batches: list[int],
-              seq: int | None = None, steps: int = 2, target: float = 0.03) -> dict[str, Any]:
+              seq: int | None = None, steps: int = 2, target: float = 0.03, live_peak: bool = False) -> dict[str, Any]:
     """Fit memory against batch size from small batches, then measure larger ones and compare.
 
     The quantity is what the planner fits: the allocator's peak on CUDA, the sum
@@ -329,7 +329,7 @@ def fit_check(preset: str, device: torch.device, *, amp: str | None, fit_batches
     def measure(batch: int) -> dict[str, Any]:
         step, desc = nanogpt_step(preset, device, amp=amp, batch=batch, seq=seq)
         try:
-            with profile(step.model, step.optimizer, sample_interval=None) as prof:
+            with profile(step.model, step.optimizer, sample_interval=None, live_peak=live_peak) as prof:
                 for _ in range(steps):
                     step()
             return prof.report.models[0].memory

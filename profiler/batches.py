@@ -26,6 +26,7 @@ def measure_batches(
     batches: list[int],
     batch_arg: str,
     steps: int,
+    live_peak: bool = False,
 ) -> tuple[dict[str, list[FitPoint]], list[str]]:
     """Fit points per model name from one child run per batch size, and notes on failures."""
     points: dict[str, list[FitPoint]] = {}
@@ -35,7 +36,8 @@ def measure_batches(
             out = os.path.join(tmp, "report.json")
             cmd = [
                 sys.executable, "-m", "profiler", "-q", "--no-sampler", "--steps", str(max(steps, 2)),
-                "--stop-after-steps", "--json", out, "--", script, *args, batch_arg, str(batch),
+                "--stop-after-steps", "--json", out, *(["--live-peak"] if live_peak else []),
+                "--", script, *args, batch_arg, str(batch),
             ]
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0 or not os.path.exists(out):

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_non_negative_int, default=3, metavar="N", help="measure the memory of the first N training steps of each model, then remove the hooks (default 3; 0: parameters only)")
     parser.add_argument("--stop-after-steps", action="store_true", help="end the script (exit 0) once the steps are measured")
     parser.add_argument("--interval", type=_positive_float, default=0.01, metavar="SECONDS", help="NVML / host memory sampling interval during measured steps (default 0.01)")
+    parser.add_argument("--live-peak", action="store_true", help="also count every tensor operators create (slower): a memory peak on the CPU, where the allocator keeps none")
     parser.add_argument("--no-sampler", action="store_true", help="no background sampling thread (no NVML or host RSS timeline)")
     plan = parser.add_argument_group("planning (estimates and will-it-fit)")
     plan.add_argument("--fit", metavar="CARD", help="show the fit for one card only (e.g. T4, A100-80GB, or a --gpu name)")
@@ -123,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
 
-    session = ScriptSession(opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval, plan)
+    session = ScriptSession(
+        opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval, plan, live_peak=opts.live_peak
+    )
     try:
         with ModelWatcher(on_new_model=session.on_new_model) as watcher:
             result = run_script(code, opts.script, opts.args)
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append(f"the script raised {type(result.exception).__name__}; the report covers what ran before it")
     extra_points = None
     if opts.batches and not result.failed:
-        extra_points, batch_notes = measure_batches(opts.script, opts.args, opts.batches, opts.batch_arg, opts.steps)
+        extra_points, batch_notes = measure_batches(opts.script, opts.args, opts.batches, opts.batch_arg, opts.steps, opts.live_peak)
         notes.extend(batch_notes)
     try:
         report = session.report(models, result.globals, extra_points)

@@ -309,6 +309,8 @@ def fit_points(memory: dict[str, Any]) -> list[FitPoint]:
         fixed = cat["parameters"] + cat["gradients"] + cat["optimizer_state"] + cat["autocast_copies"]
         if step.get("peak_allocated") is not None:
             required, source = step["peak_allocated"], "allocator peak"
+        elif step.get("live_tensor_peak") is not None:
+            required, source = step["live_tensor_peak"], "live-tensor peak (dispatch tracking, no allocator on CPU)"
         else:
             required, source = fixed + cat["activations"], "sum of measured categories (no allocator on CPU)"
         context = None
@@ -372,7 +374,9 @@ def plan_fit(
     if context is None:
         notes.append("CUDA context and library workspaces not measured (no NVML process figure): not included")
     if points[0].source.startswith("sum"):
-        notes.append("measured on CPU: temporaries are not counted, and the projection assumes the same dtype on the GPU")
+        notes.append("measured on CPU: temporaries are not counted (--live-peak counts them), and the projection assumes the same dtype on the GPU")
+    elif points[0].source.startswith("live"):
+        notes.append("measured on CPU: the projection assumes the same dtype on the GPU")
     ctx = context or 0
 
     def required(batch: int) -> int:

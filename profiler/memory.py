@@ -74,11 +74,13 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
                 "peak_allocated": ph.peak_allocated,
                 "allocated_end": ph.allocated_end,
                 "reserved_end": ph.reserved_end,
+                "live_tensor_peak": ph.live_tensor_peak,
             }
             for name, ph in step.phases.items()
         },
         "allocated_start": step.allocated_start,
         "peak_allocated": step.peak_allocated,
+        "live_tensor_peak": step.live_tensor_peak,
         "reserved": step.reserved,
         "nvml_process_used_peak": None,
         "nvml_device_used_peak": None,
@@ -161,7 +163,10 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
     by_layer = _per_block_module(by_module, buckets)
     notes = list(tracker.notes)
     if not cuda:
-        notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null")
+        if tracker.live_peak:
+            notes.append(CPU_UNAVAILABLE + "; the peak is the live-tensor counter's (opt-in dispatch tracking)")
+        else:
+            notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null (--live-peak measures a live-tensor peak)")
     if not tracker.steps:
         notes.append("no training step was seen (no forward with gradients enabled)")
     elif not any(s.complete for s in tracker.steps):
@@ -171,6 +176,7 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
     section: dict[str, Any] = {
         "device": str(tracker.device),
         "allocator": "cuda caching allocator" if cuda else "unavailable: " + CPU_UNAVAILABLE,
+        "live_peak": tracker.live_peak,
         "optimizer": type(tracker.optimizer).__name__ if tracker.optimizer is not None else None,
         "steps": steps,
         "activations_by_module": by_module,

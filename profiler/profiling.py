@@ -58,6 +58,9 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         sample_interval: seconds between NVML / host-RSS samples; ``None``
             turns the sampler thread off.
         name: the model's name in the report (default: its class name).
+        live_peak: also count every tensor an operator creates (a dispatch
+            mode), for a memory peak on the CPU where no allocator keeps one.
+            Costs a Python call per operator: opt-in.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         steps: int | None = None,
         sample_interval: float | None = 0.01,
         name: str | None = None,
+        live_peak: bool = False,
     ) -> None:
         self._model_report = analyze_model(model, name)
         self.tracker = StepTracker(
@@ -76,6 +80,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             max_steps=steps,
             sample_interval=sample_interval,
             bucket_of=bucket_resolver(self._model_report.buckets),
+            live_peak=live_peak,
         )
         self.report: Report | None = None
 

@@ -277,6 +277,7 @@ _CATEGORY_LABELS = [
 
 _PEAK_LABELS = [
     ("peak_allocated", "peak allocated (allocator)"),
+    ("live_tensor_peak", "live-tensor peak (dispatch tracking)"),
     ("reserved", "reserved (allocator)"),
     ("nvml_process_used_peak", "NVML process used, peak"),
     ("nvml_device_used_peak", "NVML device used, peak"),
@@ -307,7 +308,7 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
     rows += [
         [label] + [format_bytes(s.get(key)) for s in shown]
         for key, label in _PEAK_LABELS
-        if key in shown[-1] or key != "nvml_device_used_above_baseline_peak"
+        if key not in ("nvml_device_used_above_baseline_peak", "live_tensor_peak") or shown[-1].get(key) is not None
     ]
     for s in shown:
         nvml, reserved = s.get("nvml_process_used_peak"), s.get("reserved")
@@ -317,11 +318,13 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
     parts.append("Memory of a training step\n" + tabulate(rows, headers=headers, colalign=("left",) + ("right",) * len(shown)))
 
     steady = shown[-1]
+    live = steady.get("live_tensor_peak") is not None
+    peak_key, peak_label = ("live_tensor_peak", "live-tensor peak") if live and steady.get("peak_allocated") is None else ("peak_allocated", "peak allocated")
     phase_rows = [
-        [name, f"{ph['seconds']:.3f}", format_bytes(ph.get("peak_allocated")), format_bytes(ph.get("host_rss_peak")), format_bytes(ph.get("nvml_process_used_peak"))]
+        [name, f"{ph['seconds']:.3f}", format_bytes(ph.get(peak_key)), format_bytes(ph.get("host_rss_peak")), format_bytes(ph.get("nvml_process_used_peak"))]
         for name, ph in steady["phases"].items()
     ]
-    parts.append(f"Phases of step {steady['index']}\n" + tabulate(phase_rows, headers=["phase", "seconds", "peak allocated", "host RSS peak", "NVML process peak"], colalign=("left", "right", "right", "right", "right")))
+    parts.append(f"Phases of step {steady['index']}\n" + tabulate(phase_rows, headers=["phase", "seconds", peak_label, "host RSS peak", "NVML process peak"], colalign=("left", "right", "right", "right", "right")))
 
     opt = steady.get("optimizer_state", {})
     if opt.get("by_name"):

@@ -51,8 +51,11 @@ class ScriptSession:
     the user's training.
     """
 
-    def __init__(self, steps: int, stop_after_steps: bool, interval: float | None, plan: dict | None = None) -> None:
+    def __init__(
+        self, steps: int, stop_after_steps: bool, interval: float | None, plan: dict | None = None, live_peak: bool = False
+    ) -> None:
         self.plan = plan or {}
+        self.live_peak = live_peak
         self.steps = steps
         self.stop_after_steps = stop_after_steps
         self.interval = interval
@@ -74,6 +77,7 @@ class ScriptSession:
                     sample_interval=self.interval,
                     bucket_of=bucket_resolver(entry.buckets),
                     on_finished=self._on_tracker_finished,
+                    live_peak=self.live_peak,
                 )
                 tracker.start()
                 tracker.enter_current_forward(args)

@@ -108,6 +108,7 @@ class ForwardSaves:
 class PhaseRecord:
     seconds: float = 0.0
     peak_allocated: int | None = None
+    live_tensor_peak: int | None = None  # opt-in: baseline + peak of tensors created in the phase
     allocated_end: int | None = None
     reserved_end: int | None = None
     _start: float | None = None
@@ -135,6 +136,9 @@ class StepRecord:
     optimizer_state_before: int = 0  # state bytes that existed when the step began
     phases: dict[str, PhaseRecord] = field(default_factory=lambda: {p: PhaseRecord() for p in PHASES})
     allocated_start: int | None = None
+    live_start: int | None = None  # the live-tensor counter when the step began
+    live_baseline: int = 0  # weights, gradients and optimizer state alive when the step began
+    live_tensor_peak: int | None = None
     peak_allocated: int | None = None
     reserved: int | None = None
     seconds: float = 0.0
@@ -190,8 +194,11 @@ class StepTracker:
         sample_interval: float | None = 0.01,
         bucket_of: Callable[[str, str], str] | None = None,
         on_finished: Callable[["StepTracker"], None] | None = None,
+        live_peak: bool = False,
     ) -> None:
         self.model = model
+        self.live_peak = live_peak
+        self._live_counter = None
         self.optimizer = optimizer
         self.max_steps = max_steps
         self.sample_interval = sample_interval
@@ -265,11 +272,28 @@ class StepTracker:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
         self._handles.append(optimizer_hooks.register_optimizer_step_pre_hook(self._optimizer_pre))
         self._handles.append(optimizer_hooks.register_optimizer_step_post_hook(self._optimizer_post))
+        if self.live_peak:
+            from .live import LiveTensorCounter
+
+            self._live_counter = LiveTensorCounter()
+            self._live_counter.__enter__()
         if self.sample_interval:
             from .sampler import MemorySampler
 
             self.sampler = MemorySampler(device=self.device, interval=self.sample_interval, max_samples=20_000)
             self.sampler.start()
+
+    def _leave_live_counter(self) -> None:
+        """Leave the dispatch mode if it is still the innermost one (modes must nest)."""
+        counter, self._live_counter = self._live_counter, None
+        if counter is None:
+            return
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        if _get_current_dispatch_mode() is counter and threading.get_ident() == self._thread:
+            counter.__exit__(None, None, None)
+        else:
+            self.notes.append("the live-tensor counter could not be removed in order (another dispatch mode was entered after it)")
 
     def _fail(self, where: str, exc: Exception) -> None:
         """Our own error inside a hook: note it and stop measuring, leaving training alone."""
@@ -292,6 +316,7 @@ class StepTracker:
             for h in self._handles:
                 h.remove()
             self._handles = []
+            self._leave_live_counter()
             self._stack = []
             if self.sampler is not None:
                 self.sampler.stop()
@@ -325,6 +350,8 @@ class StepTracker:
         ph = step.phases[name]
         ph._start = now
         step.phase_spans.setdefault(name, []).append((ph._start, ph._start))
+        if self._live_counter is not None:
+            self._live_counter.restart_peak()
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.sampler is not None:
@@ -342,6 +369,11 @@ class StepTracker:
             if spans:
                 spans[-1] = (spans[-1][0], now)
             ph._start = None
+        counter = self._live_counter
+        if counter is not None and step.live_start is not None:
+            live = step.live_baseline + counter.peak - step.live_start
+            ph.live_tensor_peak = max(ph.live_tensor_peak or 0, live)
+            step.live_tensor_peak = max(step.live_tensor_peak or 0, live)
         read = self._cuda_read()
         if read is not None:
             allocated, reserved, peak = read
@@ -406,6 +438,9 @@ class StepTracker:
         read = self._cuda_read()
         if read is not None:
             step.allocated_start = read[0]
+        if self._live_counter is not None:
+            step.live_start = self._live_counter.live
+            step.live_baseline = step.parameters + step.gradients_start + step.optimizer_state_before
         self._step = step
         self._trunk_state = "before"
         return True

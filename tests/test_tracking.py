@@ -439,6 +439,35 @@ def test_compiled_module_gives_a_statement_not_a_crash():
     assert_no_hooks(model)
 
 
+def test_live_peak_mode_bounds_and_cleanup():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None, live_peak=True) as prof:
+        train(model, opt, steps=3)
+    assert _get_current_dispatch_mode() is None
+    assert_no_hooks(model)
+    step = memory(prof)["steps"][-1]
+    cat = step["categories"]
+    held = cat["parameters"] + cat["optimizer_state"]
+    # At the end of forward the weights, the optimizer state and everything saved for backward are alive at once.
+    assert step["phases"]["forward"]["live_tensor_peak"] >= held + cat["activations"]
+    # During the optimizer step the weights, gradients and optimizer state are.
+    assert step["phases"]["optimizer"]["live_tensor_peak"] >= held + cat["gradients"]
+    assert step["live_tensor_peak"] == max(p["live_tensor_peak"] for p in step["phases"].values())
+    assert "live-tensor peak" in prof.render()
+    assert prof.report.models[0].fit["source"].startswith("live-tensor peak")
+
+
+def test_default_mode_has_no_live_peak():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        train(model, opt, steps=1)
+    assert memory(prof)["steps"][0]["live_tensor_peak"] is None
+
+
 def test_sampler_records_host_rss():
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
