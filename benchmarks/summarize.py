@@ -15,8 +15,13 @@ from pathlib import Path
 from tabulate import tabulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("ours", "torch_profiler", "memtracker")
-LABELS = {"ours": "profiler.profile()", "torch_profiler": "torch.profiler (profile_memory)", "memtracker": "MemTracker"}
+MODES = ("ours", "watch", "torch_profiler", "memtracker")
+LABELS = {
+    "ours": "profiler.profile()",
+    "watch": "runner after its steps (model discovery hooks only)",
+    "torch_profiler": "torch.profiler (profile_memory)",
+    "memtracker": "MemTracker",
+}
 
 
 def _load(name: str) -> dict | None:

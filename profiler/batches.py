@@ -41,7 +41,9 @@ def measure_batches(
             ]
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0 or not os.path.exists(out):
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                # The script's own last words, not the child profiler's.
+                lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and not ln.startswith("python -m profiler:")]
+                last = lines[-1].strip() if lines else "no output"
                 notes.append(f"--fit-batches: the run at {batch_arg} {batch} failed (exit {proc.returncode}): {last}")
                 continue
             with open(out, encoding="utf-8") as fh:

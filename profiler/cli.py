@@ -27,8 +27,17 @@ __all__ = ["main", "build_parser"]
 PROG = "python -m profiler"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other error of ours."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if "required" in message and "script" in message:
+            message = "no script given"
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Run a PyTorch script unchanged and report where its models' parameters and memory go.",
         epilog="Options go before SCRIPT; everything after SCRIPT (or after --) is passed to the script.",
@@ -45,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu", action="append", metavar="NAME=GiB", help="add a card to the fit table (repeatable)")
     plan.add_argument("--margin", type=float, default=0.10, metavar="FRACTION", help="safety margin of card memory left unused when planning (default 0.10)")
     plan.add_argument("--fit-batches", metavar="B1,B2", help="also measure the script at these batch sizes (in child runs) and fit memory against batch size")
-    plan.add_argument("--batch-arg", default="--batch-size", metavar="FLAG", help="the script's batch-size flag, for --fit-batches (default --batch-size)")
+    plan.add_argument("--batch-arg", default="--batch-size", metavar="FLAG", help="the script's batch-size flag, for --fit-batches; write it with '=', e.g. --batch-arg=--bs (default --batch-size)")
     plan.add_argument("--plot", metavar="PATH.png", help="draw one step's memory over time (needs matplotlib: pip install 'profiler[plot]')")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no text report (use with --json)")
     parser.add_argument("--version", action="version", version=f"profiler {__version__}")
@@ -95,6 +104,8 @@ def _validate(opts: argparse.Namespace) -> dict:
         check_writable(opts.json, "--json")
         opts.json = os.path.abspath(opts.json)
     if opts.plot:
+        if not opts.plot.lower().endswith(".png"):
+            raise ProfilerError(f"--plot {opts.plot}: the picture is a PNG; give a path ending in .png")
         check_writable(opts.plot, "--plot")
         opts.plot = os.path.abspath(opts.plot)
         from .plot import matplotlib_available
@@ -145,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.batches and not result.failed:
         extra_points, batch_notes = measure_batches(opts.script, opts.args, opts.batches, opts.batch_arg, opts.steps, opts.live_peak)
         notes.extend(batch_notes)
+        for note in batch_notes:  # said even with -q: a planning point is missing
+            print(f"{PROG}: warning: {note}", file=sys.stderr)
     try:
         report = session.report(models, result.globals, extra_points)
         report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}

@@ -237,7 +237,8 @@ def _draw_timeline(ax: Any, memory: dict[str, Any], s: dict[str, Any]) -> list[A
     # On a flat stretch the peak lasts until the next point; mark its middle.
     t_peak = (times[i] + times[min(i + 1, len(times) - 1)]) / 2
     spans = s.get("phase_spans") or {}
-    where = "end of step" if times[i] >= step_end else _phase_at(spans, t_peak)
+    # Name the phase of the moment the label gives (when the peak is reached).
+    where = "end of step" if times[i] >= step_end else _phase_at(spans, times[i])
     label = f"peak of the stack: {format_bytes(int(round(total[i] * _MIB)))}, reached at {_fmt_time(times[i] * scale)} {unit}"
     above = mtransforms.offset_copy(ax.transData, fig=ax.figure, y=5, units="points")
     (peak_marker,) = ax.plot([t_peak * scale], [total[i]], marker="v", color="black", markersize=7, linestyle="none",

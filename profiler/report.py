@@ -348,6 +348,10 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _known(value: Any) -> str:
+    return "unknown" if value is None else str(value)
+
+
 def _error(e: float | None) -> str:
     return "n/a" if e is None else f"{100 * e:+.0f}%"
 
@@ -358,8 +362,8 @@ def render_estimates(est: dict[str, Any]) -> list[str]:
         return [f"Estimates: {est.get('reason')}"]
     shape = est["shape"]
     head = (
-        f"Textbook estimates beside the measurement (step {est['step']}; batch {shape['batch']}, seq {shape['seq']}, "
-        f"{shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads; "
+        f"Textbook estimates beside the measurement (step {est['step']}; batch {_known(shape['batch'])}, seq {_known(shape['seq'])}, "
+        f"{_known(shape['layers'])} layers, hidden {_known(shape['hidden'])}, {_known(shape['heads'])} heads; "
         f"{'mixed precision' if est['mixed_precision'] else 'no autocast'})"
     )
     rows = []

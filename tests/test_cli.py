@@ -264,6 +264,18 @@ def _error_case(tmp_path: Path, case: str) -> list[str]:
         return ["--json", "afile.txt/out.json", "ok.py"]
     if case == "json is a directory":
         return ["--json", ".", "ok.py"]
+    if case == "bad option value":
+        return ["--margin", "abc", "ok.py"]
+    if case == "unknown option":
+        return ["--no-such-option", "ok.py"]
+    if case == "no script":
+        return []
+    if case == "plot not png":
+        return ["--plot", "out.txt", "ok.py"]
+    if case == "unknown card":
+        return ["--fit", "NOSUCHCARD", "ok.py"]
+    if case == "bad batches":
+        return ["--fit-batches", "0,x", "ok.py"]
     if case == "json dir unwritable":
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -280,6 +292,12 @@ ERROR_CASES = [
     "json dir missing",
     "json parent is a file",
     "json is a directory",
+    "bad option value",
+    "unknown option",
+    "no script",
+    "plot not png",
+    "unknown card",
+    "bad batches",
     pytest.param(
         "json dir unwritable",
         marks=pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere"),
