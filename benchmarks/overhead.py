@@ -42,7 +42,7 @@ from tabulate import tabulate  # noqa: E402
 import common  # noqa: E402
 import profiler  # noqa: E402
 
-MODES = ("plain", "ours", "torch_profiler", "memtracker", "watch")
+MODES = ("plain", "ours", "torch_profiler", "memtracker", "watch", "ours_live")
 TARGETS = {"cpu": 1.10, "cuda": 1.05}  # ours / plain, per step, for the seed model
 TARGET_MODEL = "seed"
 
@@ -76,8 +76,8 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
         for _ in range(k):
             step()
         t2 = t3 = time.perf_counter()
-    elif mode == "ours":
-        prof = profiler.profile(step.model, step.optimizer, sample_interval=sample_interval)
+    elif mode in ("ours", "ours_live"):
+        prof = profiler.profile(step.model, step.optimizer, sample_interval=sample_interval, live_peak=mode == "ours_live")
         with prof:
             t1 = time.perf_counter()
             for _ in range(k):
@@ -299,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="plain warm-up steps before timing")
     p.add_argument("--no-mode-warmup", dest="mode_warmup", action="store_false",
                    help="skip the one untimed block per tool before timing")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if m != "watch"])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if m not in ("watch", "ours_live")])
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
     p.add_argument("--threads", type=int, default=None,
