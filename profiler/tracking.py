@@ -78,6 +78,15 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
         return None
 
 
+def _memory_of(t: torch.Tensor) -> tuple[int, int]:
+    """(identity, bytes) of the memory behind ``t``: its storage, else the tensor itself.
+
+    Two tensors with one identity share memory and are counted once.
+    """
+    key = _storage_key(t)
+    return key if key is not None else (id(t), t.numel() * t.element_size())
+
+
 def _weight_copy_source(t: torch.Tensor) -> bool:
     """True when ``t`` (or the tensor it views) is a dtype cast of a leaf parameter.
 
@@ -382,15 +391,9 @@ class StepTracker:
             step.peak_allocated = max(step.peak_allocated or 0, peak)
             step.reserved = max(step.reserved or 0, reserved)
 
-    def _unique_bytes(self, tensors) -> int:
-        seen: dict[int, int] = {}
-        for t in tensors:
-            key = _storage_key(t)
-            if key is not None:
-                seen[key[0]] = key[1]
-            elif t is not None:
-                seen[id(t)] = t.numel() * t.element_size()
-        return sum(seen.values())
+    @staticmethod
+    def _unique_bytes(tensors: list[torch.Tensor]) -> int:
+        return sum(dict(_memory_of(t) for t in tensors).values())
 
     def _count_gradients(self) -> None:
         if self._step is not None:
@@ -408,12 +411,10 @@ class StepTracker:
             for name, value in state.items():
                 if not isinstance(value, torch.Tensor):
                     continue
-                key = _storage_key(value)
-                ident = key[0] if key else id(value)
+                ident, nbytes = _memory_of(value)
                 if ident in seen:
                     continue
                 seen.add(ident)
-                nbytes = key[1] if key else value.numel() * value.element_size()
                 by_name[name] += nbytes
                 if id(p) in group_of:
                     by_group[group_of[id(p)]] += nbytes
@@ -430,7 +431,7 @@ class StepTracker:
         step.parameters = self._unique_bytes(list(self.model.parameters()))
         live_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         step.gradients_start = self._unique_bytes(live_grads)
-        self._grads_seen = {k[0] for g in live_grads if (k := _storage_key(g)) is not None}
+        self._grads_seen = {_memory_of(g)[0] for g in live_grads}
         self._live = {}
         opt = self.optimizer
         if opt is not None:
@@ -537,11 +538,9 @@ class StepTracker:
         step = self._step
         if step is None or param.grad is None:
             return
-        key = _storage_key(param.grad)
-        ident = key[0] if key else id(param.grad)
+        ident, nbytes = _memory_of(param.grad)
         if ident not in self._grads_seen:
             self._grads_seen.add(ident)
-            nbytes = key[1] if key else param.grad.numel() * param.grad.element_size()
             step.events.append((time.perf_counter(), "gradients", nbytes))
 
     # ---------------------------------------------------------- module hooks
