@@ -132,8 +132,8 @@ def _per_block_module(by_module: list[dict[str, Any]], buckets: Buckets) -> list
     Twelve identical rows say less than one row with the total and the count.
     """
     blocks = [(t.path, b) for t in buckets.trunks for b in t.block_paths]
-    groups: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    order: list[tuple[str, str]] = []
     for row in by_module:
         path = row["path"]
         key = path
@@ -141,11 +141,12 @@ def _per_block_module(by_module: list[dict[str, Any]], buckets: Buckets) -> list
             if path == block or path.startswith(block + "."):
                 key = (f"{trunk_path}." if trunk_path else "") + "*" + path[len(block):]
                 break
-        if key not in groups:
-            groups[key] = {"path": key, "bucket": row["bucket"], "bytes": 0, "modules": 0}
-            order.append(key)
-        groups[key]["bytes"] += row["bytes"]
-        groups[key]["modules"] += 1
+        group = (key, row["bucket"])
+        if group not in groups:
+            groups[group] = {"path": key, "bucket": row["bucket"], "bytes": 0, "modules": 0}
+            order.append(group)
+        groups[group]["bytes"] += row["bytes"]
+        groups[group]["modules"] += 1
     return sorted((groups[k] for k in order), key=lambda g: -g["bytes"])
 
 
@@ -157,8 +158,7 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
     last = measured[-1] if measured else None
     by_module = []
     if last is not None:
-        for path, nbytes in sorted(last.activations_by_module.items(), key=lambda kv: -kv[1]):
-            bucket = last.activations_module_bucket.get(path, "other")
+        for (path, bucket), nbytes in sorted(last.activations_by_module.items(), key=lambda kv: -kv[1]):
             by_module.append({"path": path, "bucket": bucket, "bytes": nbytes})
     by_layer = _per_block_module(by_module, buckets)
     notes = list(tracker.notes)

@@ -108,9 +108,8 @@ class ForwardSaves:
 
     saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
     copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
-    by_module: dict[str, int] = field(default_factory=dict)
+    by_module: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, bucket) -> bytes
     by_bucket: dict[str, int] = field(default_factory=dict)
-    module_bucket: dict[str, str] = field(default_factory=dict)  # where each module's bytes went
 
 
 @dataclass
@@ -135,9 +134,10 @@ class StepRecord:
     optimizer_state_by_group: list[int] = field(default_factory=list)
     activations: int = 0
     autocast_copies: int = 0
-    activations_by_module: dict[str, int] = field(default_factory=dict)
+    # (module path, bucket) -> bytes: a container that saves before and after the
+    # trunk (a root computing embeddings and the loss) has one row per bucket.
+    activations_by_module: dict[tuple[str, str], int] = field(default_factory=dict)
     activations_by_bucket: dict[str, int] = field(default_factory=dict)
-    activations_module_bucket: dict[str, str] = field(default_factory=dict)  # where each module's bytes went
     saved_tensors: int = 0  # how many tensors autograd saved (before deduplication)
     forwards: int = 0
     backwards: int = 0
@@ -176,7 +176,6 @@ class StepRecord:
             self.activations = total
             self.activations_by_module = f.by_module
             self.activations_by_bucket = f.by_bucket
-            self.activations_module_bucket = f.module_bucket
         self.autocast_copies = max(self.autocast_copies, sum(f.copies.values()))
         self._current = ForwardSaves()
 
@@ -516,8 +515,7 @@ class StepTracker:
         self._live[ptr] = ("activations", nbytes)
         path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
         bucket = self._bucket_of(path, self._trunk_state)
-        f.by_module[path] = f.by_module.get(path, 0) + nbytes
-        f.module_bucket.setdefault(path, bucket)
+        f.by_module[path, bucket] = f.by_module.get((path, bucket), 0) + nbytes
         f.by_bucket[bucket] = f.by_bucket.get(bucket, 0) + nbytes
         return t
 
@@ -710,7 +708,6 @@ class StepTracker:
                 merged.activations = s.activations
                 merged.activations_by_module = s.activations_by_module
                 merged.activations_by_bucket = s.activations_by_bucket
-                merged.activations_module_bucket = s.activations_module_bucket
             merged.autocast_copies = max(merged.autocast_copies, s.autocast_copies)
             merged.events.extend(s.events)
             for name, spans in s.phase_spans.items():
