@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from autograd_walk import graph_saved_bytes
 from profiler.profiling import profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,37 +42,6 @@ def batch(b: int = 2, t: int = 8, vocab: int = 64):
 
 def unique_param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def graph_saved_bytes(loss: torch.Tensor, model: nn.Module) -> int:
-    """Walk the autograd graph and add up the storages its nodes saved.
-
-    Independent of hooks: it reads each node's ``_saved_*`` attributes after
-    the forward, deduplicates by storage and leaves parameter storage out.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        for attr in dir(fn):
-            if not attr.startswith("_saved_"):
-                continue
-            try:
-                value = getattr(fn, attr)
-            except RuntimeError:
-                continue
-            values = value if isinstance(value, (tuple, list)) else [value]
-            for v in values:
-                if isinstance(v, torch.Tensor) and v.numel() > 0:
-                    s = v.untyped_storage()
-                    if s.data_ptr() and s.data_ptr() not in params:
-                        storages[s.data_ptr()] = s.nbytes()
-        stack.extend(n for n, _ in fn.next_functions)
-    return sum(storages.values())
 
 
 def train(model, opt, steps=3, **kw):
