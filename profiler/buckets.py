@@ -123,13 +123,6 @@ def _runs(container: nn.Module) -> list[list[tuple[str, nn.Module]]]:
     return runs
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -196,15 +189,19 @@ def _breakdown(block: nn.Module) -> list[BlockParam]:
     return out
 
 
-def _bucket_of_modules(inventory: Inventory, trunks: list[Trunk]) -> dict[str, str]:
+def _trunk_spans(inventory: Inventory, trunks: list[Trunk]) -> tuple[dict[str, int], list[tuple[str, int, int]]]:
+    """Pre-order index of every module, and the index range each trunk's blocks cover."""
     order = {m.path: i for i, m in enumerate(inventory.modules)}
-    blocks = [b for t in trunks for b in t.block_paths]
-    # Pre-order index range covered by each trunk's blocks.
     spans = []
     for t in trunks:
         inside = [order[m.path] for m in inventory.modules if any(_inside(m.path, b) for b in t.block_paths)]
         spans.append((t.path, min(inside), max(inside)))
+    return order, spans
 
+
+def _bucket_of_modules(inventory: Inventory, trunks: list[Trunk]) -> dict[str, str]:
+    order, spans = _trunk_spans(inventory, trunks)
+    blocks = [b for t in trunks for b in t.block_paths]
     result: dict[str, str] = {}
     for m in inventory.modules:
         path = m.path
@@ -249,10 +246,7 @@ def find_buckets(model: nn.Module, inventory: Inventory) -> Buckets:
     """Label every parameter embedding / block / head / other from the structure."""
     trunks = _find_trunks(model, inventory)
     module_bucket = _bucket_of_modules(inventory, trunks)
-    order = {m.path: i for i, m in enumerate(inventory.modules)}
-    spans_for_owned = [
-        (t.path, min(order[b] for b in t.block_paths), max(order[b] for b in t.block_paths)) for t in trunks
-    ]
+    order, spans = _trunk_spans(inventory, trunks)
 
     alias_bucket: dict[str, str] = {}
     param_bucket: dict[str, str] = {}
@@ -267,7 +261,7 @@ def find_buckets(model: nn.Module, inventory: Inventory) -> Buckets:
                 # A parameter registered directly on a module that holds a trunk
                 # (a root-level position table, a CLS token) sits before its
                 # children in registration order.
-                bucket = _position_bucket(owner, order[owner], spans_for_owned)
+                bucket = _position_bucket(owner, order[owner], spans)
             alias_bucket[alias] = bucket
             seen.append(bucket)
         charged = min(seen, key=BUCKETS.index)
