@@ -217,6 +217,8 @@ class StepTracker:
         self._paths = {}
         for path, mod in model.named_modules(remove_duplicate=False):
             self._paths.setdefault(id(mod), path)
+        # Looked up on every module call: which modules are trunk blocks (or inside one).
+        self._block_modules = {mid for mid, path in self._paths.items() if self._bucket_of(path, "") == "block"}
         self._param_ids = {id(p) for p in model.parameters()}
         self._param_storages: set[int] = set()
         self._handles: list[Any] = []
@@ -549,7 +551,7 @@ class StepTracker:
         if module is self.model and not self._stack:
             self._root_forward_begin()
         self._stack.append(id(module))
-        if self._bucket_of(self._paths.get(id(module), ""), "") == "block":
+        if id(module) in self._block_modules:
             self._trunk_state = "in"
 
     @_guarded
@@ -560,7 +562,7 @@ class StepTracker:
         if mid in self._stack:
             while self._stack and self._stack.pop() != mid:
                 pass
-        if self._bucket_of(self._paths.get(mid, ""), "") == "block":
+        if mid in self._block_modules:
             self._trunk_state = "after"
         if module is self.model and not self._stack:
             self._root_forward_end(output)
@@ -597,7 +599,7 @@ class StepTracker:
         if not torch.is_grad_enabled() or not self._running:
             return  # evaluation forwards are not training steps
         if self._step is not None and self._step_state == "after_backward":
-            if not self._optimizer_known():
+            if self.optimizer is None:
                 self._finish_step()  # hand-written update: the previous step is over
             elif self._gradients_cleared():
                 # The optimizer is known but did not step (GradScaler skips a step
@@ -662,9 +664,6 @@ class StepTracker:
     def _gradients_cleared(self) -> bool:
         """True when ``zero_grad(set_to_none=True)`` ran: no trainable parameter has a gradient."""
         return all(p.grad is None for p in self.model.parameters() if p.requires_grad)
-
-    def _optimizer_known(self) -> bool:
-        return self.optimizer is not None
 
     def _owns(self, opt: torch.optim.Optimizer) -> bool:
         return any(id(p) in self._param_ids for g in opt.param_groups for p in g["params"])
