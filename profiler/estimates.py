@@ -163,6 +163,11 @@ def _formula(name: str, source: str, rows: list[dict[str, Any]], misses: list[st
     }
 
 
+def _model_states(cat: dict[str, Any]) -> int:
+    """What does not grow with the batch: weights, their copies, gradients, optimizer state."""
+    return cat["parameters"] + cat["gradients"] + cat["optimizer_state"] + cat["autocast_copies"]
+
+
 def _mixed_precision(step: dict) -> bool:
     return step["categories"]["autocast_copies"] > 0
 
@@ -179,7 +184,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
     shape = model_shape(model_report, model, step)
     amp = _mixed_precision(step)
     weights_measured = cat["parameters"] + cat["autocast_copies"]
-    states_measured = cat["parameters"] + cat["gradients"] + cat["optimizer_state"] + cat["autocast_copies"]
+    states_measured = _model_states(cat)
     formulas = []
 
     # 1. The tutorial: fp16 weights x1 + gradients x1 + AdamW x2 + b*s*h*4.
@@ -306,7 +311,7 @@ def fit_points(memory: dict[str, Any]) -> list[FitPoint]:
         if not step.get("complete") or not step.get("input_shape"):
             continue
         cat = step["categories"]
-        fixed = cat["parameters"] + cat["gradients"] + cat["optimizer_state"] + cat["autocast_copies"]
+        fixed = _model_states(cat)
         if step.get("peak_allocated") is not None:
             required, source = step["peak_allocated"], "allocator peak"
         elif step.get("live_tensor_peak") is not None:
