@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ProfilerError
-from .report import ModelReport
+from .report import ModelReport, updating_steps
 
 __all__ = [
     "CARDS",
@@ -175,7 +175,7 @@ def _mixed_precision(step: dict) -> bool:
 def estimates_section(model_report: ModelReport, model: nn.Module | None = None) -> dict[str, Any]:
     """Every formula, computed for this model and its observed step, beside the measurement."""
     memory = model_report.memory or {}
-    steps = [s for s in memory.get("steps", []) if s.get("complete")]
+    steps = [s for s in updating_steps(memory.get("steps", [])) if s.get("complete")]
     if not steps:
         return {"available": False, "reason": "no complete training step was measured", "formulas": []}
     step = steps[-1]
@@ -307,7 +307,7 @@ class FitPoint:
 def fit_points(memory: dict[str, Any]) -> list[FitPoint]:
     """The measured steps as planning points, one per batch size (the largest need)."""
     best: dict[tuple[int, int | None], FitPoint] = {}
-    for step in memory.get("steps", []):
+    for step in updating_steps(memory.get("steps", [])):
         if not step.get("complete") or not step.get("input_shape"):
             continue
         cat = step["categories"]

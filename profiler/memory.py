@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .buckets import BUCKETS, Buckets
+from .report import updating_steps
 from .tracking import StepRecord, StepTracker
 
 __all__ = ["bucket_resolver", "memory_section", "CPU_UNAVAILABLE"]
@@ -40,12 +41,27 @@ def bucket_resolver(buckets: Buckets):
     return resolve
 
 
+def categories_live_peak(step: StepRecord) -> int:
+    """The most bytes the measured categories held at one moment of the step.
+
+    Backward frees activations while gradients grow, so the sum of every
+    category's size is more than was ever alive at once; replaying the step's
+    timeline from what was alive when it began gives the real maximum.
+    """
+    live = step.parameters + step.gradients_start + step.optimizer_state_before
+    peak = live
+    for _, _, delta in sorted(step.events, key=lambda e: e[0]):
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
 def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
-    cuda = tracker.device.type == "cuda"
-    other = None
-    if cuda and step.peak_allocated is not None:
-        known = step.parameters + step.gradients + step.optimizer_state + step.activations + step.autocast_copies
-        other = step.peak_allocated - known
+    live_peak = categories_live_peak(step)
+    # "other" is what the measured peak holds beyond the categories at their
+    # largest simultaneous total: temporaries, workspace, allocator rounding.
+    peak = step.peak_allocated if step.peak_allocated is not None else step.live_tensor_peak
+    other = None if peak is None else peak - live_peak
     out: dict[str, Any] = {
         "index": step.index,
         "kind": "first" if step.first else "steady",
@@ -78,6 +94,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
             }
             for name, ph in step.phases.items()
         },
+        "categories_live_peak": live_peak,
         "allocated_start": step.allocated_start,
         "peak_allocated": step.peak_allocated,
         "live_tensor_peak": step.live_tensor_peak,
@@ -154,8 +171,8 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
     """The JSON ``memory`` section for one model."""
     cuda = tracker.device.type == "cuda"
     steps = [_step_dict(s, tracker) for s in tracker.steps]
-    measured = [s for s in tracker.steps if s.complete] or tracker.steps
-    last = measured[-1] if measured else None
+    chosen = updating_steps(steps)
+    last = tracker.steps[steps.index(chosen[-1])] if chosen else None
     by_module = []
     if last is not None:
         for (path, bucket), nbytes in sorted(last.activations_by_module.items(), key=lambda kv: -kv[1]):
@@ -167,10 +184,19 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
             notes.append(CPU_UNAVAILABLE + "; the peak is the live-tensor counter's (opt-in dispatch tracking)")
         else:
             notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null (--live-peak measures a live-tensor peak)")
+    if tracker.sampler is None:
+        notes.append("no sampler thread (--no-sampler, or sample_interval=None): host RSS and NVML were not sampled, so their peaks are null")
     if not tracker.steps:
         notes.append("no training step was seen (no forward with gradients enabled)")
     elif not any(s.complete for s in tracker.steps):
         notes.append("no complete step (forward and backward) was seen")
+    skipped = sum(s.optimizer_skipped for s in tracker.steps)
+    if skipped:
+        notes.append(
+            f"{skipped} iteration(s) ended without an optimizer step after their gradients were cleared "
+            "(what a GradScaler does when fp16 gradients overflow): measured, marked optimizer_skipped, "
+            "and left out of the tables, estimates and fit"
+        )
     if tracker.optimizer is None and tracker.steps:
         notes.append("no optimizer step was seen: optimizer state not measured (weights updated by hand?)")
     section: dict[str, Any] = {

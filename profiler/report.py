@@ -286,12 +286,21 @@ _PEAK_LABELS = [
 ]
 
 
+def updating_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete steps that updated the weights; else the complete ones; else all.
+
+    What the tables, the estimates and the fit planner describe: an iteration
+    whose optimizer step a GradScaler skipped has no optimizer phase and is
+    not the step the user asks about.
+    """
+    complete = [s for s in steps if s.get("complete")]
+    return [s for s in complete if not s.get("optimizer_skipped")] or complete or steps
+
+
 def _shown_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The first step and the last complete (steady) step, the two that differ."""
-    if len(steps) <= 2:
-        return steps
-    complete = [s for s in steps if s.get("complete")] or steps
-    return [steps[0], complete[-1]] if complete[-1] is not steps[0] else [steps[0]]
+    """The first and the last step that updated the weights, the two that differ."""
+    chosen = updating_steps(steps)
+    return [chosen[0], chosen[-1]] if len(chosen) > 1 else chosen
 
 
 def render_memory(memory: dict[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ call in ``finally`` blocks, so exceptions and KeyboardInterrupt leave no hook.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import threading
 import time
@@ -37,10 +38,13 @@ import torch
 from torch import nn
 from torch.optim import optimizer as optimizer_hooks
 
-__all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE"]
+__all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE", "find_optimizer"]
 
 OUTSIDE = "(outside the model)"  # saved while no module of the model was running
 PHASES = ("forward", "backward", "optimizer")
+# A GradScaler halves its scale at every skipped step: 16 skips take the default
+# initial scale of 2**16 down to 1, past which overflow is not the scale's doing.
+SKIPPED_STEPS_LIMIT = 16
 
 
 def _guarded(method: Callable) -> Callable:
@@ -56,7 +60,9 @@ def _guarded(method: Callable) -> Callable:
             return method(self, *args)
         except Exception as exc:  # noqa: BLE001 - reported, never raised into the training loop
             self._fail(method.__name__, exc)
-            return args[0] if method.__name__ in ("_pack", "_unpack") else None
+            if method.__name__ == "_pack":
+                return args[0].detach()  # never the input itself: see _pack
+            return args[0] if method.__name__ == "_unpack" else None
 
     return wrapper
 
@@ -233,6 +239,7 @@ class StepTracker:
         self._grads_seen: set[int] = set()
         self._trunk_state = "before"  # where execution is relative to the trunk: before/in/after
         self._running = False
+        self._looked_for_optimizer = optimizer is not None
         self.finished = False
         self.sampler = None
         self.device = self._model_device()
@@ -422,9 +429,22 @@ class StepTracker:
         return sum(by_name.values()), dict(by_name), by_group
 
     # ----------------------------------------------------------------- steps
+    def _enough_steps(self) -> bool:
+        """``max_steps`` steps that updated the weights, or too many GradScaler skips to wait for.
+
+        An iteration whose optimizer step a GradScaler skipped (overflowing fp16
+        gradients, common while the loss scale settles) has no optimizer phase
+        and shows nothing of the step the user asked about, so it does not
+        count; after ``SKIPPED_STEPS_LIMIT`` of them measuring ends anyway.
+        """
+        if self.max_steps is None:
+            return False
+        skipped = sum(s.optimizer_skipped for s in self.steps)
+        return len(self.steps) - skipped >= self.max_steps or skipped >= SKIPPED_STEPS_LIMIT
+
     def _begin_step(self) -> bool:
         """Open a new step; False once enough steps were measured."""
-        if self.max_steps is not None and len(self.steps) >= self.max_steps:
+        if self._enough_steps():
             self._done()
             return False
         step = StepRecord(index=len(self.steps) + 1)
@@ -484,34 +504,52 @@ class StepTracker:
         self._saved_hooks_pushed = True
 
     def _pop_saved_hooks(self) -> None:
+        """Pop our pair of saved-tensor hooks if it is the innermost one on this thread.
+
+        The pair lives on the thread that pushed it. When measuring ends
+        elsewhere (on CUDA, backward and its callbacks run on autograd's device
+        thread) or under a pair the user pushed later, it cannot be popped
+        here; ``_pack`` then pops it the next time it runs with measuring over.
+        """
         if not self._saved_hooks_pushed or threading.get_ident() != self._thread:
             return
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if top is not None and top[0] == self._pack:
             torch._C._autograd._pop_saved_tensors_default_hooks()
-        self._saved_hooks_pushed = False
+            self._saved_hooks_pushed = False
 
     @_guarded
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        # What a pack hook returns must not be the tensor it was given: the
+        # saved value would then hold its own grad_fn, a reference cycle that
+        # keeps a saved output (exp, softmax) alive after its graph is dropped
+        # (the warning in torch.autograd.graph.saved_tensors_hooks). A detached
+        # alias shares the storage and costs no memory.
+        if not self._running:
+            self._pop_saved_hooks()
+            return t.detach()
         step = self._step
         # Only what the forward (and a loss computed after it) saves: tensors
         # saved while backward recomputes a checkpointed segment are transient.
         if step is None or self._step_state not in ("forward", "after_forward") or threading.get_ident() != self._thread:
-            return t
+            return t.detach()
         step.saved_tensors += 1
         key = _storage_key(t)
-        if key is None:
-            return t
-        ptr, nbytes = key
+        if key is not None:
+            self._count_saved(step, t, *key)
+        return t.detach()
+
+    def _count_saved(self, step: StepRecord, t: torch.Tensor, ptr: int, nbytes: int) -> None:
+        """Charge a saved storage, once, to the autocast copies or to the running module's activations."""
         f = step._current
         if ptr in self._param_storages or ptr in f.saved or ptr in f.copies:
-            return t
+            return
         now = time.perf_counter()
         if _weight_copy_source(t):
             f.copies[ptr] = nbytes
             step.events.append((now, "autocast_copies", nbytes))
             self._live[ptr] = ("autocast_copies", nbytes)
-            return t
+            return
         f.saved[ptr] = nbytes
         step.events.append((now, "activations", nbytes))
         self._live[ptr] = ("activations", nbytes)
@@ -519,7 +557,6 @@ class StepTracker:
         bucket = self._bucket_of(path, self._trunk_state)
         f.by_module[path, bucket] = f.by_module.get((path, bucket), 0) + nbytes
         f.by_bucket[bucket] = f.by_bucket.get(bucket, 0) + nbytes
-        return t
 
     @_guarded
     def _unpack(self, t: torch.Tensor) -> torch.Tensor:
@@ -599,6 +636,12 @@ class StepTracker:
         if not torch.is_grad_enabled() or not self._running:
             return  # evaluation forwards are not training steps
         if self._step is not None and self._step_state == "after_backward":
+            if self.optimizer is None and not self._looked_for_optimizer:
+                # A step ended without an optimizer step: weights updated by hand,
+                # or a GradScaler that skipped step() while its scale settles.
+                # Only an optimizer that exists can tell the two apart.
+                self._looked_for_optimizer = True
+                self.optimizer = find_optimizer(self._param_ids)
             if self.optimizer is None:
                 self._finish_step()  # hand-written update: the previous step is over
             elif self._gradients_cleared():
@@ -658,6 +701,11 @@ class StepTracker:
         if step is None or self._step_state != "backward":
             return
         self._count_gradients()
+        # Saved tensors backward never used (a branch that needed no gradient)
+        # are freed with the graph now; the timeline releases them here.
+        now = time.perf_counter()
+        step.events.extend((now, category, -nbytes) for category, nbytes in self._live.values())
+        self._live = {}
         self._step_state = "after_backward"
 
     # ------------------------------------------------------- optimizer hooks
@@ -665,12 +713,9 @@ class StepTracker:
         """True when ``zero_grad(set_to_none=True)`` ran: no trainable parameter has a gradient."""
         return all(p.grad is None for p in self.model.parameters() if p.requires_grad)
 
-    def _owns(self, opt: torch.optim.Optimizer) -> bool:
-        return any(id(p) in self._param_ids for g in opt.param_groups for p in g["params"])
-
     @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if os.getpid() != self._pid or not self._owns(opt):
+        if os.getpid() != self._pid or not _updates_any(opt, self._param_ids):
             return
         step = self._step
         if self.optimizer is None:
@@ -737,8 +782,26 @@ class StepTracker:
         if total != step.optimizer_state_before:
             step.events.append((time.perf_counter(), "optimizer_state", total - step.optimizer_state_before))
         self._finish_step()
-        if self.max_steps is not None and len(self.steps) >= self.max_steps:
+        if self._enough_steps():
             self._done()
+
+
+def find_optimizer(param_ids: set[int]) -> torch.optim.Optimizer | None:
+    """A live optimizer that updates any of these parameters, found before it steps.
+
+    One pass over the objects the garbage collector tracks (about 0.1 s in a
+    process that has imported transformers), done at most once per tracker.
+    Objects are matched by ``type()``, never ``isinstance``, which would read
+    ``__class__`` and wake lazy modules that warn or import when touched.
+    """
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.optim.Optimizer) and _updates_any(obj, param_ids):
+            return obj
+    return None
+
+
+def _updates_any(opt: torch.optim.Optimizer, param_ids: set[int]) -> bool:
+    return any(id(p) in param_ids for g in opt.param_groups for p in g["params"])
 
 
 def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:

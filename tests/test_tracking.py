@@ -240,6 +240,105 @@ def test_grad_scaler_skipped_steps_stay_separate_steps():
     assert [(s["forwards"], s["optimizer_steps"], s["optimizer_skipped"]) for s in steps] == [(1, 0, True)] * 2 + [(1, 0, False)]
 
 
+def _scaled_training(model, opt, scaler, iterations):
+    """fp32 training through a GradScaler; returns which iterations it skipped."""
+    skipped = []
+    for _ in range(iterations):
+        x, y = batch()
+        _, loss = model(x, y)
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        skipped.append(scaler.get_scale() < scale)
+    return skipped
+
+
+def test_grad_scaler_skips_before_the_optimizer_is_known_do_not_use_up_the_steps():
+    # The runner is never told the optimizer. A GradScaler starting far too
+    # high skips optimizer.step() four times while its scale comes down; those
+    # iterations must not pass for hand-written updates, nor count as the
+    # measured steps.
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    with profile(model, steps=2, sample_interval=None) as prof:
+        skipped = _scaled_training(model, opt, scaler, 8)
+    assert skipped[:4] == [True] * 4 and not any(skipped[4:])
+    mem = memory(prof)
+    assert mem["optimizer"] == "AdamW"
+    assert [(s["optimizer_skipped"], s["optimizer_steps"]) for s in mem["steps"]] == [(True, 0)] * 4 + [(False, 1)] * 2
+    assert [s["kind"] for s in mem["steps"][4:]] == ["first", "steady"]
+    assert any("optimizer_skipped" in n for n in mem["notes"])
+    assert not any("no optimizer step" in n for n in mem["notes"])
+    assert_no_hooks(model)
+    # The tables, estimates and fit describe the steps that updated the weights.
+    report = prof.report.render()
+    assert "step 5 (first)" in report and "step 6 (steady)" in report and "step 1 " not in report
+    est = prof.to_dict()["models"][0]["estimates"]
+    assert est["step"] == 6
+
+
+def test_a_scaler_that_never_settles_ends_measuring():
+    from profiler.tracking import SKIPPED_STEPS_LIMIT
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=0.99)  # skips every time
+    with profile(model, steps=2, sample_interval=None) as prof:
+        assert all(_scaled_training(model, opt, scaler, SKIPPED_STEPS_LIMIT + 3))
+        assert not model._forward_hooks  # gave up waiting for a real step
+    steps = memory(prof)["steps"]
+    assert len(steps) == SKIPPED_STEPS_LIMIT and all(s["optimizer_skipped"] for s in steps)
+
+
+def test_pack_hook_keeps_no_saved_output_alive():
+    # A tensor an op saves as its own output (exp), in a graph that backward
+    # never reaches, must be freed when the script drops it.
+    import gc
+    import weakref
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    refs = []
+    with profile(model, sample_interval=None):
+        for _ in range(2):
+            x, y = batch()
+            logits, loss = model(x, y)
+            side = logits.exp()  # a metric computed with gradients on, never backpropagated
+            refs.append(weakref.ref(side))
+            del side, logits
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
+def test_saved_tensor_hooks_leave_when_measuring_ends_on_another_thread():
+    # On CUDA, backward's callbacks (where a hand-written-update step can end)
+    # run on autograd's device thread, which cannot pop the hooks pushed on
+    # the training thread: the next saved tensor there pops them.
+    import threading
+
+    from profiler.tracking import StepTracker
+
+    model = tiny_gpt()
+    tracker = StepTracker(model, sample_interval=None).start()
+    x, y = batch()
+    _, loss = model(x, y)  # pushes the saved-tensor hooks on this thread
+    worker = threading.Thread(target=tracker.stop)
+    worker.start()
+    worker.join()
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    a = torch.ones(3, requires_grad=True)
+    (a * a).sum()  # saves a tensor: our pack hook runs and removes itself
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    loss.backward()
+    assert_no_hooks(model)
+
+
 def test_phases_tile_the_step():
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
@@ -426,6 +525,15 @@ def test_live_peak_mode_bounds_and_cleanup():
     # During the optimizer step the weights, gradients and optimizer state are.
     assert step["phases"]["optimizer"]["live_tensor_peak"] >= held + cat["gradients"]
     assert step["live_tensor_peak"] == max(p["live_tensor_peak"] for p in step["phases"].values())
+    for s in memory(prof)["steps"]:
+        c = s["categories"]
+        # The categories never hold more at once than every live tensor together,
+        # and "other" is the peak's remainder beyond them: never negative.
+        most = s["categories_live_peak"]
+        assert max(c["parameters"] + c["optimizer_state"] + c["gradients"],
+                   c["parameters"] + s["baseline"]["optimizer_state"] + c["activations"]) <= most <= s["live_tensor_peak"]
+        assert most < sum(v for k, v in c.items() if k != "other")  # not everything is alive at once
+        assert c["other"] == s["live_tensor_peak"] - most >= 0
     assert "live-tensor peak" in prof.render()
     assert prof.report.models[0].fit["source"].startswith("live-tensor peak")
 
