@@ -231,6 +231,7 @@ class MemorySampler:
         self._device_source = "unavailable: sampler not started"
         self._handle_source: str | None = None
         self._process_enabled = False
+        self._processes_query: Any = None  # the pynvml function that lists compute processes
         self._process_reason: str | None = "unavailable: sampler not started"
         self._pid_measured = False
         self._pid_without_value = False
@@ -286,8 +287,11 @@ class MemorySampler:
         """(UUID, handle) of every NVML GPU and every MIG instance on it."""
         found: list[tuple[str, Any]] = []
         for i in range(nv.nvmlDeviceGetCount()):
-            handle = nv.nvmlDeviceGetHandleByIndex(i)
-            found.append((_as_text(nv.nvmlDeviceGetUUID(handle)), handle))
+            try:
+                handle = nv.nvmlDeviceGetHandleByIndex(i)
+                found.append((_as_text(nv.nvmlDeviceGetUUID(handle)), handle))
+            except Exception:  # a GPU this process may not query (NoPermission on a shared host)
+                continue
             try:
                 if nv.nvmlDeviceGetMigMode(handle)[0] != 1:
                     continue
@@ -362,15 +366,22 @@ class MemorySampler:
             self._device_source = f"unavailable: nvmlDeviceGetMemoryInfo failed: {exc}"
 
     def _probe_processes(self, nv: ModuleType) -> None:
-        try:
-            nv.nvmlDeviceGetComputeRunningProcesses(self._handle)
-        except Exception as exc:
-            self._process_reason = (
-                f"unavailable: nvmlDeviceGetComputeRunningProcesses failed: {exc}"
-            )
+        """Pick the process query: the newest, else ``_v2`` (drivers older than the binding's v3)."""
+        failures = []
+        for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2"):
+            query = getattr(nv, name, None)
+            if query is None:
+                continue
+            try:
+                query(self._handle)
+            except Exception as exc:
+                failures.append(f"{name} failed: {exc}")
+                continue
+            self._processes_query = query
+            self._process_enabled = True
+            self._process_reason = None
             return
-        self._process_enabled = True
-        self._process_reason = None
+        self._process_reason = "unavailable: " + "; ".join(failures or ["no process query in pynvml"])
 
     def _close_nvml(self) -> None:
         """Balance our nvmlInit exactly once (NVML counts init/shutdown pairs)."""
@@ -483,7 +494,7 @@ class MemorySampler:
         if nv is None or not self._process_enabled:
             return None
         try:
-            processes = nv.nvmlDeviceGetComputeRunningProcesses(self._handle)
+            processes = self._processes_query(self._handle)
         except Exception as exc:
             self._note_error("process", exc)
             return None

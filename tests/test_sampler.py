@@ -380,6 +380,38 @@ def test_uuid_maps_torch_index_to_the_right_nvml_device(monkeypatch: pytest.Monk
     )
 
 
+def test_a_gpu_we_may_not_query_is_skipped_in_the_uuid_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = install(monkeypatch, FakeNVML(two_gpus()))
+    by_index = fake.nvmlDeviceGetHandleByIndex
+
+    def refuse_the_first(i: int) -> FakeHandle:
+        if i == 0:
+            raise FakeNVMLError("No Permission")
+        return by_index(i)
+
+    monkeypatch.setattr(sys.modules["pynvml"], "nvmlDeviceGetHandleByIndex", refuse_the_first)
+    monkeypatch.setattr(
+        sampler_mod, "_torch_device_uuid",
+        lambda index: {0: "BBBBBBBB-1111-2222-3333-444444444444"}.get(index),
+    )
+    with MemorySampler(torch.device("cuda", 0), interval=SLOW) as s:
+        pass
+    assert s.peak_nvml_device_used == 20 * MiB
+    assert s.sources["device_handle"].startswith("uuid GPU-bbbbbbbb")
+
+
+def test_process_query_falls_back_to_v2_for_an_older_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    # nvidia-ml-py's default query is v3; a driver without it fails the call.
+    fake = install(monkeypatch, FakeNVML([FakeHandle("GPU-aaaa", processes=[(PID, 300 * MiB)])], process_error="Function Not Found"))
+    module = sys.modules["pynvml"]
+    module.nvmlDeviceGetComputeRunningProcesses_v2 = lambda h: [SimpleNamespace(pid=p, usedGpuMemory=u) for p, u in h.processes]
+    with MemorySampler("cuda:0", interval=SLOW) as s:
+        pass
+    assert s.sources["process"] == "nvml compute processes"
+    assert s.peak_nvml_process_used == 300 * MiB
+    assert fake.inits == fake.shutdowns == 1
+
+
 def test_uuid_maps_to_a_mig_instance(monkeypatch: pytest.MonkeyPatch) -> None:
     mig = FakeHandle("MIG-cccccccc-1111-2222-3333-444444444444", used_v2=5 * MiB)
     gpus = [FakeHandle("GPU-aaaaaaaa-1111-2222-3333-444444444444", used_v2=70 * MiB, migs=[mig])]
