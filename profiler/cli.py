@@ -9,6 +9,7 @@ with the script's own status. Our own errors are one line, exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--margin", type=float, default=0.10, metavar="FRACTION", help="safety margin of card memory left unused when planning (default 0.10)")
     plan.add_argument("--fit-batches", metavar="B1,B2", help="also measure the script at these batch sizes (in child runs) and fit memory against batch size")
     plan.add_argument("--batch-arg", default="--batch-size", metavar="FLAG", help="the script's batch-size flag, for --fit-batches; write it with '=', e.g. --batch-arg=--bs (default --batch-size)")
-    plan.add_argument("--plot", metavar="PATH.png", help="draw one step's memory over time (needs matplotlib: pip install 'profiler[plot]')")
+    plan.add_argument("--plot", metavar="PATH.png", help="draw one step's memory over time (needs matplotlib: pip install matplotlib, or the [plot] extra)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no text report (use with --json)")
     parser.add_argument("--version", action="version", version=f"profiler {__version__}")
     parser.add_argument("script", help="the Python script to run")
@@ -84,21 +85,38 @@ def _positive_float(text: str) -> float:
 
 
 def check_writable(path: str, option: str) -> None:
-    """Fail before the script runs, not after an hour of training."""
+    """Fail before the script runs, not after an hour of training.
+
+    The file is opened for appending (or created and removed again) rather
+    than judged by ``os.access``, which says yes to root everywhere, even on
+    /proc or a read-only mount.
+    """
     target = os.path.abspath(path)
     if os.path.isdir(target):
         raise ProfilerError(f"{option} {path}: is a directory")
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise ProfilerError(f"{option} {path}: directory {parent} does not exist")
-    if os.path.exists(target) and not os.access(target, os.W_OK):
-        raise ProfilerError(f"{option} {path}: file is not writable")
-    if not os.path.exists(target) and not os.access(parent, os.W_OK):
-        raise ProfilerError(f"{option} {path}: directory {parent} is not writable")
+    existed = os.path.exists(target)
+    try:
+        with open(target, "a" if existed else "x"):
+            pass
+    except OSError as exc:
+        raise ProfilerError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.remove(target)
 
 
 def _validate(opts: argparse.Namespace) -> dict:
     """Check every option before the script runs, not after an hour of training."""
+    for option in ("json", "plot"):
+        if getattr(opts, option) == "":
+            raise ProfilerError(f"--{option} needs a file path")
+    if opts.steps == 0:
+        asked = [flag for flag, value in (("--fit", opts.fit), ("--gpu", opts.gpu), ("--fit-batches", opts.fit_batches), ("--plot", opts.plot)) if value]
+        if asked:
+            raise ProfilerError(f"{', '.join(asked)} need(s) measured steps; drop --steps 0")
     # Absolute now: the script may change directory (Hydra does) before we write.
     if opts.json:
         check_writable(opts.json, "--json")
@@ -108,17 +126,15 @@ def _validate(opts: argparse.Namespace) -> dict:
             raise ProfilerError(f"--plot {opts.plot}: the picture is a PNG; give a path ending in .png")
         check_writable(opts.plot, "--plot")
         opts.plot = os.path.abspath(opts.plot)
-        from .plot import matplotlib_available
+        from .plot import MISSING_MATPLOTLIB, matplotlib_available
 
         if not matplotlib_available():
-            raise ProfilerError("--plot needs matplotlib: pip install 'profiler[plot]' (or pip install matplotlib)")
+            raise ProfilerError(MISSING_MATPLOTLIB)
     cards = parse_cards(opts.gpu)
     if opts.fit:
         resolve_card(opts.fit, cards)
     check_margin(opts.margin)
     opts.batches = parse_batches(opts.fit_batches) if opts.fit_batches else []
-    if opts.batches and opts.steps == 0:
-        raise ProfilerError("--fit-batches needs measured steps; drop --steps 0")
     return {"cards": cards, "margin": opts.margin, "focus": opts.fit}
 
 

@@ -19,7 +19,7 @@ picture answers the questions the tables leave open:
 * which part of the model the activations come from (the bar chart by
   bucket: embedding, blocks, head, other).
 
-matplotlib is an optional extra (``pip install 'profiler[plot]'``), imported
+matplotlib is an optional extra (``pip install matplotlib``, or the ``[plot]`` extra), imported
 only when a plot is drawn. Figures are made with ``matplotlib.figure.Figure``
 and the Agg canvas directly, never through ``pyplot``, so drawing a plot from
 inside a notebook or an application leaves its backend and open figures alone.
@@ -36,7 +36,7 @@ from .report import format_bytes
 
 __all__ = ["plot_step", "plot_report", "matplotlib_available", "MISSING_MATPLOTLIB"]
 
-MISSING_MATPLOTLIB = "--plot needs matplotlib: pip install 'profiler[plot]' (or pip install matplotlib)"
+MISSING_MATPLOTLIB = "--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
 
 # Bottom to top: what lives across steps first, what comes and goes on top,
 # so the transient part of the stack is the part that moves.

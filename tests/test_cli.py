@@ -276,6 +276,14 @@ def _error_case(tmp_path: Path, case: str) -> list[str]:
         return ["--fit", "NOSUCHCARD", "ok.py"]
     if case == "bad batches":
         return ["--fit-batches", "0,x", "ok.py"]
+    if case == "json empty path":
+        return ["--json", "", "ok.py"]
+    if case == "json where nobody may write":  # /proc refuses new files even to root
+        return ["--json", "/proc/out.json", "ok.py"]
+    if case == "plot with no steps":
+        return ["--plot", "p.png", "--steps", "0", "ok.py"]
+    if case == "fit with no steps":
+        return ["--fit", "T4", "--steps", "0", "ok.py"]
     if case == "json dir unwritable":
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -298,6 +306,10 @@ ERROR_CASES = [
     "plot not png",
     "unknown card",
     "bad batches",
+    "json empty path",
+    pytest.param("json where nobody may write", marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")),
+    "plot with no steps",
+    "fit with no steps",
     pytest.param(
         "json dir unwritable",
         marks=pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere"),
@@ -311,6 +323,8 @@ def error_runs(tmp_path_factory):
     cases = [c if isinstance(c, str) else c.values[0] for c in ERROR_CASES]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cases.remove("json dir unwritable")
+    if not os.path.isdir("/proc/self"):
+        cases.remove("json where nobody may write")
     started = {}
     for case in cases:
         tmp = tmp_path_factory.mktemp("error")
