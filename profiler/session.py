@@ -83,6 +83,8 @@ class ScriptSession:
                 tracker.enter_current_forward(args)
             except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
                 self.notes.append(f"could not measure {entry.name}: {type(exc).__name__}: {exc}")
+                if tracker is not None:
+                    tracker.stop()  # no hook, sampler thread or NVML handle left behind
                 tracker = None
         self.entries[id(model)] = (entry, tracker)
 
