@@ -287,27 +287,34 @@ def timed(fn: Callable[[], Any]) -> float:
 # --------------------------------------------------------------------------- GPU helpers
 
 
-def nvidia_smi_apps() -> dict[str, Any]:
-    """``nvidia-smi --query-compute-apps`` as {pid: MiB}, or why it could not be read."""
+def nvidia_smi_apps(gpu_uuid: str | None = None) -> dict[str, Any]:
+    """``nvidia-smi --query-compute-apps`` as {pid: MiB} on one GPU, or why it could not be read.
+
+    Rows are per (GPU, process): a process with contexts on two GPUs has two,
+    so they are filtered by ``gpu_uuid`` (NVML's "GPU-..." form) when given.
+    """
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=30,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         return {"available": False, "error": f"{type(exc).__name__}: {exc}"}
     if out.returncode != 0:
         return {"available": False, "error": (out.stderr or out.stdout).strip()[:500]}
-    apps: dict[str, int | None] = {}
-    for line in out.stdout.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 2:
-            try:
-                apps[parts[0]] = int(parts[1])
-            except ValueError:
-                apps[parts[0]] = None
-    return {"available": True, "raw": out.stdout.strip()[:2000], "apps_mib": apps, "our_pid": os.getpid(),
-            "ours_mib": apps.get(str(os.getpid()))}
+    rows = [[p.strip() for p in line.split(",")] for line in out.stdout.strip().splitlines()]
+    rows = [r for r in rows if len(r) >= 3]
+    apps = {r[1]: _int_or_none(r[2]) for r in rows if gpu_uuid is None or r[0].lower() == gpu_uuid.lower()}
+    return {"available": True, "raw": out.stdout.strip()[:2000], "gpu_uuid": gpu_uuid, "apps_mib": apps,
+            "uuid_matched_rows": len(apps), "our_pid": os.getpid(), "ours_mib": apps.get(str(os.getpid()))}
+
+
+def _int_or_none(text: str) -> int | None:
+    """nvidia-smi's integer, or None for "[N/A]"."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- fit planning
