@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .buckets import BUCKETS, Buckets
+from .device_clock import span_seconds
 from .report import updating_steps
 from .tracking import StepRecord, StepTracker
 
@@ -87,6 +88,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "phases": {
             name: {
                 "seconds": ph.seconds,
+                "gpu_seconds": span_seconds(ph._device_spans),
                 "peak_allocated": ph.peak_allocated,
                 "allocated_end": ph.allocated_end,
                 "reserved_end": ph.reserved_end,
@@ -184,6 +186,13 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
             notes.append(CPU_UNAVAILABLE + "; the peak is the live-tensor counter's (opt-in dispatch tracking)")
         else:
             notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null (--live-peak measures a live-tensor peak)")
+    if cuda:
+        notes.append(
+            "phase 'seconds' are host time (CUDA runs kernels asynchronously, so the host sees launches); "
+            "'gpu_seconds' is the device's time between CUDA events recorded at the phase boundaries"
+        )
+    if tracker.device_clock.error:
+        notes.append(tracker.device_clock.error)
     if tracker.sampler is None:
         notes.append("no sampler thread (--no-sampler, or sample_interval=None): host RSS and NVML were not sampled, so their peaks are null")
     if not tracker.steps:

@@ -329,11 +329,16 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
     steady = shown[-1]
     live = steady.get("live_tensor_peak") is not None
     peak_key, peak_label = ("live_tensor_peak", "live-tensor peak") if live and steady.get("peak_allocated") is None else ("peak_allocated", "peak allocated")
+    device_time = any(ph.get("gpu_seconds") is not None for ph in steady["phases"].values())
     phase_rows = [
-        [name, f"{ph['seconds']:.3f}", format_bytes(ph.get(peak_key)), format_bytes(ph.get("host_rss_peak")), format_bytes(ph.get("nvml_process_used_peak"))]
+        [name, f"{ph['seconds']:.3f}"]
+        + ([_seconds(ph.get("gpu_seconds"))] if device_time else [])
+        + [format_bytes(ph.get(peak_key)), format_bytes(ph.get("host_rss_peak")), format_bytes(ph.get("nvml_process_used_peak"))]
         for name, ph in steady["phases"].items()
     ]
-    parts.append(f"Phases of step {steady['index']}\n" + tabulate(phase_rows, headers=["phase", "seconds", peak_label, "host RSS peak", "NVML process peak"], colalign=("left", "right", "right", "right", "right")))
+    headers = ["phase", "host seconds" if device_time else "seconds"] + (["GPU seconds"] if device_time else [])
+    headers += [peak_label, "host RSS peak", "NVML process peak"]
+    parts.append(f"Phases of step {steady['index']}\n" + tabulate(phase_rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1)))
 
     opt = steady.get("optimizer_state", {})
     if opt.get("by_name"):
@@ -355,6 +360,10 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
         )
     parts.extend(f"note: {n}" for n in memory.get("notes", []))
     return parts
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _known(value: Any) -> str:

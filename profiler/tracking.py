@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.optim import optimizer as optimizer_hooks
 
+from .device_clock import DeviceClock
+
 __all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE", "find_optimizer"]
 
 OUTSIDE = "(outside the model)"  # saved while no module of the model was running
@@ -126,6 +128,7 @@ class PhaseRecord:
     allocated_end: int | None = None
     reserved_end: int | None = None
     _start: float | None = None
+    _device_spans: list[list[Any]] = field(default_factory=list)  # [start, end] CUDA events, see device_clock
 
 
 @dataclass
@@ -244,6 +247,7 @@ class StepTracker:
         self.sampler = None
         self.device = self._model_device()
         self._cuda = self.device.type == "cuda"
+        self.device_clock = DeviceClock(self.device)
         self._compiled = any(_is_compiled(m) for m in model.modules())
         if self._compiled:
             self.notes.append(
@@ -367,6 +371,8 @@ class StepTracker:
         ph = step.phases[name]
         ph._start = now
         step.phase_spans.setdefault(name, []).append((ph._start, ph._start))
+        if self.device_clock.enabled:
+            ph._device_spans.append([self.device_clock.mark(), None])
         if self._live_counter is not None:
             self._live_counter.restart_peak()
         if self._cuda:
@@ -385,6 +391,8 @@ class StepTracker:
             spans = step.phase_spans.get(name)
             if spans:
                 spans[-1] = (spans[-1][0], now)
+            if ph._device_spans and ph._device_spans[-1][1] is None:
+                ph._device_spans[-1][1] = self.device_clock.mark()
             ph._start = None
         counter = self._live_counter
         if counter is not None and step.live_start is not None:
@@ -759,6 +767,7 @@ class StepTracker:
             for name, ph in s.phases.items():
                 mp = merged.phases[name]
                 mp.seconds += ph.seconds
+                mp._device_spans.extend(ph._device_spans)
                 if ph.peak_allocated is not None:
                     mp.peak_allocated = max(mp.peak_allocated or 0, ph.peak_allocated)
                     mp.allocated_end, mp.reserved_end = ph.allocated_end, ph.reserved_end

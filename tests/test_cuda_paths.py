@@ -71,3 +71,83 @@ def test_real_cuda_step_reconciles_with_the_allocator():
     assert step["peak_allocated"] is not None and step["reserved"] >= step["peak_allocated"]
     assert step["categories"]["autocast_copies"] > 0
     assert step["categories"]["other"] is not None
+
+
+class StandInAllocator:
+    """The CUDA allocator's counters, played on the CPU by a live-tensor counter.
+
+    ``memory_allocated`` is what was alive before (weights, optimizer state)
+    plus every tensor created since and still alive; ``max_memory_allocated``
+    its peak since the last reset. Enough to drive the tracker's CUDA code:
+    reads at phase boundaries, peak resets, CUDA-event phase timing.
+    """
+
+    def __init__(self, baseline: int) -> None:
+        from profiler.live import LiveTensorCounter
+
+        self.baseline = baseline
+        self.counter = LiveTensorCounter()
+        self.resets = 0
+
+    def install(self, monkeypatch) -> None:
+        import time
+
+        class Event:
+            def __init__(self, enable_timing: bool = False) -> None:
+                self.t = None
+
+            def record(self, stream=None) -> None:
+                self.t = time.perf_counter()
+
+            def synchronize(self) -> None:
+                pass
+
+            def elapsed_time(self, end: "Event") -> float:
+                return (end.t - self.t) * 1000.0
+
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: self.baseline + self.counter.live)
+        monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: self.baseline + self.counter.peak)
+        monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: self.baseline + self.counter.peak + 2 * MiB)
+        monkeypatch.setattr(cuda, "reset_peak_memory_stats", self._reset)
+        monkeypatch.setattr(cuda, "Event", Event)
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: None)
+        monkeypatch.setattr(cuda, "is_current_stream_capturing", lambda: False)
+
+    def _reset(self, device=None) -> None:
+        self.resets += 1
+        self.counter.restart_peak()
+
+
+def test_tracker_cuda_code_paths_with_a_stand_in_allocator(monkeypatch):
+    from profiler import profile
+    from profiler.tracking import StepTracker
+    from test_tracking import tiny_gpt, train
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    train(model, opt, steps=1)  # optimizer state exists: what is alive before is weights + state
+    alive_before = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    alive_before += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values())
+    allocator = StandInAllocator(alive_before)
+    allocator.install(monkeypatch)
+    monkeypatch.setattr(StepTracker, "_model_device", lambda self: torch.device("cuda", 0))
+    with allocator.counter:
+        with profile(model, opt) as prof:
+            train(model, opt, steps=2)
+    mem = prof.to_dict()["models"][0]["memory"]
+    assert mem["device"] == "cuda:0" and mem["allocator"] == "cuda caching allocator"
+    assert allocator.resets == 6  # one per phase start, never an empty_cache
+    for s in mem["steps"]:
+        phases = s["phases"].values()
+        assert all(p["peak_allocated"] is not None and p["gpu_seconds"] > 0 for p in phases)
+        assert s["peak_allocated"] == max(p["peak_allocated"] for p in phases)
+        # The categories alive together fit under the peak; the rest is temporaries.
+        assert s["categories_live_peak"] <= s["peak_allocated"]
+        assert s["categories"]["other"] == s["peak_allocated"] - s["categories_live_peak"] > 0
+        assert s["reserved"] >= s["peak_allocated"]
+    assert any("host time" in n for n in mem["notes"])
+    text = prof.render()
+    assert "GPU seconds" in text and "peak allocated (allocator)" in text
+    # The estimates and the fit use the allocator's peak.
+    assert prof.report.models[0].fit["source"] == "allocator peak"
