@@ -45,7 +45,7 @@ import profiler  # noqa: E402
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "autocast_copies")
 
 
-# --------------------------------------------------------------------------- placeholder
+# --------------------------------------------------------------------------- fit planner
 
 
 def fit_accuracy() -> dict[str, Any]:

@@ -297,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-per-repeat", type=int, default=None,
                    help="K steps per with-block (default: 2 for seed on CPU, else 3)")
     p.add_argument("--warmup", type=int, default=2, help="plain warm-up steps before timing")
-    p.add_argument("--no-mode-warmup", dest="mode_warmup", action="store_false",
+    p.add_argument("--no-mode-warmup", dest="mode_warmup", action="store_false", default=argparse.SUPPRESS,
                    help="skip the one untimed block per tool before timing")
     p.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if m not in ("watch", "ours_live")])
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
@@ -310,6 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<model>_<device>.json)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each block's time to stderr")
     args = p.parse_args(argv)
+    args.mode_warmup = getattr(args, "mode_warmup", True)  # SUPPRESS: a switch's help should not read "default: True"
     if "plain" not in args.modes:
         p.error("--modes must include plain (ratios are to plain)")
     on_cpu = common.resolve_device(args.device).type == "cpu"

@@ -8,6 +8,7 @@ each number came from.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -67,7 +68,8 @@ def static_table() -> str:
     return table + f"\n\n({_machine(d)}; target met: {d['target_met']})"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(overhead_table())
     print()
     print(static_table())

@@ -262,10 +262,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
                     name,
                     f"Korthikanti et al. 2022, {note}; x{scale:g} for {act_bytes}-byte activations; compared with the block bucket",
                     [_row("block activations", est, block_measured)],
-                    [
-                        "embedding, final norm, logits and loss activations (outside the layers)",
-                        "includes dropout masks (1 byte per element) that a model without dropout never saves",
-                    ],
+                    ["embedding, final norm, logits and loss activations (outside the layers)"] + _dropout_misses(model),
                 )
             )
     else:
@@ -289,6 +286,15 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
         "mixed_precision": amp,
         "formulas": formulas,
     }
+
+
+def _dropout_misses(model: nn.Module | None) -> list[str]:
+    """What the formula's dropout masks (1 byte per element, in the 34) mean for this model."""
+    if model is None:
+        return ["includes dropout masks (1 byte per element) that a model without dropout never saves"]
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return []  # the model has dropout: its masks are saved, as the formula assumes
+    return ["includes dropout masks (1 byte per element) that this model, with no active dropout, never saves"]
 
 
 # ---------------------------------------------------------------------- planning

@@ -53,6 +53,15 @@ def test_formulas_use_the_observed_shape_and_report_errors():
     assert by_name["korthikanti-full"]["estimate"] > flash["estimate"]
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_korthikanti_dropout_masks_are_a_miss_only_without_dropout(dropout):
+    model = tiny_gpt(dropout=dropout)
+    opt = torch.optim.AdamW(model.parameters())
+    est = measured(model, opt, b=2).estimates
+    misses = " ".join(m for f in est["formulas"] if f["name"].startswith("korthikanti") for m in f["misses"])
+    assert ("dropout masks" in misses) == (dropout == 0.0)
+
+
 def test_autocast_run_is_reported_as_mixed_precision():
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
