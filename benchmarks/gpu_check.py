@@ -376,22 +376,30 @@ def section_overhead(ctx: Ctx) -> dict[str, Any]:
                 r.pop("prof", None)
                 raw[mode].append({k: round(v, 6) for k, v in r.items()})
         per = {m: [x["per_step_s"] for x in rows] for m, rows in raw.items()}
+        steps_only = {m: [x["per_step_steps_only_s"] for x in rows] for m, rows in raw.items()}
         med = {m: common.median(v) for m, v in per.items()}
+        med_steps = {m: common.median(v) for m, v in steps_only.items()}
         paired = [a / b for a, b in zip(per["ours"], per["plain"])]
         ratio = common.ratio(med["ours"], med["plain"])
+        ratio_steps = common.ratio(med_steps["ours"], med_steps["plain"])
         return {
             "model": desc,
             "repeats": ctx.overhead_repeats,
             "steps_per_repeat": ctx.overhead_k,
             "timed_span": "whole with-block (profile() construction + K steps + exit) / K; plain: K steps / K",
             "raw": raw,
-            "medians": {m: {"per_step_s": med[m],
-                            "per_step_steps_only_s": common.median(x["per_step_steps_only_s"] for x in raw[m])}
+            "medians": {m: {"per_step_s": med[m], "per_step_steps_only_s": med_steps[m],
+                            "setup_s": common.median(x["setup_s"] for x in raw[m]),
+                            "teardown_s": common.median(x["teardown_s"] for x in raw[m])}
                         for m in raw},
             "ratio_of_medians": ratio,
+            "ratio_of_medians_steps_only": ratio_steps,
             "median_paired_ratio": common.median(paired),
             "target_max_ratio": OVERHEAD_TARGET,
+            "target_judged_on": "as on the CPU (overhead.py): block time / K, profile() set-up (NVML init), "
+                                "teardown and report included; the steps-only ratio shows what is per step",
             "target_met": (ratio <= OVERHEAD_TARGET) if ratio is not None else None,
+            "target_met_steps_only": (ratio_steps <= OVERHEAD_TARGET) if ratio_steps is not None else None,
         }
     finally:
         del step
@@ -578,8 +586,8 @@ def print_summary(result: dict[str, Any]) -> None:
         print(tabulate(rows, headers=["amp step", "profile() peak", "independent max_alloc", "rel err", "known sum"]))
     ov = result.get("overhead") or {}
     if "ratio_of_medians" in ov:
-        print(f"overhead: profile() / plain = {ov['ratio_of_medians']:.3f}x (target <= {OVERHEAD_TARGET}x, "
-              f"met={ov['target_met']})")
+        print(f"overhead: profile() / plain = {ov['ratio_of_medians_steps_only']:.3f}x per step "
+              f"({ov['ratio_of_medians']:.3f}x with setup and teardown; target <= {OVERHEAD_TARGET}x, met={ov['target_met']})")
     lo = (result.get("loss_outside") or {}).get("reconciliation") or {}
     if lo.get("rel_err_vs_independent") is not None:
         print(f"loss outside the model: profile() peak rel err {lo['rel_err_vs_independent'] * 100:+.2f}% "
