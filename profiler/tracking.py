@@ -52,8 +52,9 @@ SKIPPED_STEPS_LIMIT = 16
 def _guarded(method: Callable) -> Callable:
     """Run a hook so that a failure of ours never stops the user's training.
 
-    The error becomes a note in the report and measuring stops; a pack or
-    unpack hook still hands autograd its tensor back.
+    The error becomes a note in the report and measuring stops. Only
+    observations are guarded: what autograd needs back from a pack or unpack
+    hook is produced outside them.
     """
 
     @functools.wraps(method)
@@ -62,9 +63,7 @@ def _guarded(method: Callable) -> Callable:
             return method(self, *args)
         except Exception as exc:  # noqa: BLE001 - reported, never raised into the training loop
             self._fail(method.__name__, exc)
-            if method.__name__ == "_pack":
-                return args[0].detach()  # never the input itself: see _pack
-            return args[0] if method.__name__ == "_unpack" else None
+            return None
 
     return wrapper
 
@@ -108,6 +107,18 @@ def _weight_copy_source(t: torch.Tensor) -> bool:
         return False
     nxt = fn.next_functions
     return bool(nxt) and nxt[0][0] is not None and hasattr(nxt[0][0], "variable")
+
+
+class _Saved:
+    """What our pack hook hands autograd for one saved tensor (see ``StepTracker._pack``)."""
+
+    __slots__ = ("value", "version", "unpack", "ptr")
+
+    def __init__(self, value: Any, version: int | None, unpack: Callable | None, ptr: int | None) -> None:
+        self.value = value  # a detached alias, or what the script's own pack hook returned
+        self.version = version  # the tensor's version when saved (None: the script's hooks own it)
+        self.unpack = unpack  # the script's own unpack hook, if its pack hook made ``value``
+        self.ptr = ptr  # storage held on the timeline until backward unpacks it
 
 
 @dataclass
@@ -238,11 +249,14 @@ class StepTracker:
         self._step_state = "idle"  # idle | forward | after_forward | backward | after_backward
         self._saved_hooks_pushed = False
         self._saved_hooks_balanced = False
+        self._outer_hooks: tuple[Callable, Callable] | None = None  # the script's pair below ours
         self._live: dict[int, tuple[str, int]] = {}  # saved storages not yet used by backward
         self._grads_seen: set[int] = set()
         self._trunk_state = "before"  # where execution is relative to the trunk: before/in/after
         self._running = False
         self._looked_for_optimizer = optimizer is not None
+        self._in_optimizer_step = False  # between this model's optimizer's pre- and post-step hooks
+        self._stop_requested = False  # an internal error inside an optimizer hook: stop at the next forward
         self.finished = False
         self.sampler = None
         self.device = self._model_device()
@@ -269,6 +283,11 @@ class StepTracker:
 
     def start(self) -> "StepTracker":
         if self._running:
+            return self
+        if isinstance(self.model, torch.jit.ScriptModule):
+            self.notes.append("TorchScript module: PyTorch runs no Python hooks on it, so its steps are not measured "
+                              "(its parameters are counted)")
+            self.finished = True
             return self
         self._running = True
         try:
@@ -316,10 +335,18 @@ class StepTracker:
         else:
             self.notes.append("the live-tensor counter could not be removed in order (another dispatch mode was entered after it)")
 
+    @property
+    def started_measuring(self) -> bool:
+        """A training step of this model was seen (it is measuring or has measured)."""
+        return bool(self.steps) or self._step is not None
+
     def _fail(self, where: str, exc: Exception) -> None:
         """Our own error inside a hook: note it and stop measuring, leaving training alone."""
         self.notes.append(f"measuring stopped after an internal error in {where}: {type(exc).__name__}: {exc}")
         self._step = None  # the open step is unreliable: drop it
+        if where in ("_optimizer_pre", "_optimizer_post"):
+            self._stop_requested = True  # not inside torch's loop over the hooks: see _optimizer_post
+            return
         try:
             self.stop()
         except Exception:  # noqa: BLE001 - hooks are gone or going; nothing more to save
@@ -507,7 +534,9 @@ class StepTracker:
         # checkpoint), ours must nest strictly inside their context: pop at
         # the end of this forward. Otherwise keep them until the step's
         # backward is done, to see what the loss outside the model saves.
-        self._saved_hooks_balanced = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        # Only the innermost pair runs, so theirs is called from ours (_pack).
+        self._outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self._saved_hooks_balanced = self._outer_hooks is not None
         torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
         self._saved_hooks_pushed = True
 
@@ -526,26 +555,57 @@ class StepTracker:
             torch._C._autograd._pop_saved_tensors_default_hooks()
             self._saved_hooks_pushed = False
 
+    def _pack(self, t: torch.Tensor) -> "_Saved":
+        """Autograd saves ``t`` for backward: note it, then save it as autograd would have.
+
+        Only one pair of saved-tensor hooks runs, the innermost, so a pair the
+        script pushed before ours (``save_on_cpu``, a lossy compressor) is
+        called from here: the training is the same with us as without.
+        Without one, what is saved is a detached alias (returning ``t`` itself
+        would make a reference cycle through its grad_fn, see
+        ``torch.autograd.graph.saved_tensors_hooks``) with ``t``'s version,
+        checked at unpack: with hooks installed autograd no longer checks
+        whether a saved tensor was modified in place, so we do.
+        """
+        ptr = self._observe_saved(t)
+        outer = self._outer_hooks
+        if outer is not None:
+            return _Saved(outer[0](t), None, outer[1], ptr)
+        return _Saved(t.detach(), t._version, None, ptr)
+
+    def _unpack(self, saved: "_Saved") -> torch.Tensor:
+        """Backward uses a saved tensor, then frees it: the timeline's release point."""
+        if saved.ptr is not None:
+            self._observe_unpacked(saved.ptr)
+        if saved.unpack is not None:
+            return saved.unpack(saved.value)
+        value = saved.value
+        if value._version != saved.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{value.type()} {list(value.shape)}] is at version {value._version}; expected "
+                f"version {saved.version} instead (checked by profiler's saved-tensor hook, as autograd "
+                "checks when no hook is installed)"
+            )
+        return value
+
     @_guarded
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        # What a pack hook returns must not be the tensor it was given: the
-        # saved value would then hold its own grad_fn, a reference cycle that
-        # keeps a saved output (exp, softmax) alive after its graph is dropped
-        # (the warning in torch.autograd.graph.saved_tensors_hooks). A detached
-        # alias shares the storage and costs no memory.
+    def _observe_saved(self, t: torch.Tensor) -> int | None:
+        """Count a saved tensor; its storage pointer if the timeline holds it until unpack."""
         if not self._running:
-            self._pop_saved_hooks()
-            return t.detach()
+            self._pop_saved_hooks()  # measuring ended where our pair could not be popped
+            return None
         step = self._step
         # Only what the forward (and a loss computed after it) saves: tensors
         # saved while backward recomputes a checkpointed segment are transient.
         if step is None or self._step_state not in ("forward", "after_forward") or threading.get_ident() != self._thread:
-            return t.detach()
+            return None
         step.saved_tensors += 1
         key = _storage_key(t)
-        if key is not None:
-            self._count_saved(step, t, *key)
-        return t.detach()
+        if key is None:
+            return None
+        self._count_saved(step, t, *key)
+        return key[0] if key[0] in self._live else None
 
     def _count_saved(self, step: StepRecord, t: torch.Tensor, ptr: int, nbytes: int) -> None:
         """Charge a saved storage, once, to the autocast copies or to the running module's activations."""
@@ -567,15 +627,11 @@ class StepTracker:
         f.by_bucket[bucket] = f.by_bucket.get(bucket, 0) + nbytes
 
     @_guarded
-    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
-        """Backward uses a saved tensor, then frees it: the timeline's release point."""
+    def _observe_unpacked(self, ptr: int) -> None:
         step = self._step
-        if step is not None and self._live:
-            key = _storage_key(t)
-            if key is not None and key[0] in self._live:
-                category, nbytes = self._live.pop(key[0])
-                step.events.append((time.perf_counter(), category, -nbytes))
-        return t
+        if step is not None and ptr in self._live:
+            category, nbytes = self._live.pop(ptr)
+            step.events.append((time.perf_counter(), category, -nbytes))
 
     @_guarded
     def _grad_ready(self, param: torch.Tensor) -> None:
@@ -641,9 +697,17 @@ class StepTracker:
             self._note_inputs(args, kwargs)
 
     def _root_forward_begin(self) -> None:
+        if self._stop_requested:
+            self.stop()
+            return
+        if self._step is None and self._running and self._enough_steps():
+            self._done()  # the first forward after the last measured step, evaluation included
+            return
         if not torch.is_grad_enabled() or not self._running:
             return  # evaluation forwards are not training steps
-        if self._step is not None and self._step_state == "after_backward":
+        # A forward inside optimizer.step() is a closure (LBFGS re-evaluating
+        # the loss): part of this step, like a gradient-accumulation micro-batch.
+        if self._step is not None and self._step_state == "after_backward" and not self._in_optimizer_step:
             if self.optimizer is None and not self._looked_for_optimizer:
                 # A step ended without an optimizer step: weights updated by hand,
                 # or a GradScaler that skipped step() while its scale settles.
@@ -731,6 +795,7 @@ class StepTracker:
             if step is not None:
                 self._merge_unconfirmed_steps(step)
                 step = self._step
+        self._in_optimizer_step = True
         if step is None:
             return
         self._pop_saved_hooks()
@@ -781,9 +846,12 @@ class StepTracker:
 
     @_guarded
     def _optimizer_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if os.getpid() != self._pid or opt is not self.optimizer or self._step is None:
+        if os.getpid() != self._pid or opt is not self.optimizer:
             return
+        self._in_optimizer_step = False
         step = self._step
+        if step is None:
+            return
         self._phase_end("optimizer")
         step.optimizer_steps += 1
         total, by_name, by_group = self._count_optimizer_state(opt)
@@ -791,8 +859,11 @@ class StepTracker:
         if total != step.optimizer_state_before:
             step.events.append((time.perf_counter(), "optimizer_state", total - step.optimizer_state_before))
         self._finish_step()
-        if self._enough_steps():
-            self._done()
+        # Enough steps or not, the hooks stay until the next training forward
+        # (whose _begin_step ends measuring) or stop(): torch is iterating its
+        # dict of global post-hooks right now, and removing ours from it would
+        # raise in the script when another hook (a second model's, the
+        # script's own) comes after it.
 
 
 def find_optimizer(param_ids: set[int]) -> torch.optim.Optimizer | None:

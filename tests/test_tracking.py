@@ -339,6 +339,96 @@ def test_saved_tensor_hooks_leave_when_measuring_ends_on_another_thread():
     assert_no_hooks(model)
 
 
+def test_a_tracker_ending_inside_the_optimizer_hook_loop_does_not_break_the_step():
+    # torch iterates its global optimizer post-hooks while calling them: a
+    # tracker that removed its hook there would make the next hook's turn
+    # raise "OrderedDict mutated during iteration" in the script.
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    model, other = tiny_gpt(), tiny_gpt()
+    opt, other_opt = torch.optim.AdamW(model.parameters()), torch.optim.AdamW(other.parameters())
+    calls = []
+    user_hook = register_optimizer_step_post_hook(lambda o, a, k: calls.append(o))
+    try:
+        with profile(model, steps=2, sample_interval=None) as first, profile(other, sample_interval=None) as second:
+            for _ in range(4):
+                train(model, opt, steps=1)
+                train(other, other_opt, steps=1)
+    finally:
+        user_hook.remove()
+    assert len(calls) == 8
+    assert len(memory(first)["steps"]) == 2 and len(memory(second)["steps"]) == 4
+    assert_no_hooks(model)
+
+
+def test_lbfgs_closure_evaluations_are_one_step():
+    model = tiny_gpt()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
+    x, y = batch()
+
+    def closure():
+        opt.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        return loss
+
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            opt.step(closure)
+    steps = memory(prof)["steps"]
+    assert [s["optimizer_steps"] for s in steps] == [1, 1]
+    assert all(s["forwards"] == s["backwards"] > 1 and not s["optimizer_skipped"] for s in steps)
+
+
+def test_an_inplace_change_to_a_saved_tensor_still_raises():
+    # Autograd stops checking saved tensors' versions once saved-tensor hooks
+    # are installed; ours check instead, so the script's error is not lost.
+    model = tiny_gpt()
+    with profile(model, sample_interval=None):
+        x, y = batch()
+        logits, _ = model(x, y)
+        s = logits.exp()  # exp saves its output for backward...
+        s.mul_(3)  # ...which is then changed in place
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            s.sum().backward()
+
+
+def test_the_scripts_own_saved_tensor_hooks_still_run():
+    # A lossy pack hook of the script's (here: bf16) must run inside profile()
+    # exactly as without it: same loss, same gradients.
+    packed = []
+
+    def pack(t):
+        packed.append(1)
+        return t.to(torch.bfloat16), t.dtype
+
+    def unpack(saved):
+        value, dtype = saved
+        return value.to(dtype)
+
+    def run(profiled: bool):
+        model = tiny_gpt()
+        x, y = batch()
+        packed.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            if profiled:
+                with profile(model, sample_interval=None) as prof:
+                    _, loss = model(x, y)
+                    loss.backward()
+            else:
+                _, loss = model(x, y)
+                loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return loss.item(), grads, len(packed)
+
+    torch.manual_seed(1)
+    plain = run(False)
+    torch.manual_seed(1)
+    profiled = run(True)
+    assert profiled[0] == plain[0] and profiled[2] == plain[2] > 0
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], profiled[1]))
+
+
 def test_phases_tile_the_step():
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
@@ -459,7 +549,9 @@ def test_steps_limit_removes_hooks_and_training_continues():
     opt = torch.optim.AdamW(model.parameters())
     with profile(model, steps=2, sample_interval=None) as prof:
         train(model, opt, steps=2)
-        assert not model._forward_hooks  # removed as soon as two steps were measured
+        with torch.no_grad():
+            model(batch()[0])
+        assert not model._forward_hooks  # removed at the first forward after two measured steps
         train(model, opt, steps=2)
     assert len(memory(prof)["steps"]) == 2
 
