@@ -138,6 +138,14 @@ def _validate(opts: argparse.Namespace) -> dict:
     return {"cards": cards, "margin": opts.margin, "focus": opts.fit}
 
 
+def _print_report(text: str) -> None:
+    """To the script's stderr if it still works, else to the process's own."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001 - closed or replaced by something that cannot write
+        print(text, file=sys.__stderr__, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -173,25 +181,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_points, batch_notes = measure_batches(opts.script, opts.args, opts.batches, opts.batch_arg, opts.steps, opts.live_peak)
         notes.extend(batch_notes)
         for note in batch_notes:  # said even with -q: a planning point is missing
-            print(f"{PROG}: warning: {note}", file=sys.stderr)
+            _print_report(f"{PROG}: warning: {note}")
     try:
         report = session.report(models, result.globals, extra_points)
         report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
-        sys.stdout.flush()
+        with contextlib.suppress(Exception):  # the script may have replaced or closed sys.stdout
+            sys.stdout.flush()
         if not opts.quiet:
-            print("\n" + report.render(depth=opts.depth), file=sys.stderr)
+            _print_report("\n" + report.render(depth=opts.depth))
         if opts.json:
             report.to_json(opts.json)
-            print(f"{PROG}: report written to {opts.json}", file=sys.stderr)
+            _print_report(f"{PROG}: report written to {opts.json}")
         if opts.plot:
             from .plot import plot_report
 
             plot_report(report.to_dict(), opts.plot)
-            print(f"{PROG}: plot written to {opts.plot}", file=sys.stderr)
+            _print_report(f"{PROG}: plot written to {opts.plot}")
     except ProfilerError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_report(f"{PROG}: error: {exc}")
         return result.exit_code or exc.exit_code
     except OSError as exc:
-        print(f"{PROG}: error: cannot write {exc.filename or 'the report'}: {exc.strerror or exc}", file=sys.stderr)
+        _print_report(f"{PROG}: error: cannot write {exc.filename or 'the report'}: {exc.strerror or exc}")
         return result.exit_code or 2
     return result.exit_code

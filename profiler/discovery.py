@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
@@ -37,6 +38,7 @@ class ModelWatcher:
         self._local = threading.local()
         self._seen: set[int] = set()
         self._models: list[nn.Module] = []
+        self._inside_models: set[int] = set()  # every module of every model found
         self._handles: list = []
 
     # Hooks ------------------------------------------------------------------
@@ -46,9 +48,14 @@ class ModelWatcher:
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
         if depth == 0 and id(module) not in self._seen:
+            if torch._C._current_graph_task_id() != -1:
+                return  # backward recomputing checkpointed blocks: not a model of its own
             self._seen.add(id(module))
+            if id(module) in self._inside_models:
+                return  # a part of a model already found, called on its own
             if any(True for _ in module.parameters()):
                 self._models.append(module)
+                self._inside_models.update(id(m) for m in module.modules())
                 if self._on_new_model is not None:
                     self._on_new_model(module, args)
 

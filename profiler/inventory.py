@@ -206,10 +206,11 @@ def take_inventory(model: nn.Module) -> Inventory:
 
     non_persistent: dict[str, bool] = {}
     for path, mod in named_modules:
-        for bname in mod._buffers:
-            if mod._buffers[bname] is not None:
-                full = f"{path}.{bname}" if path else bname
-                non_persistent[full] = bname not in mod._non_persistent_buffers_set
+        # named_buffers, not the _buffers dict: a TorchScript module's is a wrapper without iteration
+        persistent_off = getattr(mod, "_non_persistent_buffers_set", ())
+        for bname, _ in mod.named_buffers(recurse=False):
+            full = f"{path}.{bname}" if path else bname
+            non_persistent[full] = bname not in persistent_off
     named_buffers = [(n, b) for n, b in model.named_buffers(remove_duplicate=False)]
     buffers = _group_tensors(named_buffers, persistent=non_persistent)
 

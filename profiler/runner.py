@@ -75,6 +75,12 @@ def _print_user_traceback(exc: BaseException) -> None:
     # Skip our frames: the first frame of the script is the one whose file it is.
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
+    if sys.excepthook is not sys.__excepthook__:  # the script installed its own: Python would call it
+        try:
+            sys.excepthook(type(exc), exc, tb)
+            return
+        except Exception:  # noqa: BLE001 - a broken hook: Python falls back to the default, so do we
+            pass
     traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 
 
@@ -88,7 +94,7 @@ def run_script(code: types.CodeType, path: str, args: list[str]) -> ScriptResult
     saved_main, saved_mp_main = sys.modules.get("__main__"), sys.modules.get("__mp_main__")
     sys.argv = [path, *args]
     if not sys.flags.safe_path and not sys.flags.isolated:
-        script_dir = os.path.dirname(os.path.abspath(path))
+        script_dir = os.path.dirname(os.path.realpath(path))  # Python resolves a symlinked script here
         if sys.path:
             sys.path[0] = script_dir
         else:

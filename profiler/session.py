@@ -89,7 +89,10 @@ class ScriptSession:
         self.entries[id(model)] = (entry, tracker)
 
     def _on_tracker_finished(self, tracker: StepTracker) -> None:
-        if self.stop_after_steps and all(t is None or t.finished for _, t in self.entries.values()):
+        # A model that has not trained (a teacher run under no_grad, an EMA copy)
+        # never finishes its steps and must not keep the script running.
+        pending = [t for _, t in self.entries.values() if t is not None and not t.finished and t.started_measuring]
+        if self.stop_after_steps and not pending:
             raise StopAfterSteps()
 
     def close(self) -> None:
@@ -101,10 +104,14 @@ class ScriptSession:
         reports = []
         for model, name in zip(models, name_models(models, script_globals)):
             entry, tracker = self.entries.get(id(model), (None, None))
-            if entry is None:
-                entry = analyze_model(model, name)
-            entry.name = name
-            if tracker is not None:
-                attach_memory(entry, tracker, extra_points=(extra_points or {}).get(name), **self.plan)
+            try:
+                if entry is None:
+                    entry = analyze_model(model, name)
+                entry.name = name
+                if tracker is not None:
+                    attach_memory(entry, tracker, extra_points=(extra_points or {}).get(name), **self.plan)
+            except Exception as exc:  # noqa: BLE001 - one model we cannot describe must not cost the others
+                self.notes.append(f"could not report {name}: {type(exc).__name__}: {exc}")
+                continue
             reports.append(entry)
         return Report(models=reports, notes=list(self.notes))

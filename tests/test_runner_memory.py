@@ -131,3 +131,84 @@ def test_plot_option_writes_a_png(tmp_path):
     proc = run_profiler(["--steps", "2", "--stop-after-steps", "--plot", png, EXAMPLES / "nanogpt.py", *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+REAL_WORLD_MIX = '''
+import os, sys
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.checkpoint import checkpoint
+from helpers import WIDTH  # a sibling module, found through the script's real folder
+
+torch.manual_seed(0)
+steps_seen = []
+register_optimizer_step_post_hook(lambda opt, args, kwargs: steps_seen.append(1))  # the script's own hook
+
+
+class Net(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        for block in self.blocks:  # recomputed during backward
+            x = checkpoint(block, x, use_reentrant=self.reentrant).tanh()
+        return x
+
+
+enc, head = Net(reentrant=False), Net(reentrant=True)
+teacher = nn.Linear(WIDTH, WIDTH)  # inference only
+scripted = torch.jit.script(nn.Linear(WIDTH, 1))  # TorchScript: no Python hooks run on it
+opt_enc = torch.optim.SGD(enc.parameters(), lr=0.1)
+opt_head = torch.optim.AdamW(list(head.parameters()) + list(scripted.parameters()))
+for i in range(5):
+    x = torch.randn(4, WIDTH)
+    with torch.no_grad():
+        target = teacher(x).sum(1, keepdim=True)
+    loss = (scripted(head(enc(x))) - target).pow(2).mean()
+    loss.backward()
+    opt_enc.step()
+    opt_head.step()
+    opt_enc.zero_grad()
+    opt_head.zero_grad()
+    print(f"{i} {loss.item():.8f}")
+print("post hooks called", len(steps_seen))
+sys.stdout.flush()
+sys.stdout = open(os.devnull, "w")  # a script that swaps its stdout and closes it at the end
+sys.stdout.close()
+'''
+
+
+def test_a_real_world_mix_trains_identically_and_is_reported(tmp_path):
+    # Two models with their own optimizers, the script's own global optimizer
+    # hook, checkpointed blocks (both kinds), a teacher under no_grad, a
+    # TorchScript layer, a symlinked script importing a sibling, a closed stdout.
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "helpers.py").write_text("WIDTH = 8\n")
+    (pkg / "train.py").write_text(REAL_WORLD_MIX)
+    (tmp_path / "link").mkdir()
+    script = tmp_path / "link" / "train.py"
+    script.symlink_to(pkg / "train.py")
+    from test_cli import run_both
+
+    out = tmp_path / "r.json"
+    got, plain = run_both(["--json", out, script], [script], tmp_path)
+    assert plain.returncode == 0, plain.stderr.decode()
+    assert got.returncode == 0, got.stderr.decode()
+    assert got.stdout == plain.stdout  # same losses, same hook calls
+    assert b"Traceback" not in got.stderr
+    report = _report(out)
+    models = {m["name"]: m for m in report["models"]}
+    assert {"enc", "head", "teacher", "scripted"} <= set(models)
+    for name in ("enc", "head"):
+        steps = models[name]["memory"]["steps"]
+        assert len(steps) == 3 and all(s["complete"] and s["optimizer_steps"] == 1 for s in steps)
+    assert not models["teacher"]["memory"]["steps"]
+    assert any("TorchScript" in n for n in models["scripted"]["memory"]["notes"])
+
+    stopped = run_profiler(["--steps", "2", "--stop-after-steps", script], tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.count("\n") < plain.stdout.decode().count("\n")  # the teacher did not keep it running
