@@ -163,16 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval, plan, live_peak=opts.live_peak
     )
     try:
-        with ModelWatcher(on_new_model=session.on_new_model) as watcher:
+        with ModelWatcher(on_new_model=session.on_new_model):
             result = run_script(code, opts.script, opts.args)
     finally:
         session.close()
 
     notes = session.notes
-    models = watcher.models
-    if not models:
-        models = script_models(result.globals)
-        if models:
+    fallback = []
+    if not session.found_any:
+        fallback = script_models(result.globals)
+        if fallback:
             notes.append("no model was called; reporting the models left in the script's globals")
     if result.failed:
         notes.append(f"the script raised {type(result.exception).__name__}; the report covers what ran before it")
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in batch_notes:  # said even with -q: a planning point is missing
             _print_report(f"{PROG}: warning: {note}")
     try:
-        report = session.report(models, result.globals, extra_points)
+        report = session.report(result.globals, fallback, extra_points)
         report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
         with contextlib.suppress(Exception):  # the script may have replaced or closed sys.stdout
             sys.stdout.flush()

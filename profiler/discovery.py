@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -36,9 +37,12 @@ class ModelWatcher:
         self._on_new_model = on_new_model
         self._pid = os.getpid()
         self._local = threading.local()
-        self._seen: set[int] = set()
-        self._models: list[nn.Module] = []
-        self._inside_models: set[int] = set()  # every module of every model found
+        # Weak references only: a script that builds a model per fold or per
+        # trial and drops it must get its memory back. (Sets of ids would also
+        # mistake a new module for a freed one whose id Python reused.)
+        self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._models: list[weakref.ref[nn.Module]] = []
+        self._inside_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every model found
         self._handles: list = []
 
     # Hooks ------------------------------------------------------------------
@@ -47,15 +51,15 @@ class ModelWatcher:
             return
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
-        if depth == 0 and id(module) not in self._seen:
+        if depth == 0 and module not in self._seen:
             if torch._C._current_graph_task_id() != -1:
                 return  # backward recomputing checkpointed blocks: not a model of its own
-            self._seen.add(id(module))
-            if id(module) in self._inside_models:
+            self._seen.add(module)
+            if module in self._inside_models:
                 return  # a part of a model already found, called on its own
             if any(True for _ in module.parameters()):
-                self._models.append(module)
-                self._inside_models.update(id(m) for m in module.modules())
+                self._models.append(weakref.ref(module))
+                self._inside_models.update(module.modules())
                 if self._on_new_model is not None:
                     self._on_new_model(module, args)
 
@@ -87,8 +91,8 @@ class ModelWatcher:
 
     @property
     def models(self) -> list[nn.Module]:
-        """Root models in order of first call, a submodule called on its own left out."""
-        return outermost(self._models)
+        """Root models still alive, in order of first call, a submodule called on its own left out."""
+        return outermost([m for ref in self._models if (m := ref()) is not None])
 
 
 def outermost(candidates: list[nn.Module]) -> list[nn.Module]:

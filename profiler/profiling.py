@@ -28,7 +28,7 @@ from .memory import bucket_resolver, memory_section
 from .report import ModelReport, Report
 from .tracking import StepTracker
 
-__all__ = ["profile", "attach_memory"]
+__all__ = ["profile", "attach_memory", "attach_measurements"]
 
 
 def attach_memory(
@@ -41,9 +41,14 @@ def attach_memory(
     extra_points: list | None = None,
 ) -> None:
     """Put a tracker's measurements, the estimates beside them and the fit plan into a report entry."""
+    attach_measurements(model_report, tracker)
+    model_report.fit = plan_fit(model_report.memory, extra_points=extra_points, cards=cards, margin=margin, focus=focus)
+
+
+def attach_measurements(model_report: ModelReport, tracker: StepTracker) -> None:
+    """The memory section and the estimates beside it: all that needs the tracker and its model."""
     model_report.memory = memory_section(tracker, model_report.buckets)
     model_report.estimates = estimates_section(model_report, tracker.model)
-    model_report.fit = plan_fit(model_report.memory, extra_points=extra_points, cards=cards, margin=margin, focus=focus)
 
 
 class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a context manager

@@ -3,32 +3,39 @@
 The runner's bookkeeping, kept out of the command line: the watcher reports
 each new model here at its first call, this attaches a StepTracker, and at the
 end turns what was measured into one Report with the script's names for its
-models.
+models. Models are held weakly: once a model's steps are measured its figures
+are taken out of the tracker and the model is let go, so a script that builds
+a model per fold or per trial gets each one's memory back.
 """
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 from torch import nn
 
 from .analysis import analyze_model
 from .discovery import outermost
+from .estimates import plan_fit
 from .memory import bucket_resolver
-from .profiling import attach_memory
+from .profiling import attach_measurements
 from .report import ModelReport, Report
 from .tracking import StepTracker, StopAfterSteps
 
 __all__ = ["ScriptSession", "name_models", "script_models"]
 
 
-def name_models(models: list[nn.Module], script_globals: dict) -> list[str]:
-    """Call each model by the script's variable name for it, else by its class."""
+def name_models(models: list[nn.Module | None], script_globals: dict, defaults: list[str] | None = None) -> list[str]:
+    """Call each model by the script's variable name for it, else by its class (or its default name)."""
     by_id = {}
     for var, value in script_globals.items():
         if isinstance(value, nn.Module) and not var.startswith("_"):
             by_id.setdefault(id(value), var)
     names, used = [], set()
-    for m in models:
-        base = by_id.get(id(m), type(m).__name__)
+    for i, m in enumerate(models):
+        fallback = defaults[i] if defaults else type(m).__name__
+        base = by_id.get(id(m), fallback) if m is not None else fallback
         name, k = base, 2
         while name in used:
             name, k = f"{base}#{k}", k + 1
@@ -41,6 +48,16 @@ def script_models(script_globals: dict) -> list[nn.Module]:
     """Models left in the script's globals: the fallback when none was ever called."""
     found = [v for v in script_globals.values() if isinstance(v, nn.Module) and any(True for _ in v.parameters())]
     return outermost(found)
+
+
+@dataclass
+class _Found:
+    """One model the script called: its report entry, its tracker, and a weak reference to it."""
+
+    model: weakref.ref
+    entry: ModelReport
+    tracker: StepTracker | None
+    measured: bool = False  # figures taken out of the tracker, model and optimizer let go
 
 
 class ScriptSession:
@@ -59,8 +76,12 @@ class ScriptSession:
         self.steps = steps
         self.stop_after_steps = stop_after_steps
         self.interval = interval
-        self.entries: dict[int, tuple[ModelReport, StepTracker | None]] = {}
+        self._found: list[_Found] = []
         self.notes: list[str] = []
+
+    @property
+    def found_any(self) -> bool:
+        return bool(self._found)
 
     def on_new_model(self, model: nn.Module, args: tuple = ()) -> None:
         try:
@@ -86,30 +107,50 @@ class ScriptSession:
                 if tracker is not None:
                     tracker.stop()  # no hook, sampler thread or NVML handle left behind
                 tracker = None
-        self.entries[id(model)] = (entry, tracker)
+        self._found.append(_Found(weakref.ref(model), entry, tracker))
 
     def _on_tracker_finished(self, tracker: StepTracker) -> None:
+        for found in self._found:
+            if found.tracker is tracker:
+                self._take_measurements(found)
         # A model that has not trained (a teacher run under no_grad, an EMA copy)
         # never finishes its steps and must not keep the script running.
-        pending = [t for _, t in self.entries.values() if t is not None and not t.finished and t.started_measuring]
+        pending = [f.tracker for f in self._found if f.tracker is not None and not f.tracker.finished and f.tracker.started_measuring]
         if self.stop_after_steps and not pending:
             raise StopAfterSteps()
 
-    def close(self) -> None:
-        for _, tracker in self.entries.values():
-            if tracker is not None:
-                tracker.stop()
+    def _take_measurements(self, found: _Found) -> None:
+        """Turn a finished tracker's figures into the report entry, then let the model go."""
+        try:
+            attach_measurements(found.entry, found.tracker)
+        except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
+            self.notes.append(f"could not report the memory of {found.entry.name}: {type(exc).__name__}: {exc}")
+        found.tracker.release()
+        found.measured = True
 
-    def report(self, models: list[nn.Module], script_globals: dict, extra_points: dict | None = None) -> Report:
+    def close(self) -> None:
+        for found in self._found:
+            if found.tracker is not None:
+                found.tracker.stop()
+
+    def report(self, script_globals: dict, fallback: list[nn.Module] | None = None, extra_points: dict | None = None) -> Report:
+        """One entry per model found (alive or already let go), else per ``fallback`` model."""
+        if self._found:
+            alive = [f.model() for f in self._found]
+            roots = {id(m) for m in outermost([m for m in alive if m is not None])}
+            rows = [(m, f) for m, f in zip(alive, self._found) if m is None or id(m) in roots]
+        else:
+            rows = [(m, None) for m in fallback or []]
+        names = name_models([m for m, _ in rows], script_globals, [f.entry.name if f else type(m).__name__ for m, f in rows])
         reports = []
-        for model, name in zip(models, name_models(models, script_globals)):
-            entry, tracker = self.entries.get(id(model), (None, None))
+        for (model, found), name in zip(rows, names):
             try:
-                if entry is None:
-                    entry = analyze_model(model, name)
+                entry = found.entry if found is not None else analyze_model(model, name)
                 entry.name = name
-                if tracker is not None:
-                    attach_memory(entry, tracker, extra_points=(extra_points or {}).get(name), **self.plan)
+                if found is not None and found.tracker is not None:
+                    if not found.measured:
+                        attach_measurements(entry, found.tracker)
+                    entry.fit = plan_fit(entry.memory, extra_points=(extra_points or {}).get(name), **self.plan)
             except Exception as exc:  # noqa: BLE001 - one model we cannot describe must not cost the others
                 self.notes.append(f"could not report {name}: {type(exc).__name__}: {exc}")
                 continue

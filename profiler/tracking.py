@@ -335,6 +335,12 @@ class StepTracker:
         else:
             self.notes.append("the live-tensor counter could not be removed in order (another dispatch mode was entered after it)")
 
+    def release(self) -> None:
+        """Stop, then let go of the model and its optimizer (their figures were taken out)."""
+        self.stop()
+        self.model = None
+        self.optimizer = None
+
     @property
     def started_measuring(self) -> bool:
         """A training step of this model was seen (it is measuring or has measured)."""

@@ -212,3 +212,35 @@ def test_a_real_world_mix_trains_identically_and_is_reported(tmp_path):
     stopped = run_profiler(["--steps", "2", "--stop-after-steps", script], tmp_path)
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.count("\n") < plain.stdout.decode().count("\n")  # the teacher did not keep it running
+
+
+def test_a_model_per_fold_is_let_go_once_measured(tmp_path):
+    # K-fold or a sweep: each fold's model must be freed when the script drops
+    # it, or a GPU run ends out of memory a few folds in.
+    script = tmp_path / "kfold.py"
+    script.write_text(textwrap.dedent(
+        """
+        import gc, weakref
+        import torch
+        from torch import nn
+        refs = []
+        for fold in range(3):
+            model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+            opt = torch.optim.AdamW(model.parameters())
+            for step in range(4):
+                model(torch.randn(4, 8)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+            refs.append(weakref.ref(model))
+            del model, opt
+            gc.collect()
+            print("folds alive:", sum(r() is not None for r in refs))
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["folds alive: 0"] * 3
+    models = _report(out)["models"]
+    assert [m["name"] for m in models] == ["Sequential", "Sequential#2", "Sequential#3"]
+    assert all(len(m["memory"]["steps"]) == 2 and m["memory"]["optimizer"] == "AdamW" for m in models)
