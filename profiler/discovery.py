@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
+from torch.nn.parameter import is_lazy
 
 __all__ = ["ModelWatcher"]
 
@@ -54,6 +55,8 @@ class ModelWatcher:
         if depth == 0 and module not in self._seen:
             if torch._C._current_graph_task_id() != -1:
                 return  # backward recomputing checkpointed blocks: not a model of its own
+            if any(is_lazy(p) for p in module.parameters()):
+                return  # a lazy module gets its shapes in this first forward: found at its next call
             self._seen.add(module)
             if module in self._inside_models:
                 return  # a part of a model already found, called on its own

@@ -12,6 +12,7 @@ its report before the process exits with the script's own status.
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 import traceback
@@ -88,7 +89,7 @@ def run_script(code: types.CodeType, path: str, args: list[str]) -> ScriptResult
     """Execute compiled ``code`` as ``__main__`` with ``sys.argv = [path, *args]``."""
     main = types.ModuleType("__main__")
     main.__dict__.update(
-        {"__file__": os.path.abspath(path), "__cached__": None, "__loader__": None, "__package__": None, "__spec__": None, "__builtins__": __builtins__}
+        {"__file__": os.path.abspath(path), "__cached__": None, "__loader__": None, "__package__": None, "__spec__": None, "__builtins__": builtins}
     )
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
     saved_main, saved_mp_main = sys.modules.get("__main__"), sys.modules.get("__mp_main__")

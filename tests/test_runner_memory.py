@@ -244,3 +244,28 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path):
     models = _report(out)["models"]
     assert [m["name"] for m in models] == ["Sequential", "Sequential#2", "Sequential#3"]
     assert all(len(m["memory"]["steps"]) == 2 and m["memory"]["optimizer"] == "AdamW" for m in models)
+
+
+def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path):
+    script = tmp_path / "lazy.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(1))
+        model(torch.randn(1, 8))  # the first call gives the layers their shapes
+        opt = torch.optim.AdamW(model.parameters())
+        for step in range(4):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        print(type(__builtins__).__name__)  # as under plain python: the builtins module
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "module"
+    (model,) = _report(out)["models"]
+    assert model["parameters"]["total"] == 8 * 16 + 16 + 16 + 1
+    assert len(model["memory"]["steps"]) == 2
