@@ -541,8 +541,14 @@ class StepTracker:
         # the end of this forward. Otherwise keep them until the step's
         # backward is done, to see what the loss outside the model saves.
         # Only the innermost pair runs, so theirs is called from ours (_pack).
-        self._outer_hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        self._saved_hooks_balanced = self._outer_hooks is not None
+        # Another model's tracker is passed over (its model is not the one
+        # saving), to the script's own pair beneath it, if any.
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer = top
+        while outer is not None and isinstance(getattr(outer[0], "__self__", None), StepTracker):
+            outer = outer[0].__self__._outer_hooks
+        self._outer_hooks = outer
+        self._saved_hooks_balanced = top is not None
         torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
         self._saved_hooks_pushed = True
 

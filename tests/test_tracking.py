@@ -429,6 +429,24 @@ def test_the_scripts_own_saved_tensor_hooks_still_run():
     assert all(torch.equal(a, b) for a, b in zip(plain[1], profiled[1]))
 
 
+def test_two_models_in_one_forward_each_count_their_own_saves():
+    # head(enc(x)): enc's hooks are still pushed when head's forward begins;
+    # head's must not hand head's saved tensors to enc's tracker.
+    enc = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+    head = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.1)
+    with profile(enc, opt, sample_interval=None) as pe, profile(head, opt, sample_interval=None) as ph:
+        for _ in range(2):
+            head(enc(torch.randn(4, 8))).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    enc_rows = {r["path"]: r["bytes"] for r in memory(pe)["activations_by_module"]}
+    head_rows = {r["path"]: r["bytes"] for r in memory(ph)["activations_by_module"]}
+    # enc: Linear's input (4x8 fp32), Tanh's output (4x32); the loss after both models saves the head's output.
+    assert enc_rows == {"0": 4 * 8 * 4, "1": 4 * 32 * 4, "(outside the model)": 4 * 1 * 4}
+    assert set(head_rows) == {"0", "1"} and head_rows["1"] == 4 * 32 * 4
+
+
 def test_phases_tile_the_step():
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
