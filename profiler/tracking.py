@@ -807,7 +807,8 @@ class StepTracker:
             if step is not None:
                 self._merge_unconfirmed_steps(step)
                 step = self._step
-        self._in_optimizer_step = True
+        if opt is self.optimizer:
+            self._in_optimizer_step = True  # until its post-hook: a forward now is a closure's
         if step is None:
             return
         self._pop_saved_hooks()
