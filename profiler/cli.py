@@ -140,10 +140,12 @@ def _validate(opts: argparse.Namespace) -> dict:
 
 def _print_report(text: str) -> None:
     """To the script's stderr if it still works, else to the process's own."""
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except Exception:  # noqa: BLE001 - closed or replaced by something that cannot write
-        print(text, file=sys.__stderr__, flush=True)
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            print(text, file=stream, flush=True)
+            return
+        except Exception:  # noqa: BLE001 - closed, or replaced by something that cannot write
+            continue
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,25 +184,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.extend(batch_notes)
         for note in batch_notes:  # said even with -q: a planning point is missing
             _print_report(f"{PROG}: warning: {note}")
+    report = session.report(result.globals, fallback, extra_points)
+    report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
+    # Files first: a script that closed its stderr still gets them.
+    written, failure = [], None
     try:
-        report = session.report(result.globals, fallback, extra_points)
-        report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
-        with contextlib.suppress(Exception):  # the script may have replaced or closed sys.stdout
-            sys.stdout.flush()
-        if not opts.quiet:
-            _print_report("\n" + report.render(depth=opts.depth))
         if opts.json:
             report.to_json(opts.json)
-            _print_report(f"{PROG}: report written to {opts.json}")
+            written.append(f"report written to {opts.json}")
         if opts.plot:
             from .plot import plot_report
 
             plot_report(report.to_dict(), opts.plot)
-            _print_report(f"{PROG}: plot written to {opts.plot}")
+            written.append(f"plot written to {opts.plot}")
     except ProfilerError as exc:
-        _print_report(f"{PROG}: error: {exc}")
-        return result.exit_code or exc.exit_code
+        failure = (f"{PROG}: error: {exc}", exc.exit_code)
     except OSError as exc:
-        _print_report(f"{PROG}: error: cannot write {exc.filename or 'the report'}: {exc.strerror or exc}")
-        return result.exit_code or 2
+        failure = (f"{PROG}: error: cannot write {exc.filename or 'the report'}: {exc.strerror or exc}", 2)
+    with contextlib.suppress(Exception):  # the script may have replaced or closed sys.stdout
+        sys.stdout.flush()
+    if not opts.quiet:
+        _print_report("\n" + report.render(depth=opts.depth))
+    for line in written:
+        _print_report(f"{PROG}: {line}")
+    if failure is not None:
+        _print_report(failure[0])
+        return result.exit_code or failure[1]
     return result.exit_code

@@ -310,8 +310,15 @@ class StepTracker:
         for p in {id(p): p for p in self.model.parameters()}.values():
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
-        self._handles.append(optimizer_hooks.register_optimizer_step_pre_hook(self._optimizer_pre))
-        self._handles.append(optimizer_hooks.register_optimizer_step_post_hook(self._optimizer_post))
+        for register, hook, hooks in (
+            (optimizer_hooks.register_optimizer_step_pre_hook, self._optimizer_pre, optimizer_hooks._global_optimizer_pre_hooks),
+            (optimizer_hooks.register_optimizer_step_post_hook, self._optimizer_post, optimizer_hooks._global_optimizer_post_hooks),
+        ):
+            handle = register(hook)
+            # First in torch's dict, not last: a hook of the script's that removes
+            # itself mid-loop is safe only as the last one, as it was without us.
+            hooks.move_to_end(handle.id, last=False)
+            self._handles.append(handle)
         if self.live_peak:
             from .live import LiveTensorCounter
 

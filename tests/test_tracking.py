@@ -361,6 +361,29 @@ def test_a_tracker_ending_inside_the_optimizer_hook_loop_does_not_break_the_step
     assert_no_hooks(model)
 
 
+def test_a_script_hook_that_removes_itself_still_may():
+    # Safe in plain torch when it is the last global hook; ours must not come after it.
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    fired = []
+
+    def one_shot(register):
+        def hook(o, args, kwargs):
+            fired.append(register.__name__)
+            handle.remove()
+
+        handle = register(hook)
+
+    one_shot(register_optimizer_step_pre_hook)
+    one_shot(register_optimizer_step_post_hook)
+    with profile(model, sample_interval=None) as prof:
+        train(model, opt, steps=2)
+    assert len(fired) == 2 and len(memory(prof)["steps"]) == 2
+    assert_no_hooks(model)
+
+
 def test_lbfgs_closure_evaluations_are_one_step():
     model = tiny_gpt()
     opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
