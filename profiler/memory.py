@@ -206,8 +206,9 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
             "(what a GradScaler does when fp16 gradients overflow): measured, marked optimizer_skipped, "
             "and left out of the tables, estimates and fit"
         )
-    if tracker.optimizer is None and tracker.steps:
-        notes.append("no optimizer step was seen: optimizer state not measured (weights updated by hand?)")
+    if tracker.steps and not any(s.optimizer_steps for s in tracker.steps):
+        held = "not measured" if tracker.optimizer is None else f"{type(tracker.optimizer).__name__}'s, counted as it stood"
+        notes.append(f"no optimizer step was seen (weights updated by hand?): optimizer state {held}")
     section: dict[str, Any] = {
         "device": str(tracker.device),
         "allocator": "cuda caching allocator" if cuda else "unavailable: " + CPU_UNAVAILABLE,

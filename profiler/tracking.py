@@ -256,6 +256,7 @@ class StepTracker:
         self._running = False
         self._looked_for_optimizer = optimizer is not None
         self._in_optimizer_step = False  # between this model's optimizer's pre- and post-step hooks
+        self._grad_scaler_alive: bool | None = None  # looked up once, at the first step without an optimizer step
         self._stop_requested = False  # an internal error inside an optimizer hook: stop at the next forward
         self.finished = False
         self.sampler = None
@@ -736,10 +737,13 @@ class StepTracker:
             if self.optimizer is None:
                 self._finish_step()  # hand-written update: the previous step is over
             elif self._gradients_cleared():
-                # The optimizer is known but did not step (GradScaler skips a step
-                # whose gradients overflowed), and zero_grad() has run: that
-                # iteration is over. Otherwise this forward accumulates gradients.
-                self._step.optimizer_skipped = True
+                # The optimizer is known but did not step, and zero_grad() has
+                # run: that iteration is over. A GradScaler skips the step when
+                # gradients overflow; without one, the weights were updated some
+                # other way. (Otherwise this forward accumulates gradients.)
+                if self._grad_scaler_alive is None:
+                    self._grad_scaler_alive = grad_scaler_alive()
+                self._step.optimizer_skipped = self._grad_scaler_alive
                 self._finish_step()
         if self._step is None and not self._begin_step():
             return
@@ -898,6 +902,12 @@ def find_optimizer(param_ids: set[int]) -> torch.optim.Optimizer | None:
         if issubclass(type(obj), torch.optim.Optimizer) and _updates_any(obj, param_ids):
             return obj
     return None
+
+
+def grad_scaler_alive() -> bool:
+    """Whether an enabled GradScaler exists, the one thing that skips optimizer steps by itself."""
+    classes = tuple(c for c in (getattr(torch.amp, "GradScaler", None), getattr(torch.cuda.amp, "GradScaler", None)) if c)
+    return any(issubclass(type(obj), classes) and obj.is_enabled() for obj in gc.get_objects())
 
 
 def _updates_any(opt: torch.optim.Optimizer, param_ids: set[int]) -> bool:

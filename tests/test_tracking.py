@@ -280,6 +280,25 @@ def test_grad_scaler_skips_before_the_optimizer_is_known_do_not_use_up_the_steps
     assert est["step"] == 6
 
 
+def test_an_optimizer_that_never_steps_does_not_make_skipped_steps():
+    # No GradScaler: an iteration that clears gradients without the optimizer's
+    # step updated the weights some other way; it is a step, not a skip.
+    model = tiny_gpt()
+    unused = torch.optim.AdamW(model.parameters())
+    with profile(model, steps=3, sample_interval=None) as prof:
+        for _ in range(5):
+            x, y = batch()
+            _, loss = model(x, y)
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+            unused.zero_grad()
+    mem = memory(prof)
+    assert len(mem["steps"]) == 3 and not any(s["optimizer_skipped"] for s in mem["steps"])
+    assert any("no optimizer step was seen" in n for n in mem["notes"])
+
+
 def test_a_scaler_that_never_settles_ends_measuring():
     from profiler.tracking import SKIPPED_STEPS_LIMIT
 
