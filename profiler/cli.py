@@ -22,6 +22,7 @@ from .errors import ProfilerError
 from .estimates import check_margin, parse_batches, parse_cards, resolve_card
 from .runner import load_script, run_script
 from .session import ScriptSession, script_models
+from .tracking import StopAfterSteps
 
 __all__ = ["main", "build_parser"]
 
@@ -171,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         session.close()
 
     notes = session.notes
+    if opts.stop_after_steps and not isinstance(result.exception, StopAfterSteps) and session.unfinished():
+        notes.append(
+            f"--stop-after-steps did not stop the script: {', '.join(session.unfinished())} trained fewer than "
+            f"{opts.steps} step(s) in this run"
+        )
     fallback = []
     if not session.found_any:
         fallback = script_models(result.globals)

@@ -128,6 +128,13 @@ class ScriptSession:
         found.tracker.release()
         found.measured = True
 
+    def unfinished(self) -> list[str]:
+        """Models that began training but ran fewer steps than asked for (so far)."""
+        return [
+            f.entry.name for f in self._found
+            if f.tracker is not None and f.tracker.started_measuring and not f.tracker.measured_all_steps
+        ]
+
     def close(self) -> None:
         for found in self._found:
             if found.tracker is not None:

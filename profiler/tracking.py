@@ -350,6 +350,11 @@ class StepTracker:
         self.optimizer = None
 
     @property
+    def measured_all_steps(self) -> bool:
+        """As many steps as asked for were measured (always False without a limit)."""
+        return self._enough_steps()
+
+    @property
     def started_measuring(self) -> bool:
         """A training step of this model was seen (it is measuring or has measured)."""
         return bool(self.steps) or self._step is not None
