@@ -262,7 +262,10 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
                     name,
                     f"Korthikanti et al. 2022, {note}; x{scale:g} for {act_bytes}-byte activations; compared with the block bucket",
                     [_row("block activations", est, block_measured)],
-                    ["embedding, final norm, logits and loss activations (outside the layers)"] + _dropout_misses(model),
+                    ["embedding, final norm, logits and loss activations (outside the layers)"]
+                    + _dropout_misses(model)
+                    + (["gradient checkpointing: the blocks keep only their inputs and recompute the rest in backward; "
+                        "the formula counts every activation a full forward keeps"] if step.get("gradient_checkpointing") else []),
                 )
             )
     else:

@@ -74,6 +74,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "backwards": step.backwards,
         "optimizer_steps": step.optimizer_steps,
         "optimizer_skipped": step.optimizer_skipped,
+        "gradient_checkpointing": step.checkpointing,
         "categories": {
             "parameters": step.parameters,
             "gradients": step.gradients,
@@ -199,6 +200,11 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         notes.append("no training step was seen (no forward with gradients enabled)")
     elif not any(s.complete for s in tracker.steps):
         notes.append("no complete step (forward and backward) was seen")
+    if any(s.checkpointing for s in tracker.steps):
+        notes.append(
+            "gradient checkpointing in the trunk's blocks: they keep only their inputs and recompute the rest in "
+            "backward, so their activations are far below a full forward's"
+        )
     skipped = sum(s.optimizer_skipped for s in tracker.steps)
     if skipped:
         notes.append(

@@ -175,6 +175,7 @@ class StepRecord:
     optimizer_skipped: bool = False  # gradients were cleared without an optimizer step (GradScaler overflow)
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input
     input_is_tokens: bool = False
+    checkpointing: bool = False  # a trunk block ran its forward checkpointed (not saving for backward)
     _t0: float = 0.0
     gradients_start: int = 0  # gradient bytes alive when the step began (zero_grad without set_to_none)
     events: list[tuple[float, str, int]] = field(default_factory=list)  # (perf_counter, category, +/- bytes)
@@ -679,6 +680,13 @@ class StepTracker:
         self._stack.append(id(module))
         if id(module) in self._block_modules:
             self._trunk_state = "in"
+            step = self._step
+            if step is not None and not step.checkpointing and self._step_state == "forward":
+                # A checkpointed block runs its forward without saving: reentrant
+                # checkpointing under no_grad, the other kind under its own
+                # saved-tensor hooks (which sit on top of ours).
+                top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+                step.checkpointing = not torch.is_grad_enabled() or (top is not None and top[0] != self._pack)
 
     @_guarded
     def _module_post(self, module: nn.Module, args: Any, output: Any) -> None:

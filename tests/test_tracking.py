@@ -562,6 +562,8 @@ def test_gradient_checkpointing_reports_less(reentrant):
         step = memory(prof)["steps"][0]
         assert step["complete"]
         assert step["categories"]["gradients"] == unique_param_bytes(model)
+        assert step["gradient_checkpointing"] is use
+        assert any("gradient checkpointing" in n for n in memory(prof)["notes"]) is use
         results[use] = step["categories"]["activations"]
     assert results[True] < results[False]
     assert_no_hooks(model)

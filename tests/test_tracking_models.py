@@ -345,6 +345,9 @@ def test_gpt2_gradient_checkpointing(ckpt_kwargs):
     step = mem["steps"][-1]
     cat = step["categories"]
     assert step["complete"] and [s["kind"] for s in mem["steps"]] == ["first", "steady"]
+    assert step["gradient_checkpointing"] and not base["gradient_checkpointing"]
+    formulas = prof.to_dict()["models"][0]["estimates"]["formulas"]
+    assert all(any("gradient checkpointing" in m for m in f["misses"]) for f in formulas if f["name"].startswith("korthikanti"))
     assert cat["gradients"] == unique_param_bytes(model)
     assert step["optimizer_state"]["by_name"]["exp_avg"] == unique_param_bytes(model)
     assert 0 < cat["activations"] < base["categories"]["activations"]
