@@ -139,6 +139,16 @@ def _validate(opts: argparse.Namespace) -> dict:
     return {"cards": cards, "margin": opts.margin, "focus": opts.fit}
 
 
+def _shadowed_module(script: str) -> str | None:
+    """The script's own ``profiler`` module or package, which ``import profiler`` cannot reach now."""
+    folder = os.path.dirname(os.path.realpath(script))
+    ours = os.path.dirname(os.path.realpath(__file__))
+    for candidate in (os.path.join(folder, "profiler.py"), os.path.join(folder, "profiler")):
+        if os.path.exists(candidate) and os.path.realpath(candidate) != ours:
+            return candidate
+    return None
+
+
 def _print_report(text: str) -> None:
     """To the script's stderr if it still works, else to the process's own."""
     for stream in (sys.stderr, sys.__stderr__):
@@ -162,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
 
+    shadowed = _shadowed_module(opts.script)
+    if shadowed:
+        _print_report(f"{PROG}: warning: the script's own {shadowed} is hidden under the runner: "
+                      "`import profiler` gives this tool (rename the module to run the script here)")
     session = ScriptSession(
         opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval, plan, live_peak=opts.live_peak
     )

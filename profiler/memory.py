@@ -194,7 +194,7 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         )
     if tracker.device_clock.error:
         notes.append(tracker.device_clock.error)
-    if tracker.sampler is None:
+    if not tracker.sample_interval:
         notes.append("no sampler thread (--no-sampler, or sample_interval=None): host RSS and NVML were not sampled, so their peaks are null")
     if not tracker.steps:
         notes.append("no training step was seen (no forward with gradients enabled)")

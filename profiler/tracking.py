@@ -270,6 +270,13 @@ class StepTracker:
                 "torch.compile'd module: activations saved inside compiled graphs are not visible to "
                 "saved-tensor hooks and are not measured; gradients and optimizer state are"
             )
+        if optimizer is not None and not _updates_any(optimizer, self._param_ids):
+            self.notes.append(
+                f"the optimizer given ({type(optimizer).__name__}) updates none of this model's parameters: "
+                "its steps are not this model's, and its state is not counted"
+            )
+            self.optimizer = None
+            self._looked_for_optimizer = False  # the right one is found as if none had been given
         devices = {p.device for p in model.parameters()}
         if len(devices) > 1:
             self.notes.append(

@@ -517,3 +517,11 @@ def test_nanogpt_example_json(tmp_path, hand_count):
     assert params["total_with_duplicates"] == expected + 100 * 64
     assert [(t["path"], t["blocks"]) for t in params["trunks"]] == [("transformer.h", 2)]
     assert "step 0" in got.stdout.decode()
+
+
+def test_a_scripts_own_profiler_module_is_said_to_be_hidden(tmp_path):
+    write(tmp_path / "profiler.py", "def timer():\n    return 1\n")
+    script = write(tmp_path / "train.py", "import profiler\nprint(hasattr(profiler, 'timer'))\n")
+    got = run_profiler([script], tmp_path)
+    assert got.returncode == 0
+    assert "warning: the script's own" in got.stderr.decode() and "profiler.py is hidden" in got.stderr.decode()

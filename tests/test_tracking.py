@@ -406,6 +406,16 @@ def test_a_script_hook_that_removes_itself_still_may():
     assert_no_hooks(model)
 
 
+def test_an_optimizer_of_another_model_is_said_and_the_right_one_found():
+    model, other = tiny_gpt(), tiny_gpt()
+    opt, wrong = torch.optim.AdamW(model.parameters()), torch.optim.SGD(other.parameters(), lr=0.1)
+    with profile(model, wrong, sample_interval=None) as prof:
+        train(model, opt, steps=2)
+    mem = memory(prof)
+    assert any("updates none of this model's parameters" in n for n in mem["notes"])
+    assert mem["optimizer"] == "AdamW" and [s["optimizer_steps"] for s in mem["steps"]] == [1, 1]
+
+
 def test_lbfgs_closure_evaluations_are_one_step():
     model = tiny_gpt()
     opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
