@@ -520,8 +520,9 @@ def test_nanogpt_example_json(tmp_path, hand_count):
 
 
 def test_a_scripts_own_profiler_module_is_said_to_be_hidden(tmp_path):
-    write(tmp_path / "profiler.py", "def timer():\n    return 1\n")
-    script = write(tmp_path / "train.py", "import profiler\nprint(hasattr(profiler, 'timer'))\n")
+    # (Run from another folder: from the script's own, `python -m profiler` would run that module.)
+    write(tmp_path / "proj" / "profiler.py", "def timer():\n    return 1\n")
+    script = write(tmp_path / "proj" / "train.py", "import profiler\nprint(hasattr(profiler, 'timer'))\n")
     got = run_profiler([script], tmp_path)
     assert got.returncode == 0
     assert "warning: the script's own" in got.stderr.decode() and "profiler.py is hidden" in got.stderr.decode()
