@@ -152,11 +152,15 @@ def _shadowed_module(script: str) -> str | None:
 def _print_report(text: str) -> None:
     """To the script's stderr if it still works, else to the process's own."""
     for stream in (sys.stderr, sys.__stderr__):
+        if stream is None:  # print(file=None) would write to stdout
+            continue
         try:
             print(text, file=stream, flush=True)
             return
         except Exception:  # noqa: BLE001 - closed, or replaced by something that cannot write
             continue
+    with contextlib.suppress(OSError):  # both closed: file descriptor 2 may still be open
+        os.write(2, (text + "\n").encode("utf-8", "replace"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,8 +61,9 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
     live_peak = categories_live_peak(step)
     # "other" is what the measured peak holds beyond the categories at their
     # largest simultaneous total: temporaries, workspace, allocator rounding.
-    peak = step.peak_allocated if step.peak_allocated is not None else step.live_tensor_peak
-    other = None if peak is None else peak - live_peak
+    # Only against the allocator's peak: the live-tensor peak leaves out tensors
+    # made before the step (the batch) that the categories may hold.
+    other = None if step.peak_allocated is None else step.peak_allocated - live_peak
     out: dict[str, Any] = {
         "index": step.index,
         "kind": "first" if step.first else "steady",

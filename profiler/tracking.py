@@ -692,8 +692,10 @@ class StepTracker:
                 # A checkpointed block runs its forward without saving: reentrant
                 # checkpointing under no_grad, the other kind under its own
                 # saved-tensor hooks (which sit on top of ours).
+                # (A frozen block run under no_grad has no input that requires grad.)
                 top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-                step.checkpointing = not torch.is_grad_enabled() or (top is not None and top[0] != self._pack)
+                reentrant = not torch.is_grad_enabled() and any(t.requires_grad for t in _tensors_in(args))
+                step.checkpointing = reentrant or (top is not None and top[0] != self._pack)
 
     @_guarded
     def _module_post(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -903,6 +905,8 @@ class StepTracker:
         if total != step.optimizer_state_before:
             step.events.append((time.perf_counter(), "optimizer_state", total - step.optimizer_state_before))
         self._finish_step()
+        if self._enough_steps() and self.sampler is not None:
+            self.sampler.stop()  # what the script does next is not this step's memory
         # Enough steps or not, the hooks stay until the next training forward
         # (whose _begin_step ends measuring) or stop(): torch is iterating its
         # dict of global post-hooks right now, and removing ours from it would
@@ -920,6 +924,9 @@ def find_optimizer(param_ids: set[int]) -> torch.optim.Optimizer | None:
     """
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.optim.Optimizer) and _updates_any(obj, param_ids):
+            inner = getattr(obj, "optimizer", None)
+            if isinstance(inner, torch.optim.Optimizer):
+                continue  # a wrapper (accelerate's AcceleratedOptimizer): the hooks fire for the one inside
             return obj
     return None
 

@@ -416,6 +416,61 @@ def test_an_optimizer_of_another_model_is_said_and_the_right_one_found():
     assert mem["optimizer"] == "AdamW" and [s["optimizer_steps"] for s in mem["steps"]] == [1, 1]
 
 
+def test_a_wrapped_optimizer_is_found_inside_its_wrapper():
+    # accelerate's AcceleratedOptimizer is an Optimizer holding the real one in .optimizer;
+    # step hooks fire for the inner one, so that is the one to find.
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none)
+
+    model = tiny_gpt()
+    wrapped = Wrapper(torch.optim.AdamW(model.parameters()))
+    with profile(model, sample_interval=None) as prof:
+        for i in range(3):
+            x, y = batch()
+            _, loss = model(x, y)
+            loss.backward()
+            if i == 0:
+                wrapped.zero_grad()  # the first iteration ends without a step: the optimizer is looked for
+                continue
+            wrapped.step()
+            wrapped.zero_grad()
+    mem = memory(prof)
+    assert mem["optimizer"] == "AdamW"
+    assert [s["optimizer_steps"] for s in mem["steps"]][-2:] == [1, 1]
+
+
+def test_a_frozen_block_run_without_grad_is_not_checkpointing():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                for b in self.blocks:
+                    x = b(x)
+            return self.head(x)
+
+    model = Net()
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+    assert memory(prof)["steps"][0]["gradient_checkpointing"] is False
+
+
 def test_lbfgs_closure_evaluations_are_one_step():
     model = tiny_gpt()
     opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
@@ -694,13 +749,12 @@ def test_live_peak_mode_bounds_and_cleanup():
     assert step["live_tensor_peak"] == max(p["live_tensor_peak"] for p in step["phases"].values())
     for s in memory(prof)["steps"]:
         c = s["categories"]
-        # The categories never hold more at once than every live tensor together,
-        # and "other" is the peak's remainder beyond them: never negative.
+        # The categories never hold more at once than every live tensor together.
         most = s["categories_live_peak"]
         assert max(c["parameters"] + c["optimizer_state"] + c["gradients"],
                    c["parameters"] + s["baseline"]["optimizer_state"] + c["activations"]) <= most <= s["live_tensor_peak"]
         assert most < sum(v for k, v in c.items() if k != "other")  # not everything is alive at once
-        assert c["other"] == s["live_tensor_peak"] - most >= 0
+        assert c["other"] is None  # only against an allocator's peak
     assert "live-tensor peak" in prof.render()
     assert prof.report.models[0].fit["source"].startswith("live-tensor peak")
 
