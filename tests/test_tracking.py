@@ -56,6 +56,18 @@ def train(model, opt, steps=3, **kw):
     return losses
 
 
+def train_by_hand(model, steps, clear):
+    """SGD written out in the loop, no optimizer step; ``clear`` drops the gradients."""
+    for _ in range(steps):
+        x, y = batch()
+        _, loss = model(x, y)
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * p.grad
+        clear()
+
+
 def memory(prof) -> dict:
     return prof.to_dict()["models"][0]["memory"]
 
@@ -168,14 +180,7 @@ def test_autocast_weight_copies_are_their_own_category():
 def test_hand_written_update_without_optimizer():
     model = tiny_gpt()
     with profile(model, sample_interval=None) as prof:
-        for _ in range(3):
-            x, y = batch()
-            _, loss = model(x, y)
-            loss.backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p -= 0.01 * p.grad
-            model.zero_grad(set_to_none=True)
+        train_by_hand(model, 3, clear=lambda: model.zero_grad(set_to_none=True))
     mem = memory(prof)
     assert len(mem["steps"]) == 3
     assert all(s["complete"] for s in mem["steps"])
@@ -289,14 +294,7 @@ def test_an_optimizer_that_never_steps_does_not_make_skipped_steps():
     model = tiny_gpt()
     unused = torch.optim.AdamW(model.parameters())
     with profile(model, steps=3, sample_interval=None) as prof:
-        for _ in range(5):
-            x, y = batch()
-            _, loss = model(x, y)
-            loss.backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p -= 0.01 * p.grad
-            unused.zero_grad()
+        train_by_hand(model, 5, clear=unused.zero_grad)
     mem = memory(prof)
     assert len(mem["steps"]) == 3 and not any(s["optimizer_skipped"] for s in mem["steps"])
     assert any("no optimizer step was seen" in n for n in mem["notes"])
