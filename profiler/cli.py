@@ -225,10 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = (f"{PROG}: error: {exc}", exc.exit_code)
     except OSError as exc:
         failure = (f"{PROG}: error: cannot write {exc.filename or 'the report'}: {exc.strerror or exc}", 2)
+    except Exception as exc:  # noqa: BLE001 - our bug: one line, and the printed report still comes
+        failure = (f"{PROG}: error: could not write the report files: {type(exc).__name__}: {exc}", 1)
     with contextlib.suppress(Exception):  # the script may have replaced or closed sys.stdout
         sys.stdout.flush()
     if not opts.quiet:
-        _print_report("\n" + report.render(depth=opts.depth))
+        try:
+            text = "\n" + report.render(depth=opts.depth)
+        except Exception as exc:  # noqa: BLE001 - our bug: one line, and the files were written
+            text = f"{PROG}: error: could not render the report: {type(exc).__name__}: {exc}"
+            failure = failure or (text, 1)
+        _print_report(text)
     for line in written:
         _print_report(f"{PROG}: {line}")
     if failure is not None:

@@ -75,6 +75,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "backwards": step.backwards,
         "optimizer_steps": step.optimizer_steps,
         "optimizer_skipped": step.optimizer_skipped,
+        "optimizer_failed": step.optimizer_failed,
         "gradient_checkpointing": step.checkpointing,
         "categories": {
             "parameters": step.parameters,
@@ -86,6 +87,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         },
         "optimizer_state": {"by_name": step.optimizer_state_by_name, "by_group": step.optimizer_state_by_group},
         "saved_tensors": step.saved_tensors,
+        "activations_offloaded": step.activations_offloaded,
         "activations_by_bucket": {b: step.activations_by_bucket.get(b, 0) for b in BUCKETS},
         "phases": {
             name: {
@@ -212,6 +214,20 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
             f"{skipped} iteration(s) ended without an optimizer step after their gradients were cleared "
             "(what a GradScaler does when fp16 gradients overflow): measured, marked optimizer_skipped, "
             "and left out of the tables, estimates and fit"
+        )
+    failed = [s.index for s in tracker.steps if s.optimizer_failed]
+    if failed:
+        notes.append(
+            f"optimizer.step() raised in step(s) {', '.join(map(str, failed))} (an out-of-memory error the script "
+            "caught?): marked optimizer_failed, not counted toward the steps asked for, and left out of the "
+            "tables, estimates and fit"
+        )
+    offloaded = max((s.activations_offloaded for s in tracker.steps), default=0)
+    if offloaded:
+        notes.append(
+            f"the script's own saved-tensor hooks (save_on_cpu?) moved up to {offloaded:,} bytes of saved tensors "
+            f"off {tracker.device}: they are in 'activations_offloaded', not in 'activations', which counts what "
+            "backward holds on the device"
         )
     if tracker.steps and not any(s.optimizer_steps for s in tracker.steps):
         held = "not measured" if tracker.optimizer is None else f"{type(tracker.optimizer).__name__}'s, counted as it stood"

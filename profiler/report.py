@@ -290,11 +290,11 @@ def updating_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Complete steps that updated the weights; else the complete ones; else all.
 
     What the tables, the estimates and the fit planner describe: an iteration
-    whose optimizer step a GradScaler skipped has no optimizer phase and is
-    not the step the user asks about.
+    whose optimizer step a GradScaler skipped, or whose ``step()`` raised, has
+    no (whole) optimizer phase and is not the step the user asks about.
     """
     complete = [s for s in steps if s.get("complete")]
-    return [s for s in complete if not s.get("optimizer_skipped")] or complete or steps
+    return [s for s in complete if not (s.get("optimizer_skipped") or s.get("optimizer_failed"))] or complete or steps
 
 
 def _shown_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -47,6 +48,24 @@ PHASES = ("forward", "backward", "optimizer")
 # A GradScaler halves its scale at every skipped step: 16 skips take the default
 # initial scale of 2**16 down to 1, past which overflow is not the scale's doing.
 SKIPPED_STEPS_LIMIT = 16
+
+
+# Handles of optimizer post-hooks retired while torch was iterating their dict
+# (a tracker that finished inside its own post-hook): a key deleted mid-loop
+# raises in the script, so the entry's value became a no-op and the key goes
+# at the next safe moment (``_drop_retired_hooks``).
+_RETIRED_HOOKS: list[Any] = []
+
+
+def _retired_hook(*args: Any) -> None:
+    """What a retired optimizer hook's entry holds until its key can be removed."""
+    return None
+
+
+def _drop_retired_hooks() -> None:
+    """Remove the retired entries: only called where torch is not iterating the post-hooks."""
+    while _RETIRED_HOOKS:
+        _RETIRED_HOOKS.pop().remove()
 
 
 def _guarded(method: Callable) -> Callable:
@@ -109,6 +128,9 @@ def _weight_copy_source(t: torch.Tensor) -> bool:
     return bool(nxt) and nxt[0][0] is not None and hasattr(nxt[0][0], "variable")
 
 
+_NOT_PACKED = object()  # no pack hook of the script's ran: autograd holds the tensor itself
+
+
 class _Saved:
     """What our pack hook hands autograd for one saved tensor (see ``StepTracker._pack``)."""
 
@@ -127,6 +149,7 @@ class ForwardSaves:
 
     saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
     copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
+    offloaded: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes moved off the device by the script
     by_module: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, bucket) -> bytes
     by_bucket: dict[str, int] = field(default_factory=dict)
 
@@ -173,6 +196,8 @@ class StepRecord:
     seconds: float = 0.0
     complete: bool = False  # saw a forward and a backward
     optimizer_skipped: bool = False  # gradients were cleared without an optimizer step (GradScaler overflow)
+    optimizer_failed: bool = False  # optimizer.step() raised (the script caught it and went on, or ended)
+    activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input
     input_is_tokens: bool = False
     checkpointing: bool = False  # a trunk block ran its forward checkpointed (not saving for backward)
@@ -198,6 +223,7 @@ class StepRecord:
             self.activations_by_module = f.by_module
             self.activations_by_bucket = f.by_bucket
         self.autocast_copies = max(self.autocast_copies, sum(f.copies.values()))
+        self.activations_offloaded = max(self.activations_offloaded, sum(f.offloaded.values()))
         self._current = ForwardSaves()
 
     @property
@@ -252,13 +278,15 @@ class StepTracker:
         self._saved_hooks_balanced = False
         self._outer_hooks: tuple[Callable, Callable] | None = None  # the script's pair below ours
         self._live: dict[int, tuple[str, int]] = {}  # saved storages not yet used by backward
-        self._grads_seen: set[int] = set()
+        self._grads_seen: dict[int, int] = {}  # gradient storages on the step's timeline -> bytes
         self._trunk_state = "before"  # where execution is relative to the trunk: before/in/after
         self._running = False
         self._looked_for_optimizer = optimizer is not None
         self._in_optimizer_step = False  # between this model's optimizer's pre- and post-step hooks
+        self._optimizer_frame = None  # the frame of that step() call, to tell whether it is still running
         self._grad_scaler_alive: bool | None = None  # looked up once, at the first step without an optimizer step
         self._stop_requested = False  # an internal error inside an optimizer hook: stop at the next forward
+        self._in_post_hooks = False  # torch is iterating its optimizer post-hooks (ours is running)
         self.finished = False
         self.sampler = None
         self.device = self._model_device()
@@ -309,6 +337,7 @@ class StepTracker:
         return self
 
     def _install(self) -> None:
+        _drop_retired_hooks()
         self._param_storages = {k[0] for p in self.model.parameters() if (k := _storage_key(p)) is not None}
         for mod in _hookable_modules(self.model):
             if mod is self.model:  # the root also reports its inputs: batch and sequence sizes
@@ -371,8 +400,10 @@ class StepTracker:
         """Our own error inside a hook: note it and stop measuring, leaving training alone."""
         self.notes.append(f"measuring stopped after an internal error in {where}: {type(exc).__name__}: {exc}")
         self._step = None  # the open step is unreliable: drop it
-        if where in ("_optimizer_pre", "_optimizer_post"):
-            self._stop_requested = True  # not inside torch's loop over the hooks: see _optimizer_post
+        if where == "_optimizer_pre":
+            # Not while torch loops over the pre-hooks (deleting ours would raise
+            # in the script): at the next forward. In a post-hook stop() retires ours.
+            self._stop_requested = True
             return
         try:
             self.stop()
@@ -381,6 +412,8 @@ class StepTracker:
 
     def stop(self) -> None:
         """Remove every hook, close the open step and stop the sampler. Idempotent."""
+        if not self._in_post_hooks:
+            _drop_retired_hooks()  # one of ours retired by an earlier stop() inside torch's loop
         if not self._running:
             return
         self._running = False
@@ -388,11 +421,17 @@ class StepTracker:
             self._finish_step()
         finally:
             self._pop_saved_hooks()
+            post_hooks = optimizer_hooks._global_optimizer_post_hooks
             for h in self._handles:
-                h.remove()
+                if self._in_post_hooks and h.hooks_dict_ref() is post_hooks and h.id in post_hooks:
+                    post_hooks[h.id] = _retired_hook  # not `del`: torch is iterating this dict
+                    _RETIRED_HOOKS.append(h)
+                else:
+                    h.remove()
             self._handles = []
             self._leave_live_counter()
             self._stack = []
+            self._optimizer_frame = None
             if self.sampler is not None:
                 self.sampler.stop()
             self.finished = True
@@ -465,6 +504,26 @@ class StepTracker:
     def _unique_bytes(tensors: list[torch.Tensor]) -> int:
         return sum(dict(_memory_of(t) for t in tensors).values())
 
+    def _live_gradients(self) -> dict[int, int]:
+        """Storage identity -> bytes of every gradient the model's parameters hold now."""
+        return dict(_memory_of(p.grad) for p in self.model.parameters() if p.grad is not None)
+
+    def _release_cleared_gradients(self) -> None:
+        """Take gradients that ``zero_grad()`` freed in mid-step off the timeline.
+
+        A script may clear gradients between forward and backward, or in an
+        LBFGS closure; the storages seen so far are then gone, and the
+        backward that follows allocates new ones.
+        """
+        step = self._step
+        if step is None or not self._grads_seen:
+            return
+        alive = self._live_gradients()
+        gone = [ident for ident in self._grads_seen if ident not in alive]
+        if gone:
+            now = time.perf_counter()
+            step.events.extend((now, "gradients", -self._grads_seen.pop(ident)) for ident in gone)
+
     def _count_gradients(self) -> None:
         if self._step is not None:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -498,10 +557,12 @@ class StepTracker:
         gradients, common while the loss scale settles) has no optimizer phase
         and shows nothing of the step the user asked about, so it does not
         count; after ``SKIPPED_STEPS_LIMIT`` of them measuring ends anyway.
+        An iteration whose ``optimizer.step()`` raised (an out-of-memory error
+        the script caught to retry smaller) does not count either.
         """
         if self.max_steps is None:
             return False
-        skipped = sum(s.optimizer_skipped for s in self.steps)
+        skipped = sum(s.optimizer_skipped or s.optimizer_failed for s in self.steps)
         return len(self.steps) - skipped >= self.max_steps or skipped >= SKIPPED_STEPS_LIMIT
 
     def _begin_step(self) -> bool:
@@ -512,9 +573,8 @@ class StepTracker:
         step = StepRecord(index=len(self.steps) + 1)
         step._t0 = time.perf_counter()
         step.parameters = self._unique_bytes(list(self.model.parameters()))
-        live_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        step.gradients_start = self._unique_bytes(live_grads)
-        self._grads_seen = {_memory_of(g)[0] for g in live_grads}
+        self._grads_seen = self._live_gradients()
+        step.gradients_start = sum(self._grads_seen.values())
         self._live = {}
         opt = self.optimizer
         if opt is not None:
@@ -533,6 +593,9 @@ class StepTracker:
         step = self._step
         if step is None:
             return
+        if self._in_optimizer_step:  # its step() raised: the post-hook never ran
+            step.optimizer_failed = True
+            self._in_optimizer_step, self._optimizer_frame = False, None
         self._pop_saved_hooks()
         for name in PHASES:
             if step.phases[name]._start is not None:
@@ -600,11 +663,11 @@ class StepTracker:
         checked at unpack: with hooks installed autograd no longer checks
         whether a saved tensor was modified in place, so we do.
         """
-        ptr = self._observe_saved(t)
         outer = self._outer_hooks
         if outer is not None:
-            return _Saved(outer[0](t), None, outer[1], ptr)
-        return _Saved(t.detach(), t._version, None, ptr)
+            packed = outer[0](t)
+            return _Saved(packed, None, outer[1], self._observe_saved(t, packed))
+        return _Saved(t.detach(), t._version, None, self._observe_saved(t))
 
     def _unpack(self, saved: "_Saved") -> torch.Tensor:
         """Backward uses a saved tensor, then frees it: the timeline's release point."""
@@ -623,8 +686,13 @@ class StepTracker:
         return value
 
     @_guarded
-    def _observe_saved(self, t: torch.Tensor) -> int | None:
-        """Count a saved tensor; its storage pointer if the timeline holds it until unpack."""
+    def _observe_saved(self, t: torch.Tensor, packed: Any = _NOT_PACKED) -> int | None:
+        """Count a saved tensor; its storage pointer if the timeline holds it until unpack.
+
+        ``packed`` is what the script's own pack hook made of ``t``: what backward
+        then holds on the device is the tensors in it there (a copy, a
+        compressed form), or nothing if it moved ``t`` elsewhere (``save_on_cpu``).
+        """
         if not self._running:
             self._pop_saved_hooks()  # measuring ended where our pair could not be popped
             return None
@@ -637,6 +705,17 @@ class StepTracker:
         key = _storage_key(t)
         if key is None:
             return None
+        if packed is not _NOT_PACKED:
+            held = [(x, k) for x in _tensors_in(packed) if x.device == t.device and (k := _storage_key(x)) is not None]
+            if not held:
+                if key[0] not in self._param_storages:
+                    step._current.offloaded[key[0]] = key[1]
+                return None
+            if all(k[0] != key[0] for _, k in held):  # a copy or a compressed form stays on the device
+                for x, k in held:
+                    self._count_saved(step, x, *k)
+                ptr = held[0][1][0]
+                return ptr if ptr in self._live else None
         self._count_saved(step, t, *key)
         return key[0] if key[0] in self._live else None
 
@@ -674,7 +753,7 @@ class StepTracker:
             return
         ident, nbytes = _memory_of(param.grad)
         if ident not in self._grads_seen:
-            self._grads_seen.add(ident)
+            self._grads_seen[ident] = nbytes
             step.events.append((time.perf_counter(), "gradients", nbytes))
 
     # ---------------------------------------------------------- module hooks
@@ -740,8 +819,10 @@ class StepTracker:
 
     def _root_forward_begin(self) -> None:
         if self._stop_requested:
-            self.stop()
+            self._done()
             return
+        if self._in_optimizer_step and not self._optimizer_step_running():
+            self._finish_step()  # its step() raised and the script went on: that iteration is over
         if self._step is None and self._running and self._enough_steps():
             self._done()  # the first forward after the last measured step, evaluation included
             return
@@ -772,6 +853,7 @@ class StepTracker:
         step = self._step
         if step.forwards:
             step.close_forward()  # gradient accumulation: the next micro-batch begins
+            self._release_cleared_gradients()
         step.forwards += 1
         self._step_state = "forward"
         self._phase_begin("forward")
@@ -809,6 +891,7 @@ class StepTracker:
             return
         self._step_state = "backward"
         step.backwards += 1
+        self._release_cleared_gradients()
         self._phase_begin("backward")
         torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
 
@@ -826,12 +909,30 @@ class StepTracker:
         self._step_state = "after_backward"
 
     # ------------------------------------------------------- optimizer hooks
+    def _optimizer_step_running(self) -> bool:
+        """Whether the ``step()`` whose pre-hook ran is still on the call stack.
+
+        Its post-hook never runs when it raises; a script that catches the
+        error (an out-of-memory retry) goes on to the next forward, which is
+        then not a closure's.
+        """
+        target = self._optimizer_frame
+        if target is None:
+            return True  # not known: keep the old view
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame is target:
+                return True
+            frame = frame.f_back
+        return False
+
     def _gradients_cleared(self) -> bool:
         """True when ``zero_grad(set_to_none=True)`` ran: no trainable parameter has a gradient."""
         return all(p.grad is None for p in self.model.parameters() if p.requires_grad)
 
     @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        _drop_retired_hooks()  # torch iterates the pre-hooks now, not the post-hooks
         if os.getpid() != self._pid or not _updates_any(opt, self._param_ids):
             return
         step = self._step
@@ -842,6 +943,7 @@ class StepTracker:
                 step = self._step
         if opt is self.optimizer:
             self._in_optimizer_step = True  # until its post-hook: a forward now is a closure's
+            self._optimizer_frame = _caller_outside_this_module()
         if step is None:
             return
         self._pop_saved_hooks()
@@ -860,6 +962,9 @@ class StepTracker:
         earlier = [s for s in self.steps if s.optimizer_steps == 0]
         if not earlier or len(earlier) != len(self.steps):
             return
+        for name in PHASES:  # the last backward is still open: close it on this step, then merge
+            if step.phases[name]._start is not None:
+                self._phase_end(name)
         step.close_forward()
         merged = earlier[0]
         for s in earlier[1:] + [step]:
@@ -872,6 +977,7 @@ class StepTracker:
                 merged.activations_by_module = s.activations_by_module
                 merged.activations_by_bucket = s.activations_by_bucket
             merged.autocast_copies = max(merged.autocast_copies, s.autocast_copies)
+            merged.activations_offloaded = max(merged.activations_offloaded, s.activations_offloaded)
             merged.events.extend(s.events)
             for name, spans in s.phase_spans.items():
                 merged.phase_spans.setdefault(name, []).extend(spans)
@@ -890,11 +996,18 @@ class StepTracker:
         self.steps = []
         self._step = merged
 
-    @_guarded
     def _optimizer_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._in_post_hooks = True
+        try:
+            self._after_optimizer_step(opt)
+        finally:
+            self._in_post_hooks = False
+
+    @_guarded
+    def _after_optimizer_step(self, opt: torch.optim.Optimizer) -> None:
         if os.getpid() != self._pid or opt is not self.optimizer:
             return
-        self._in_optimizer_step = False
+        self._in_optimizer_step, self._optimizer_frame = False, None
         step = self._step
         if step is None:
             return
@@ -905,13 +1018,19 @@ class StepTracker:
         if total != step.optimizer_state_before:
             step.events.append((time.perf_counter(), "optimizer_state", total - step.optimizer_state_before))
         self._finish_step()
-        if self._enough_steps() and self.sampler is not None:
-            self.sampler.stop()  # what the script does next is not this step's memory
-        # Enough steps or not, the hooks stay until the next training forward
-        # (whose _begin_step ends measuring) or stop(): torch is iterating its
-        # dict of global post-hooks right now, and removing ours from it would
-        # raise in the script when another hook (a second model's, the
-        # script's own) comes after it.
+        if self._enough_steps():
+            # Done now, not at the next forward: a model trained exactly these
+            # steps may never run again, and the runner lets it go once done.
+            # (stop() retires our post-hook rather than deleting it: see there.)
+            self._done()
+
+
+def _caller_outside_this_module() -> Any:
+    """The innermost frame on the stack that is not this module's (torch's step wrapper)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    return frame
 
 
 def find_optimizer(param_ids: set[int]) -> torch.optim.Optimizer | None:

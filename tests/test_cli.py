@@ -526,3 +526,31 @@ def test_a_scripts_own_profiler_module_is_said_to_be_hidden(tmp_path):
     got = run_profiler([script], tmp_path)
     assert got.returncode == 0
     assert "warning: the script's own" in got.stderr.decode() and "profiler.py is hidden" in got.stderr.decode()
+
+
+def test_a_failure_writing_the_json_still_prints_the_report(tmp_path, monkeypatch, capsys):
+    # Our own error while writing a file (not an OSError): one line and a
+    # non-zero exit, and the report is still printed.
+    from profiler import cli
+    from profiler.report import Report
+
+    script = write(tmp_path / "train.py", """
+        import torch
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    """)
+
+    def broken(self, path=None):
+        raise ValueError("simulated bug")
+
+    monkeypatch.setattr(Report, "to_json", broken)
+    code = cli.main(["--json", str(tmp_path / "out.json"), "--no-sampler", str(script)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Memory of one training step" in err or "parameters" in err
+    assert err.strip().splitlines()[-1] == "python -m profiler: error: could not write the report files: ValueError: simulated bug"
+    assert "Traceback" not in err

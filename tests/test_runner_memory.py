@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
+
 from test_cli import EXAMPLES
 from test_cli import run_profiler as _run
 
@@ -214,12 +216,15 @@ def test_a_real_world_mix_trains_identically_and_is_reported(tmp_path):
     assert stopped.stdout.count("\n") < plain.stdout.decode().count("\n")  # the teacher did not keep it running
 
 
-def test_a_model_per_fold_is_let_go_once_measured(tmp_path):
+@pytest.mark.parametrize("steps_per_fold", [4, 2])
+def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold):
     # K-fold or a sweep: each fold's model must be freed when the script drops
-    # it, or a GPU run ends out of memory a few folds in.
+    # it, or a GPU run ends out of memory a few folds in. With exactly --steps
+    # steps per fold no forward follows the last measured one: measuring ends
+    # at that step's optimizer.step().
     script = tmp_path / "kfold.py"
     script.write_text(textwrap.dedent(
-        """
+        f"""
         import gc, weakref
         import torch
         from torch import nn
@@ -227,7 +232,7 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path):
         for fold in range(3):
             model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
             opt = torch.optim.AdamW(model.parameters())
-            for step in range(4):
+            for step in range({steps_per_fold}):
                 model(torch.randn(4, 8)).pow(2).mean().backward()
                 opt.step()
                 opt.zero_grad()

@@ -1,0 +1,288 @@
+"""Where a step begins and ends, and what its timeline holds, when the script does something unusual.
+
+An optimizer step that raises and is caught, gradients cleared in mid-step,
+saved tensors the script's own hooks move elsewhere, an optimizer that shows
+up only after the micro-batches: each must leave the same figures a plain
+loop would, or say what it could not measure.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autograd_walk import graph_saved_bytes
+from profiler.memory import categories_live_peak
+from profiler.profiling import profile
+from profiler.report import updating_steps
+from profiler.tracking import StepTracker
+from test_tracking import assert_no_hooks, batch, memory, tiny_gpt, unique_param_bytes
+
+
+def gradients_at_end_of_timeline(step: dict) -> int:
+    """What the timeline says is alive in gradients once the step is over."""
+    deltas = [d for c, d in zip(step["timeline"]["category"], step["timeline"]["delta"]) if c == "gradients"]
+    return step["baseline"]["gradients"] + sum(deltas)
+
+
+def test_a_caught_optimizer_error_ends_that_iteration():
+    # An out-of-memory retry: step() raises once, the script catches it, clears
+    # the gradients and goes on. The next iteration is its own step, not a
+    # closure evaluation of the failed one.
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    calls = []
+
+    def fail_once(optimizer, args, kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    opt.register_step_pre_hook(fail_once)
+    with profile(model, steps=2, sample_interval=None) as prof:
+        for _ in range(4):
+            x, y = batch()
+            _, loss = model(x, y)
+            loss.backward()
+            try:
+                opt.step()
+            except RuntimeError:
+                pass
+            opt.zero_grad(set_to_none=True)
+    steps = memory(prof)["steps"]
+    assert [s["optimizer_failed"] for s in steps] == [True, False, False]
+    assert [s["forwards"] for s in steps] == [1, 1, 1]
+    assert [s["optimizer_steps"] for s in steps] == [0, 1, 1]
+    notes = memory(prof)["notes"]
+    assert any("optimizer.step() raised in step(s) 1" in n for n in notes)
+    # The tables, estimates and fit describe the steps that updated the weights.
+    assert [s["index"] for s in updating_steps(steps)] == [2, 3]
+    assert "(step 3;" in prof.report.render()
+    assert_no_hooks(model)
+
+
+def test_a_retried_optimizer_step_stays_in_its_iteration():
+    # step() raises, the script retries step() at once: one iteration, one step.
+    model = tiny_gpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    failed = []
+
+    def fail_first(optimizer, args, kwargs):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("simulated")
+
+    opt.register_step_pre_hook(fail_first)
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            x, y = batch()
+            model(x, y)[1].backward()
+            try:
+                opt.step()
+            except RuntimeError:
+                opt.step()
+            opt.zero_grad()
+    steps = memory(prof)["steps"]
+    assert [(s["forwards"], s["optimizer_steps"], s["optimizer_failed"]) for s in steps] == [(1, 1, False)] * 2
+
+
+def test_an_optimizer_error_that_ends_the_script_marks_the_step():
+    model = tiny_gpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.register_step_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("simulated")))
+    prof = profile(model, sample_interval=None)
+    try:
+        with prof:
+            model(*batch())[1].backward()
+            opt.step()
+    except RuntimeError:
+        pass
+    assert [s["optimizer_failed"] for s in memory(prof)["steps"]] == [True]
+    assert_no_hooks(model)
+
+
+def test_zero_grad_between_forward_and_backward_releases_the_old_gradients():
+    # loss = model(x); opt.zero_grad(); loss.backward(): the previous step's
+    # gradients are alive during the forward and freed before backward makes
+    # new ones. The timeline must not hold both sets.
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(3):
+            _, loss = model(*batch())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    grads = unique_param_bytes(model)
+    for step in memory(prof)["steps"]:
+        assert step["categories"]["gradients"] == grads
+        assert gradients_at_end_of_timeline(step) == grads
+    last = memory(prof)["steps"][-1]
+    assert last["baseline"]["gradients"] == grads  # alive when the step began: zero_grad came later
+    assert last["categories_live_peak"] < last["categories"]["parameters"] + 2 * grads + last["categories"]["optimizer_state"] + last["categories"]["activations"]
+
+
+def test_lbfgs_closures_that_clear_gradients_hold_one_set():
+    model = tiny_gpt()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
+    x, y = batch()
+
+    def closure():
+        opt.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        return loss
+
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            opt.step(closure)
+    grads = unique_param_bytes(model)
+    for step in memory(prof)["steps"]:
+        assert step["forwards"] > 1
+        assert gradients_at_end_of_timeline(step) == grads
+
+
+def test_saved_tensors_moved_off_the_device_by_the_script_are_not_activations():
+    # The script's pack hook moves every saved tensor elsewhere (save_on_cpu
+    # does this from a GPU; here the "elsewhere" is the meta device): nothing
+    # stays in this device's memory for backward.
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 16)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (t.to("meta"), t.device), lambda s: torch.zeros(s[0].shape, device=s[1])):
+        with profile(model, sample_interval=None) as prof:
+            model(x).sum().backward()
+            opt.step()
+    step = memory(prof)["steps"][0]
+    assert step["categories"]["activations"] == 0
+    # Linear 0 saves its input (8x16), ReLU its output (8x64), Linear 2 its input (the same 8x64).
+    assert step["activations_offloaded"] == 8 * 16 * 4 + 8 * 64 * 4
+    assert any("activations_offloaded" in n for n in memory(prof)["notes"])
+
+
+def test_save_on_cpu_on_the_cpu_changes_nothing():
+    # On the CPU, save_on_cpu keeps each saved tensor itself (``tensor.cpu()``
+    # is the same tensor): the figures are those of a run without it.
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 16)
+    with torch.autograd.graph.save_on_cpu():
+        with profile(model, sample_interval=None) as prof:
+            model(x).sum().backward()
+            opt.step()
+    step = memory(prof)["steps"][0]
+    # The input, and the ReLU output (saved again by Linear 2, counted once).
+    assert step["categories"]["activations"] == 8 * 16 * 4 + 8 * 64 * 4
+    assert step["activations_offloaded"] == 0
+    assert step["saved_tensors"] == 4  # and Linear 2's weight, which is not an activation
+
+
+def test_a_copy_the_scripts_pack_hook_keeps_on_the_device_is_what_is_counted():
+    # A compressor keeping a bf16 copy on the device: backward holds the copies,
+    # half the bytes of what was saved.
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 16)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (t.to(torch.bfloat16), t.dtype), lambda s: s[0].to(s[1])):
+        with profile(model, sample_interval=None) as prof:
+            model(x).sum().backward()
+            opt.step()
+    step = memory(prof)["steps"][0]
+    # bf16 copies of the input, of the ReLU output twice (for ReLU and for
+    # Linear 2), and of Linear 2's weight: a copy, not the parameter, so held for backward.
+    assert step["categories"]["activations"] == (8 * 16 + 2 * 8 * 64 + 64 * 4) * 2
+    assert step["activations_offloaded"] == 0
+
+
+def test_an_optimizer_found_after_the_micro_batches_closes_every_backward():
+    # No optimizer exists while the micro-batches run (it is created just
+    # before its first step): they are merged into one step at that step, and
+    # the last backward, still open then, is closed with its time.
+    model = tiny_gpt()
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(3):
+            model(*batch())[1].backward()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt.step()
+    step = memory(prof)["steps"][0]
+    assert (step["forwards"], step["backwards"], step["optimizer_steps"]) == (3, 3, 1)
+    spans = step["phase_spans"]["backward"]
+    assert len(spans) == 3 and all(end > start for start, end in spans)
+    assert abs(step["phases"]["backward"]["seconds"] - sum(end - start for start, end in spans)) < 1e-3
+
+
+def test_an_error_in_an_optimizer_hook_finishes_the_tracker(monkeypatch):
+    # Our own bug inside an optimizer hook: measuring stops at the next
+    # forward, and the owner (the runner) is told, so it can let the model go.
+    model = tiny_gpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    finished = []
+    tracker = StepTracker(model, opt, sample_interval=None, on_finished=finished.append)
+
+    phase_begin = tracker._phase_begin
+
+    def broken(name):
+        if name == "optimizer":
+            raise RuntimeError("simulated bug")
+        phase_begin(name)
+
+    monkeypatch.setattr(tracker, "_phase_begin", broken)
+    tracker.start()
+    try:
+        for _ in range(2):
+            model(*batch())[1].backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        tracker.stop()
+    assert finished == [tracker]
+    assert any("simulated bug" in n for n in tracker.notes)
+    assert_no_hooks(model)
+
+
+def test_live_peak_with_gradients_cleared_mid_step_is_what_was_alive():
+    # The replayed timeline of a step whose old gradients are freed before
+    # backward: never more than parameters, state, one set of gradients and
+    # the activations at once.
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = batch()
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            _, loss = model(x, y)
+            saved = graph_saved_bytes(loss, model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    step = memory(prof)["steps"][-1]
+    c = step["categories"]
+    assert c["activations"] == saved
+    bound = c["parameters"] + c["gradients"] + c["optimizer_state"] + c["activations"]
+    assert categories_live_peak(prof.tracker.steps[-1]) == step["categories_live_peak"] <= bound
+
+
+def test_a_tracker_that_finishes_at_the_optimizer_step_lets_the_scripts_hooks_run():
+    # steps=1: measuring ends inside torch's loop over the post-hooks, at the
+    # first step(). A script's hook after ours, removing itself there, still may;
+    # the model's hooks are gone before the next forward.
+    from torch.optim.optimizer import _global_optimizer_post_hooks, register_optimizer_step_post_hook
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    fired = []
+
+    def hook(o, args, kwargs):
+        fired.append(1)
+        handle.remove()
+
+    handle = register_optimizer_step_post_hook(hook)
+    with profile(model, steps=1, sample_interval=None) as prof:
+        model(*batch())[1].backward()
+        opt.step()
+        assert not model._forward_hooks and not model._forward_pre_hooks
+        opt.zero_grad()
+        model(*batch())[1].backward()
+        opt.step()
+    assert fired == [1] and not _global_optimizer_post_hooks
+    assert [s["optimizer_steps"] for s in memory(prof)["steps"]] == [1]
+    assert_no_hooks(model)
