@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .inventory import Inventory, _owner_path
 
@@ -73,7 +74,7 @@ def _signature(module: nn.Module) -> tuple:
     """What two blocks must share to be "the same block": types and parameter shapes."""
     return (
         type(module).__name__,
-        tuple((n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(remove_duplicate=False)),
+        tuple((n, None if is_lazy(p) else tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(remove_duplicate=False)),
         tuple(type(m).__name__ for m in module.modules()),
     )
 
@@ -185,6 +186,8 @@ def _breakdown(block: nn.Module) -> list[BlockParam]:
     out = []
     for mpath, mod in block.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
+            if is_lazy(p):
+                continue
             out.append(BlockParam(mpath, type(mod).__name__, pname, tuple(p.shape), p.numel()))
     return out
 

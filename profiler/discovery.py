@@ -44,6 +44,7 @@ class ModelWatcher:
         self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._models: list[weakref.ref[nn.Module]] = []
         self._inside_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every model found
+        self._lazy_called: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # called once with lazy parameters
         self._handles: list = []
 
     # Hooks ------------------------------------------------------------------
@@ -55,8 +56,11 @@ class ModelWatcher:
         if depth == 0 and module not in self._seen:
             if torch._C._current_graph_task_id() != -1:
                 return  # backward recomputing checkpointed blocks: not a model of its own
-            if any(is_lazy(p) for p in module.parameters()):
-                return  # a lazy module gets its shapes in this first forward: found at its next call
+            if module not in self._lazy_called and any(is_lazy(p) for p in module.parameters()):
+                # A lazy module gets its shapes in this first forward: found at its
+                # next call (with shapes, except in parts that did not run).
+                self._lazy_called.add(module)
+                return
             self._seen.add(module)
             if module in self._inside_models:
                 return  # a part of a model already found, called on its own

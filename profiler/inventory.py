@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = [
     "TensorInfo",
@@ -86,6 +87,7 @@ class Inventory:
     parameters: list[TensorInfo]  # unique tensors, registration order
     buffers: list[TensorInfo]
     modules: list[ModuleInfo]  # pre-order, root first (path "")
+    uninitialized: list[str] = field(default_factory=list)  # lazy parameters without a shape yet: not counted
 
     @property
     def total(self) -> int:
@@ -202,7 +204,9 @@ def take_inventory(model: nn.Module) -> Inventory:
             modules[path] = ModuleInfo(path=path, type=type(mod).__name__, depth=path.count(".") + 1 if path else 0)
 
     named_params = list(model.named_parameters(remove_duplicate=False))
-    parameters = _group_tensors(named_params)
+    # A lazy module that has not run yet has parameters with no shape: nothing to count.
+    uninitialized = [name for name, p in named_params if is_lazy(p)]
+    parameters = _group_tensors([(name, p) for name, p in named_params if not is_lazy(p)])
 
     non_persistent: dict[str, bool] = {}
     for path, mod in named_modules:
@@ -211,7 +215,7 @@ def take_inventory(model: nn.Module) -> Inventory:
         for bname, _ in mod.named_buffers(recurse=False):
             full = f"{path}.{bname}" if path else bname
             non_persistent[full] = bname not in persistent_off
-    named_buffers = [(n, b) for n, b in model.named_buffers(remove_duplicate=False)]
+    named_buffers = [(n, b) for n, b in model.named_buffers(remove_duplicate=False) if not is_lazy(b)]
     buffers = _group_tensors(named_buffers, persistent=non_persistent)
 
     for info in parameters:
@@ -246,4 +250,5 @@ def take_inventory(model: nn.Module) -> Inventory:
         parameters=parameters,
         buffers=buffers,
         modules=list(modules.values()),
+        uninitialized=uninitialized,
     )

@@ -63,6 +63,7 @@ class ModelReport:
             "total_with_duplicates": inv.total_with_duplicates,
             "trainable": inv.trainable,
             "frozen": inv.total - inv.trainable,
+            "uninitialized": list(inv.uninitialized),
             "bytes": inv.bytes,
             "dtypes": inv.dtype_counts(),
             "weight_memory": inv.weight_memory(),
@@ -147,6 +148,10 @@ class ModelReport:
             ["buffers", format_count(inv.buffer_total), format_bytes(inv.buffer_bytes)],
         ]
         parts.append(tabulate(summary, headers=["", "count", "bytes"], colalign=("left", "right", "right")))
+        if inv.uninitialized:
+            names = ", ".join(inv.uninitialized[:4]) + (", ..." if len(inv.uninitialized) > 4 else "")
+            parts.append(f"note: {len(inv.uninitialized)} lazy parameter(s) not initialised yet (their module never ran), "
+                         f"not counted: {names}")
 
         rows = [[k, format_count(b.totals[k]), _percent(b.totals[k], total), format_bytes(b.bytes[k])] for k in BUCKETS]
         rows.append(["total", format_count(sum(b.totals.values())), _percent(sum(b.totals.values()), total), format_bytes(sum(b.bytes.values()))])

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.optim import optimizer as optimizer_hooks
 
 from .device_clock import DeviceClock
@@ -266,7 +267,7 @@ class StepTracker:
             self._paths.setdefault(id(mod), path)
         # Looked up on every module call: which modules are trunk blocks (or inside one).
         self._block_modules = {mid for mid, path in self._paths.items() if self._bucket_of(path, "") == "block"}
-        self._param_ids = {id(p) for p in model.parameters()}
+        self._param_ids = {id(p) for p in _parameters(model)}
         self._param_storages: set[int] = set()
         self._handles: list[Any] = []
         self._stack: list[int] = []
@@ -305,7 +306,7 @@ class StepTracker:
             )
             self.optimizer = None
             self._looked_for_optimizer = False  # the right one is found as if none had been given
-        devices = {p.device for p in model.parameters()}
+        devices = {p.device for p in _parameters(model)}
         if len(devices) > 1:
             self.notes.append(
                 "parameters on several devices (" + ", ".join(sorted(map(str, devices))) + "); "
@@ -314,7 +315,7 @@ class StepTracker:
 
     # ------------------------------------------------------------------ setup
     def _model_device(self) -> torch.device:
-        for p in self.model.parameters():
+        for p in _parameters(self.model):
             return p.device
         return torch.device("cpu")
 
@@ -338,14 +339,14 @@ class StepTracker:
 
     def _install(self) -> None:
         _drop_retired_hooks()
-        self._param_storages = {k[0] for p in self.model.parameters() if (k := _storage_key(p)) is not None}
+        self._param_storages = {k[0] for p in _parameters(self.model) if (k := _storage_key(p)) is not None}
         for mod in _hookable_modules(self.model):
             if mod is self.model:  # the root also reports its inputs: batch and sequence sizes
                 self._handles.append(mod.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             else:
                 self._handles.append(mod.register_forward_pre_hook(self._module_pre))
             self._handles.append(mod.register_forward_hook(self._module_post, always_call=True))
-        for p in {id(p): p for p in self.model.parameters()}.values():
+        for p in {id(p): p for p in _parameters(self.model)}.values():
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
         for register, hook, hooks in (
@@ -506,7 +507,7 @@ class StepTracker:
 
     def _live_gradients(self) -> dict[int, int]:
         """Storage identity -> bytes of every gradient the model's parameters hold now."""
-        return dict(_memory_of(p.grad) for p in self.model.parameters() if p.grad is not None)
+        return dict(_memory_of(p.grad) for p in _parameters(self.model) if p.grad is not None)
 
     def _release_cleared_gradients(self) -> None:
         """Take gradients that ``zero_grad()`` freed in mid-step off the timeline.
@@ -526,7 +527,7 @@ class StepTracker:
 
     def _count_gradients(self) -> None:
         if self._step is not None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grads = [p.grad for p in _parameters(self.model) if p.grad is not None]
             self._step.gradients = max(self._step.gradients, self._unique_bytes(grads))
 
     def _count_optimizer_state(self, opt: torch.optim.Optimizer) -> tuple[int, dict[str, int], list[int]]:
@@ -572,7 +573,7 @@ class StepTracker:
             return False
         step = StepRecord(index=len(self.steps) + 1)
         step._t0 = time.perf_counter()
-        step.parameters = self._unique_bytes(list(self.model.parameters()))
+        step.parameters = self._unique_bytes(list(_parameters(self.model)))
         self._grads_seen = self._live_gradients()
         step.gradients_start = sum(self._grads_seen.values())
         self._live = {}
@@ -928,7 +929,7 @@ class StepTracker:
 
     def _gradients_cleared(self) -> bool:
         """True when ``zero_grad(set_to_none=True)`` ran: no trainable parameter has a gradient."""
-        return all(p.grad is None for p in self.model.parameters() if p.requires_grad)
+        return all(p.grad is None for p in _parameters(self.model) if p.requires_grad)
 
     @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -1023,6 +1024,11 @@ class StepTracker:
             # steps may never run again, and the runner lets it go once done.
             # (stop() retires our post-hook rather than deleting it: see there.)
             self._done()
+
+
+def _parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters that have a shape: a lazy module that never ran has none to count."""
+    return [p for p in model.parameters() if not is_lazy(p)]
 
 
 def _caller_outside_this_module() -> Any:

@@ -437,3 +437,14 @@ def test_render_tree_is_indented_by_depth():
         return len(line) - len(line.lstrip(" "))
 
     assert indent("alpha") < indent("beta") < indent("gamma") < indent("delta")
+
+
+def test_a_lazy_module_that_never_ran_is_named_not_counted():
+    # Its parameters have no shape yet: counting them would raise, guessing them
+    # would be a guess. The rest of the model is counted as usual.
+    model = nn.Sequential(nn.Linear(8, 16), nn.LazyLinear(4), nn.LazyBatchNorm1d())
+    report = analyze(model).to_dict()["models"][0]
+    assert report["parameters"]["total"] == 8 * 16 + 16
+    assert report["parameters"]["uninitialized"] == ["1.weight", "1.bias", "2.weight", "2.bias"]
+    assert report["buffers"]["total"] == 1  # num_batches_tracked; the running statistics have no shape yet
+    assert "4 lazy parameter(s) not initialised yet" in analyze(model).render()

@@ -274,3 +274,41 @@ def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path):
     (model,) = _report(out)["models"]
     assert model["parameters"]["total"] == 8 * 16 + 16 + 16 + 1
     assert len(model["memory"]["steps"]) == 2
+
+
+def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path):
+    # The unused lazy layer never gets a shape: the model is found at its
+    # second call all the same, and the layer is named, not counted.
+    script = tmp_path / "lazy_unused.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.unused, self.b = nn.Linear(8, 16), nn.LazyLinear(4), nn.Linear(16, 1)
+
+            def forward(self, x):
+                return self.b(torch.relu(self.a(x)))
+
+        model = Net()
+        opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("unused")])
+        for step in range(4):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 lazy parameter(s) not initialised yet" in proc.stderr
+    (model,) = _report(out)["models"]
+    trained = 8 * 16 + 16 + 16 + 1
+    assert model["parameters"]["total"] == trained
+    assert model["parameters"]["uninitialized"] == ["unused.weight", "unused.bias"]
+    steps = model["memory"]["steps"]
+    assert len(steps) == 2
+    assert all(s["categories"]["gradients"] == trained * 4 and s["categories"]["optimizer_state"] == 2 * trained * 4 + 4 * 4 for s in steps)
