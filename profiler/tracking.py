@@ -329,6 +329,11 @@ class StepTracker:
             return self
         self._running = True
         try:
+            running = _optimizer_step_on_stack(self._param_ids)
+            if running is not None and self.optimizer in (None, running[0]):
+                # Started inside that step (an LBFGS closure): its forwards are one step.
+                self.optimizer, self._optimizer_frame = running
+                self._in_optimizer_step = self._looked_for_optimizer = True
             self._install()
         except Exception as exc:  # noqa: BLE001 - reported; the training runs unmeasured
             self._fail("start", exc)
@@ -1029,6 +1034,35 @@ class StepTracker:
 def _parameters(model: nn.Module) -> list[nn.Parameter]:
     """The model's parameters that have a shape: a lazy module that never ran has none to count."""
     return [p for p in model.parameters() if not is_lazy(p)]
+
+
+def _step_wrapper_code() -> Any:
+    """The code of torch's ``Optimizer.step`` wrapper (the one that runs the step hooks), if found."""
+    outer = getattr(torch.optim.Optimizer.profile_hook_step, "__code__", None)
+    consts = outer.co_consts if outer is not None else ()
+    return next((c for c in consts if getattr(c, "co_name", None) == "wrapper"), None)
+
+
+_STEP_WRAPPER_CODE = _step_wrapper_code()
+
+
+def _optimizer_step_on_stack(param_ids: set[int]) -> tuple[torch.optim.Optimizer, Any] | None:
+    """The optimizer of these parameters whose ``step()`` is running now, and that call's frame.
+
+    Measuring can begin inside a step: the runner finds a model at its first
+    call, which for LBFGS is in the closure that ``step()`` evaluates. Its
+    pre-hook has run already; this is what it would have told us.
+    """
+    if _STEP_WRAPPER_CODE is None:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER_CODE:
+            opt = frame.f_locals.get("self")
+            if isinstance(opt, torch.optim.Optimizer) and _updates_any(opt, param_ids):
+                return opt, frame
+        frame = frame.f_back
+    return None
 
 
 def _caller_outside_this_module() -> Any:

@@ -312,3 +312,35 @@ def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path
     steps = model["memory"]["steps"]
     assert len(steps) == 2
     assert all(s["categories"]["gradients"] == trained * 4 and s["categories"]["optimizer_state"] == 2 * trained * 4 + 4 * 4 for s in steps)
+
+
+def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
+    # The model is first called inside LBFGS's step(closure): measuring begins
+    # in that step, and its closure evaluations still make one step.
+    script = tmp_path / "lbfgs.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
+        x, y = torch.randn(16, 8), torch.randn(16, 1)
+
+        def closure():
+            opt.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (model,) = _report(out)["models"]
+    steps = model["memory"]["steps"]
+    assert model["memory"]["optimizer"] == "LBFGS"
+    assert [s["optimizer_steps"] for s in steps] == [1, 1]
+    assert all(s["forwards"] == s["backwards"] > 1 and not s["optimizer_skipped"] for s in steps)
