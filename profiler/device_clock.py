@@ -36,7 +36,7 @@ class DeviceClock:
         if not self.enabled:
             return None
         try:
-            if torch.cuda.is_current_stream_capturing():
+            if self._capturing():
                 return None  # a timing event cannot be part of a captured graph
             event = torch.cuda.Event(enable_timing=True)
             event.record(torch.cuda.current_stream(self.device))
@@ -45,6 +45,18 @@ class DeviceClock:
             self.enabled = False
             self.error = f"CUDA events failed ({type(exc).__name__}: {exc}); no device time"
             return None
+
+
+    def _capturing(self) -> bool:
+        """Whether the model's device is capturing a CUDA graph on its current stream.
+
+        torch answers for the current device only; the model's may be another.
+        """
+        index = self.device.index
+        if index is None or index == torch.cuda.current_device():
+            return torch.cuda.is_current_stream_capturing()
+        with torch.cuda.device(index):
+            return torch.cuda.is_current_stream_capturing()
 
 
 def span_seconds(spans: list[list[Any]]) -> float | None:
@@ -56,6 +68,9 @@ def span_seconds(spans: list[list[Any]]) -> float | None:
         for start, end in spans:
             if start is None or end is None:
                 return None
+            # Both: the phases may have begun and ended on different streams
+            # (a script's `with torch.cuda.stream(s)`), which complete in any order.
+            start.synchronize()
             end.synchronize()
             total_ms += start.elapsed_time(end)
     except Exception:  # noqa: BLE001 - an event from another device or never recorded

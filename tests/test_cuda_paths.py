@@ -113,6 +113,7 @@ class StandInAllocator:
         monkeypatch.setattr(cuda, "Event", Event)
         monkeypatch.setattr(cuda, "current_stream", lambda device=None: None)
         monkeypatch.setattr(cuda, "is_current_stream_capturing", lambda: False)
+        monkeypatch.setattr(cuda, "current_device", lambda: 0)
 
     def _reset(self, device=None) -> None:
         self.resets += 1
@@ -151,3 +152,55 @@ def test_tracker_cuda_code_paths_with_a_stand_in_allocator(monkeypatch):
     assert "GPU seconds" in text and "peak allocated (allocator)" in text
     # The estimates and the fit use the allocator's peak.
     assert prof.report.models[0].fit["source"] == "allocator peak"
+
+
+def test_capture_is_checked_on_the_models_device_not_the_current_one(monkeypatch):
+    # A model on cuda:1 captured into a CUDA graph while cuda:0 is current:
+    # recording a timing event there would break the capture.
+    import contextlib
+
+    from profiler.device_clock import DeviceClock
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(index):
+        before, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    recorded = []
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(cuda, "device", device)
+    monkeypatch.setattr(cuda, "is_current_stream_capturing", lambda: current[0] == 1)
+    monkeypatch.setattr(cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(cuda, "Event", lambda enable_timing=False: type("E", (), {"record": lambda self, s=None: recorded.append(1)})())
+    assert DeviceClock(torch.device("cuda", 1)).mark() is None and not recorded
+    assert DeviceClock(torch.device("cuda", 0)).mark() is not None and recorded == [1]
+    assert current == [0]
+
+
+def test_span_seconds_waits_for_both_events():
+    # Phases begun and ended on different streams complete in any order: the
+    # start event is waited for too, not only the end.
+    from profiler.device_clock import span_seconds
+
+    waited = []
+
+    class Event:
+        def __init__(self, name: str, t: float) -> None:
+            self.name, self.t = name, t
+
+        def synchronize(self) -> None:
+            waited.append(self.name)
+
+        def elapsed_time(self, end: "Event") -> float:
+            assert {self.name, end.name} <= set(waited)
+            return end.t - self.t
+
+    assert span_seconds([[Event("a", 0.0), Event("b", 250.0)], [Event("c", 300.0), Event("d", 800.0)]]) == 0.75
+    assert waited == ["a", "b", "c", "d"]
+    assert span_seconds([[Event("e", 0.0), None]]) is None
