@@ -264,7 +264,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
                     [_row("block activations", est, block_measured)],
                     ["embedding, final norm, logits and loss activations (outside the layers)"]
                     + _dropout_misses(model)
-                    + (["gradient checkpointing: the blocks keep only their inputs and recompute the rest in backward; "
+                    + (["gradient checkpointing: what is checkpointed keeps only its inputs and recomputes the rest in backward; "
                         "the formula counts every activation a full forward keeps"] if step.get("gradient_checkpointing") else []),
                 )
             )

@@ -205,8 +205,8 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         notes.append("no complete step (forward and backward) was seen")
     if any(s.checkpointing for s in tracker.steps):
         notes.append(
-            "gradient checkpointing in the trunk's blocks: they keep only their inputs and recompute the rest in "
-            "backward, so their activations are far below a full forward's"
+            "gradient checkpointing (of the trunk's blocks, or of the whole model): what is checkpointed keeps only "
+            "its inputs and recomputes the rest in backward, so activations are far below a full forward's"
         )
     skipped = sum(s.optimizer_skipped for s in tracker.steps)
     if skipped:

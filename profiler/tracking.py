@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.optim import optimizer as optimizer_hooks
+from torch.utils import checkpoint as torch_checkpoint
 
 from .device_clock import DeviceClock
 
@@ -130,6 +131,10 @@ def _weight_copy_source(t: torch.Tensor) -> bool:
 
 
 _NOT_PACKED = object()  # no pack hook of the script's ran: autograd holds the tensor itself
+# What non-reentrant checkpointing's pack hook saves instead of a tensor (the
+# tensor is dropped and recomputed in backward). Private to torch: looked up
+# softly, and without it such a tensor is counted as it would be without checkpointing.
+_CHECKPOINT_HOLDER = getattr(torch_checkpoint, "_Holder", None)
 
 
 class _Saved:
@@ -712,6 +717,9 @@ class StepTracker:
         if key is None:
             return None
         if packed is not _NOT_PACKED:
+            if _CHECKPOINT_HOLDER is not None and isinstance(packed, _CHECKPOINT_HOLDER):
+                step.checkpointing = True  # dropped now, recomputed in backward: nothing held
+                return None
             held = [(x, k) for x in _tensors_in(packed) if x.device == t.device and (k := _storage_key(x)) is not None]
             if not held:
                 if key[0] not in self._param_storages:
@@ -824,6 +832,8 @@ class StepTracker:
             self._note_inputs(args, kwargs)
 
     def _root_forward_begin(self) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            return  # backward recomputing a checkpointed model: part of that backward, not a forward
         if self._stop_requested:
             self._done()
             return

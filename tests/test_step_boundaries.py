@@ -286,3 +286,26 @@ def test_a_tracker_that_finishes_at_the_optimizer_step_lets_the_scripts_hooks_ru
     assert fired == [1] and not _global_optimizer_post_hooks
     assert [s["optimizer_steps"] for s in memory(prof)["steps"]] == [1]
     assert_no_hooks(model)
+
+
+def test_checkpointing_the_whole_model_is_one_forward_that_keeps_nothing():
+    # checkpoint(model, x): what the model saves is dropped (checkpoint's pack
+    # hook keeps a placeholder) and backward runs the model again. That rerun
+    # is part of backward, not a second forward.
+    from torch.utils.checkpoint import checkpoint
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            x, y = batch()
+            loss = checkpoint(model, x, y, use_reentrant=False)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for step in memory(prof)["steps"]:
+        assert (step["forwards"], step["backwards"], step["optimizer_steps"]) == (1, 1, 1)
+        assert len(step["phase_spans"]["forward"]) == 1
+        assert step["gradient_checkpointing"] is True
+        assert step["categories"]["activations"] == 0
+        assert step["categories"]["gradients"] == unique_param_bytes(model)
