@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval, plan, live_peak=opts.live_peak
     )
     try:
-        with ModelWatcher(on_new_model=session.on_new_model):
+        with ModelWatcher(on_new_model=session.on_new_model, on_compiled_first_call_end=session.on_compiled_first_call_end):
             result = run_script(code, opts.script, opts.args)
     finally:
         session.close()

@@ -8,13 +8,20 @@ measuring it on its first forward.
 
 The hooks cost one dict lookup per module call and are removed by ``close()``
 (also on exceptions: use it as a context manager). In a forked child (a
-DataLoader worker) they do nothing, so workers never report.
+DataLoader worker) they do nothing, so workers never report. While dynamo
+traces a compiled region they return at once (a constant there), so they put
+no graph break into the script's compiled code. A model compiled in place
+(``model.compile()``) runs no Python hook when called, so the watcher wraps
+``nn.Module.compile`` while it watches, and calls its hooks around that
+model's compiled call.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -34,8 +41,17 @@ class ModelWatcher:
     >>> watcher.models  # [model, ...] in order of first call
     """
 
-    def __init__(self, on_new_model: Callable[[nn.Module, tuple], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_new_model: Callable[[nn.Module, tuple], None] | None = None,
+        on_compiled_first_call_end: Callable[[nn.Module, tuple, object], None] | None = None,
+    ) -> None:
         self._on_new_model = on_new_model
+        # A hook-less compiled call has no forward hook to end the call in which
+        # the model was found: this is told instead (the caller's tracker began there).
+        self._on_compiled_first_call_end = on_compiled_first_call_end
+        self._compile_patch: tuple[Callable, Callable] | None = None  # (torch's nn.Module.compile, ours)
+        self._shimmed: list[tuple[weakref.ref, Callable, Callable]] = []  # (module, its compiled call, our shim)
         self._pid = os.getpid()
         self._local = threading.local()
         # Weak references only: a script that builds a model per fold or per
@@ -46,10 +62,11 @@ class ModelWatcher:
         self._inside_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every model found
         self._lazy_called: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # called once with lazy parameters
         self._handles: list = []
+        self._warning_filter: tuple | None = None
 
     # Hooks ------------------------------------------------------------------
     def _pre(self, module: nn.Module, args: object) -> None:
-        if os.getpid() != self._pid:
+        if torch.compiler.is_compiling() or os.getpid() != self._pid:
             return
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
@@ -71,9 +88,61 @@ class ModelWatcher:
                     self._on_new_model(module, args)
 
     def _post(self, module: nn.Module, args: object, output: object) -> None:
-        if os.getpid() != self._pid:
+        if torch.compiler.is_compiling() or os.getpid() != self._pid:
             return
         self._local.depth = max(getattr(self._local, "depth", 1) - 1, 0)
+
+    # Models compiled in place ------------------------------------------------
+    def _patch_compile(self) -> None:
+        original = nn.Module.__dict__.get("compile")
+        if original is None:
+            return
+        watcher = weakref.ref(self)
+
+        @functools.wraps(original)
+        def compile(module: nn.Module, *args: object, **kwargs: object) -> object:
+            result = original(module, *args, **kwargs)
+            w = watcher()
+            if w is not None and w._handles:
+                w._shim_compiled_call(module)
+            return result
+
+        nn.Module.compile = compile
+        self._compile_patch = (original, compile)
+
+    def _shim_compiled_call(self, module: nn.Module) -> None:
+        """Call the watcher's hooks, in eager Python, around ``module``'s compiled call."""
+        compiled = getattr(module, "_compiled_call_impl", None)
+        if compiled is None:
+            return
+
+        def call_compiled_with_watcher(*args: object, **kwargs: object) -> object:
+            if not self._handles or os.getpid() != self._pid:
+                return compiled(*args, **kwargs)
+            known = module in self._seen
+            self._pre(module, args)
+            found_now = not known and module in self._seen
+            output = None
+            try:
+                output = compiled(*args, **kwargs)
+                return output
+            finally:
+                self._post(module, args, output)
+                if found_now and self._on_compiled_first_call_end is not None:
+                    self._on_compiled_first_call_end(module, args, output)
+
+        module._compiled_call_impl = call_compiled_with_watcher
+        self._shimmed.append((weakref.ref(module), compiled, call_compiled_with_watcher))
+
+    def _unpatch_compile(self) -> None:
+        patch, self._compile_patch = self._compile_patch, None
+        if patch is not None and nn.Module.__dict__.get("compile") is patch[1]:
+            nn.Module.compile = patch[0]
+        for ref, compiled, shim in self._shimmed:
+            module = ref()
+            if module is not None and getattr(module, "_compiled_call_impl", None) is shim:
+                module._compiled_call_impl = compiled
+        self._shimmed = []
 
     # Lifecycle ---------------------------------------------------------------
     def start(self) -> "ModelWatcher":
@@ -83,12 +152,23 @@ class ModelWatcher:
                 # always_call: the depth must come back down when a forward raises.
                 module_hooks.register_module_forward_hook(self._post, always_call=True),
             ]
+            self._patch_compile()
+            # torch warns at every torch.compile'd call that global hooks exist
+            # and "fire an extra time" for the wrapper: these are ours, and the
+            # depth count already allows for the wrapper. Not the script's concern.
+            warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks")
+            self._warning_filter = warnings.filters[0]
         return self
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._unpatch_compile()
+        entry, self._warning_filter = self._warning_filter, None
+        if entry is not None and entry in warnings.filters:
+            warnings.filters.remove(entry)
+            getattr(warnings, "_filters_mutated", lambda: None)()  # as warnings.filterwarnings does
 
     def __enter__(self) -> "ModelWatcher":
         return self.start()

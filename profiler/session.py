@@ -109,6 +109,15 @@ class ScriptSession:
                 tracker = None
         self._found.append(_Found(weakref.ref(model), entry, tracker))
 
+    def on_compiled_first_call_end(self, model: nn.Module, args: tuple, output: object) -> None:
+        """The call of a model compiled in place in which it was found has returned."""
+        for found in self._found:
+            if found.model() is model and found.tracker is not None:
+                try:
+                    found.tracker.leave_current_forward(args, output)
+                except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
+                    self.notes.append(f"could not measure {found.entry.name}'s first call: {type(exc).__name__}: {exc}")
+
     def _on_tracker_finished(self, tracker: StepTracker) -> None:
         for found in self._found:
             if found.tracker is tracker:

@@ -293,6 +293,7 @@ class StepTracker:
         self._grad_scaler_alive: bool | None = None  # looked up once, at the first step without an optimizer step
         self._stop_requested = False  # an internal error inside an optimizer hook: stop at the next forward
         self._in_post_hooks = False  # torch is iterating its optimizer post-hooks (ours is running)
+        self._compiled_root: tuple[Callable, Callable] | None = None  # (the model's compiled call, our wrapper)
         self.finished = False
         self.sampler = None
         self.device = self._model_device()
@@ -349,6 +350,7 @@ class StepTracker:
 
     def _install(self) -> None:
         _drop_retired_hooks()
+        self._wrap_compiled_root()
         self._param_storages = {k[0] for p in _parameters(self.model) if (k := _storage_key(p)) is not None}
         for mod in _hookable_modules(self.model):
             if mod is self.model:  # the root also reports its inputs: batch and sequence sizes
@@ -378,6 +380,36 @@ class StepTracker:
 
             self.sampler = MemorySampler(device=self.device, interval=self.sample_interval, max_samples=20_000)
             self.sampler.start()
+
+    def _wrap_compiled_root(self) -> None:
+        """Run the root hooks around a model compiled in place (``model.compile()``).
+
+        Its ``__call__`` goes straight to the compiled ``_call_impl``, where module
+        hooks would be traced by dynamo: the root's own hooks are called from a
+        wrapper around it instead, in eager Python, so steps and phases are seen.
+        ``stop()`` puts the compiled function back.
+        """
+        model = self.model
+        compiled = getattr(model, "_compiled_call_impl", None)
+        if compiled is None:
+            return
+
+        def call_compiled_with_root_hooks(*args: Any, **kwargs: Any) -> Any:
+            self._root_pre(model, args, kwargs)
+            output = None
+            try:
+                output = compiled(*args, **kwargs)
+                return output
+            finally:
+                self._module_post(model, args, output)
+
+        model._compiled_call_impl = call_compiled_with_root_hooks
+        self._compiled_root = (compiled, call_compiled_with_root_hooks)
+
+    def _unwrap_compiled_root(self) -> None:
+        restore, self._compiled_root = self._compiled_root, None
+        if restore is not None and self.model is not None and getattr(self.model, "_compiled_call_impl", None) is restore[1]:
+            self.model._compiled_call_impl = restore[0]
 
     def _leave_live_counter(self) -> None:
         """Leave the dispatch mode if it is still the innermost one (modes must nest)."""
@@ -440,6 +472,7 @@ class StepTracker:
                 else:
                     h.remove()
             self._handles = []
+            self._unwrap_compiled_root()
             self._leave_live_counter()
             self._stack = []
             self._optimizer_frame = None
@@ -773,8 +806,8 @@ class StepTracker:
     # ---------------------------------------------------------- module hooks
     @_guarded
     def _module_pre(self, module: nn.Module, args: Any) -> None:
-        if os.getpid() != self._pid or threading.get_ident() != self._thread:
-            return
+        if torch.compiler.is_compiling() or os.getpid() != self._pid or threading.get_ident() != self._thread:
+            return  # (dynamo tracing a model compiled after our hooks went on: no graph break from us)
         if module is self.model and not self._stack:
             self._root_forward_begin()
         self._stack.append(id(module))
@@ -792,7 +825,7 @@ class StepTracker:
 
     @_guarded
     def _module_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if os.getpid() != self._pid or threading.get_ident() != self._thread:
+        if torch.compiler.is_compiling() or os.getpid() != self._pid or threading.get_ident() != self._thread:
             return
         mid = id(module)
         if mid in self._stack:
@@ -805,6 +838,8 @@ class StepTracker:
 
     @_guarded
     def _root_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         self._module_pre(module, args)
         self._note_inputs(args, kwargs)
 
@@ -830,6 +865,15 @@ class StepTracker:
             self._root_forward_begin()
             self._stack.append(id(self.model))
             self._note_inputs(args, kwargs)
+
+    def leave_current_forward(self, args: Any, output: Any) -> None:
+        """End the root forward begun by ``enter_current_forward`` when no hook of ours will.
+
+        A model compiled in place is found inside its compiled call, which our
+        wrapper (installed then) is not around: the runner ends that call here.
+        """
+        if self._running and self._stack == [id(self.model)]:
+            self._module_post(self.model, args, output)
 
     def _root_forward_begin(self) -> None:
         if torch._C._current_graph_task_id() != -1:
