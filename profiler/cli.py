@@ -163,7 +163,18 @@ def _print_report(text: str) -> None:
         os.write(2, (text + "\n").encode("utf-8", "replace"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _die_by_interrupt_like_python() -> None:
+    """End as Python ends on a KeyboardInterrupt nobody caught: killed by SIGINT (status -2, shell 130).
+
+    CPython does that only for an interrupt that escapes the ``-m`` module, so
+    it is raised again from here; its traceback (the script's) is printed already.
+    """
+    sys.excepthook = lambda *exc_info: None
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) -> int:
+    """Run the command line; ``reraise_interrupt`` (for ``python -m``) ends an interrupted script as Python would."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parser.parse_args(argv)
@@ -241,4 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failure is not None:
         _print_report(failure[0])
         return result.exit_code or failure[1]
+    if reraise_interrupt and isinstance(result.exception, KeyboardInterrupt):
+        _die_by_interrupt_like_python()
     return result.exit_code

@@ -554,3 +554,22 @@ def test_a_failure_writing_the_json_still_prints_the_report(tmp_path, monkeypatc
     assert "Memory of one training step" in err or "parameters" in err
     assert err.strip().splitlines()[-1] == "python -m profiler: error: could not write the report files: ValueError: simulated bug"
     assert "Traceback" not in err
+
+
+def test_an_interrupted_script_ends_as_under_python(tmp_path):
+    # Uncaught Ctrl-C: Python runs atexit handlers, then dies by SIGINT (the
+    # parent sees -2, a shell 130). The report is written first.
+    script = write(tmp_path / "interrupted.py", """
+        import atexit
+        import torch
+        atexit.register(lambda: print("atexit ran"))
+        model = torch.nn.Linear(4, 2)
+        model(torch.randn(3, 4)).sum().backward()
+        raise KeyboardInterrupt
+    """)
+    out = tmp_path / "r.json"
+    got, plain = run_both(["--json", out, "--no-sampler", script], [script], tmp_path)
+    assert got.returncode == plain.returncode == -2
+    assert got.stdout == plain.stdout == b"atexit ran\n"
+    assert got.stderr.decode().count("Traceback") == 1 and "profiler/" not in got.stderr.decode().split("Traceback")[1]
+    assert models_of(out)
