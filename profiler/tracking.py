@@ -140,13 +140,14 @@ _CHECKPOINT_HOLDER = getattr(torch_checkpoint, "_Holder", None)
 class _Saved:
     """What our pack hook hands autograd for one saved tensor (see ``StepTracker._pack``)."""
 
-    __slots__ = ("value", "version", "unpack", "ptr")
+    __slots__ = ("value", "version", "unpack", "ptr", "peers")
 
     def __init__(self, value: Any, version: int | None, unpack: Callable | None, ptr: int | None) -> None:
         self.value = value  # a detached alias, or what the script's own pack hook returned
         self.version = version  # the tensor's version when saved (None: the script's hooks own it)
         self.unpack = unpack  # the script's own unpack hook, if its pack hook made ``value``
         self.ptr = ptr  # storage held on the timeline until backward unpacks it
+        self.peers: tuple = ()  # (tracker, ptr) of other trackers of the same model that counted it too
 
 
 @dataclass
@@ -283,6 +284,7 @@ class StepTracker:
         self._saved_hooks_pushed = False
         self._saved_hooks_balanced = False
         self._outer_hooks: tuple[Callable, Callable] | None = None  # the script's pair below ours
+        self._peers: list[StepTracker] = []  # trackers of this model whose pair is below ours
         self._live: dict[int, tuple[str, int]] = {}  # saved storages not yet used by backward
         self._grads_seen: dict[int, int] = {}  # gradient storages on the step's timeline -> bytes
         self._trunk_state = "before"  # where execution is relative to the trunk: before/in/after
@@ -671,11 +673,20 @@ class StepTracker:
         # Only the innermost pair runs, so theirs is called from ours (_pack).
         # Another model's tracker is passed over (its model is not the one
         # saving), to the script's own pair beneath it, if any.
+        # A tracker of this same model (a `with profile(model)` in a script run
+        # under `python -m profiler`, or nested blocks) is told of each save too.
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        outer = top
+        outer, peers = top, []
         while outer is not None and isinstance(getattr(outer[0], "__self__", None), StepTracker):
-            outer = outer[0].__self__._outer_hooks
+            other = outer[0].__self__
+            if other is not self and other.model is self.model:
+                peers.append(other)
+            outer = other._outer_hooks
         self._outer_hooks = outer
+        self._peers = peers
+        for other in peers:  # and the other way: once our pair is popped, theirs sees the loss
+            if self not in other._peers:
+                other._peers.append(self)
         self._saved_hooks_balanced = top is not None
         torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
         self._saved_hooks_pushed = True
@@ -708,15 +719,23 @@ class StepTracker:
         whether a saved tensor was modified in place, so we do.
         """
         outer = self._outer_hooks
+        packed = _NOT_PACKED
         if outer is not None:
             packed = outer[0](t)
-            return _Saved(packed, None, outer[1], self._observe_saved(t, packed))
-        return _Saved(t.detach(), t._version, None, self._observe_saved(t))
+            saved = _Saved(packed, None, outer[1], self._observe_saved(t, packed))
+        else:
+            saved = _Saved(t.detach(), t._version, None, self._observe_saved(t))
+        if self._peers:
+            saved.peers = tuple((peer, peer._observe_saved(t, packed)) for peer in self._peers)
+        return saved
 
     def _unpack(self, saved: "_Saved") -> torch.Tensor:
         """Backward uses a saved tensor, then frees it: the timeline's release point."""
         if saved.ptr is not None:
             self._observe_unpacked(saved.ptr)
+        for peer, ptr in saved.peers:
+            if ptr is not None:
+                peer._observe_unpacked(ptr)
         if saved.unpack is not None:
             return saved.unpack(saved.value)
         value = saved.value

@@ -344,3 +344,30 @@ def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
     assert model["memory"]["optimizer"] == "LBFGS"
     assert [s["optimizer_steps"] for s in steps] == [1, 1]
     assert all(s["forwards"] == s["backwards"] > 1 and not s["optimizer_skipped"] for s in steps)
+
+
+def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_path):
+    # Two trackers on one model: the script's `with profile(model)` and the runner's.
+    script = tmp_path / "self_profiled.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        from profiler import profile
+        model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+        opt = torch.optim.AdamW(model.parameters())
+        with profile(model, sample_interval=None) as prof:
+            for step in range(3):
+                model(torch.randn(4, 8)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        print([s["categories"]["activations"] for s in prof.to_dict()["models"][0]["memory"]["steps"]])
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (model,) = _report(out)["models"]
+    ours = [s["categories"]["activations"] for s in model["memory"]["steps"]]
+    assert proc.stdout.strip() == str(ours)
+    assert ours[0] > 0

@@ -309,3 +309,22 @@ def test_checkpointing_the_whole_model_is_one_forward_that_keeps_nothing():
         assert step["gradient_checkpointing"] is True
         assert step["categories"]["activations"] == 0
         assert step["categories"]["gradients"] == unique_param_bytes(model)
+
+
+def test_nested_blocks_on_one_model_both_see_the_saved_tensors():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = batch()
+    with profile(model, sample_interval=None) as outer:
+        with profile(model, sample_interval=None) as inner:
+            for _ in range(2):
+                _, loss = model(x, y)
+                saved = graph_saved_bytes(loss, model)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+    for prof in (outer, inner):
+        steps = memory(prof)["steps"]
+        assert [s["categories"]["activations"] for s in steps] == [saved, saved]
+    assert [s["categories_live_peak"] for s in memory(outer)["steps"]] == [s["categories_live_peak"] for s in memory(inner)["steps"]]
+    assert_no_hooks(model)
