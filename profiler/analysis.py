@@ -21,7 +21,7 @@ def analyze_model(model: nn.Module, name: str | None = None) -> ModelReport:
     if not isinstance(model, nn.Module):
         raise ProfilerError(f"analyze() needs a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}")
     inventory = take_inventory(model)
-    if not inventory.parameters:
+    if not inventory.parameters and not inventory.uninitialized:
         raise ProfilerError(f"{name or type(model).__name__} has no parameters to analyse")
     return ModelReport(name=name or type(model).__name__, inventory=inventory, buckets=find_buckets(model, inventory))
 

@@ -195,7 +195,8 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
         opts.steps, opts.stop_after_steps, None if opts.no_sampler else opts.interval, plan, live_peak=opts.live_peak
     )
     try:
-        with ModelWatcher(on_new_model=session.on_new_model, on_compiled_first_call_end=session.on_compiled_first_call_end):
+        with ModelWatcher(on_new_model=session.on_new_model, on_compiled_first_call_end=session.on_compiled_first_call_end) as watcher:
+            session.request_stop = watcher.stop_script_at_next_call
             result = run_script(code, opts.script, opts.args)
     finally:
         session.close()
@@ -242,11 +243,13 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
         sys.stdout.flush()
     if not opts.quiet:
         try:
-            text = "\n" + report.render(depth=opts.depth)
-        except Exception as exc:  # noqa: BLE001 - our bug: one line, and the files were written
-            text = f"{PROG}: error: could not render the report: {type(exc).__name__}: {exc}"
-            failure = failure or (text, 1)
-        _print_report(text)
+            _print_report("\n" + report.render(depth=opts.depth))
+        except Exception as exc:  # noqa: BLE001 - our bug: one line (printed below), and the files were written
+            line = f"{PROG}: error: could not render the report: {type(exc).__name__}: {exc}"
+            if failure is None:
+                failure = (line, 1)
+            else:
+                _print_report(line)
     for line in written:
         _print_report(f"{PROG}: {line}")
     if failure is not None:

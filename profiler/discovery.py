@@ -63,11 +63,19 @@ class ModelWatcher:
         self._lazy_called: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # called once with lazy parameters
         self._handles: list = []
         self._warning_filter: tuple | None = None
+        self._raise_at_next_call: BaseException | None = None
 
     # Hooks ------------------------------------------------------------------
+    def stop_script_at_next_call(self, exc: BaseException) -> None:
+        """Raise ``exc`` from the next module call (the runner's --stop-after-steps)."""
+        self._raise_at_next_call = exc
+
     def _pre(self, module: nn.Module, args: object) -> None:
         if torch.compiler.is_compiling() or os.getpid() != self._pid:
             return
+        if self._raise_at_next_call is not None:
+            exc, self._raise_at_next_call = self._raise_at_next_call, None
+            raise exc
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
         if depth == 0 and module not in self._seen:

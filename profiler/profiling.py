@@ -26,7 +26,7 @@ from .analysis import analyze_model
 from .estimates import estimates_section, plan_fit
 from .memory import bucket_resolver, memory_section
 from .report import ModelReport, Report
-from .tracking import StepTracker
+from .tracking import StepTracker, drop_retired_hooks
 
 __all__ = ["profile", "attach_memory", "attach_measurements"]
 
@@ -79,6 +79,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         live_peak: bool = False,
     ) -> None:
         self._model_report = analyze_model(model, name)
+        self._model, self._name = model, name
         self.tracker = StepTracker(
             model,
             optimizer,
@@ -96,6 +97,9 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             self.tracker.stop()
+            drop_retired_hooks()  # the block is over: no optimizer step of its is running
+            if self._model_report.inventory.uninitialized:  # lazy parameters got shapes in the block
+                self._model_report = analyze_model(self._model, self._name)
         finally:
             attach_memory(self._model_report, self.tracker)
             self.report = Report(models=[self._model_report])

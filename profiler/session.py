@@ -11,6 +11,7 @@ a model per fold or per trial gets each one's memory back.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -21,7 +22,7 @@ from .estimates import plan_fit
 from .memory import bucket_resolver
 from .profiling import attach_measurements
 from .report import ModelReport, Report
-from .tracking import StepTracker, StopAfterSteps
+from .tracking import StepTracker, StopAfterSteps, drop_retired_hooks
 
 __all__ = ["ScriptSession", "name_models", "script_models"]
 
@@ -78,6 +79,11 @@ class ScriptSession:
         self.interval = interval
         self._found: list[_Found] = []
         self.notes: list[str] = []
+        # How the script is stopped for --stop-after-steps: the runner sets this
+        # to raise at the next module call. (A tracker may finish inside
+        # optimizer.step(); the rest of that iteration, scheduler and logging
+        # included, still runs.) Without it the stop is raised at once.
+        self.request_stop: Callable[[BaseException], None] | None = None
 
     @property
     def found_any(self) -> bool:
@@ -123,10 +129,13 @@ class ScriptSession:
             if found.tracker is tracker:
                 self._take_measurements(found)
         # A model that has not trained (a teacher run under no_grad, an EMA copy)
-        # never finishes its steps and must not keep the script running.
+        # never finishes its steps and must not keep the script running. A
+        # tracker that stopped on an error of ours never asks for the stop.
         pending = [f.tracker for f in self._found if f.tracker is not None and not f.tracker.finished and f.tracker.started_measuring]
-        if self.stop_after_steps and not pending:
-            raise StopAfterSteps()
+        if self.stop_after_steps and not pending and tracker.measured_all_steps:
+            if self.request_stop is None:
+                raise StopAfterSteps()
+            self.request_stop(StopAfterSteps())
 
     def _take_measurements(self, found: _Found) -> None:
         """Turn a finished tracker's figures into the report entry, then let the model go."""
@@ -145,9 +154,11 @@ class ScriptSession:
         ]
 
     def close(self) -> None:
+        """Stop every tracker (the script has ended: no optimizer step is running)."""
         for found in self._found:
             if found.tracker is not None:
                 found.tracker.stop()
+        drop_retired_hooks()
 
     def report(self, script_globals: dict, fallback: list[nn.Module] | None = None, extra_points: dict | None = None) -> Report:
         """One entry per model found (alive or already let go), else per ``fallback`` model."""

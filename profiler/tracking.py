@@ -43,7 +43,7 @@ from torch.utils import checkpoint as torch_checkpoint
 
 from .device_clock import DeviceClock
 
-__all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE", "find_optimizer"]
+__all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE", "drop_retired_hooks", "find_optimizer"]
 
 OUTSIDE = "(outside the model)"  # saved while no module of the model was running
 PHASES = ("forward", "backward", "optimizer")
@@ -54,8 +54,11 @@ SKIPPED_STEPS_LIMIT = 16
 
 # Handles of optimizer post-hooks retired while torch was iterating their dict
 # (a tracker that finished inside its own post-hook): a key deleted mid-loop
-# raises in the script, so the entry's value became a no-op and the key goes
-# at the next safe moment (``_drop_retired_hooks``).
+# raises in the script, so the entry's value became a no-op. The keys go where
+# no optimizer step can be running, which only the owner knows: when a
+# ``with profile(...)`` block ends, and when the runner's script has ended
+# (``drop_retired_hooks``). A step nested in a script's own post-hook (one
+# optimizer stepping another) rules out any moment inside the script.
 _RETIRED_HOOKS: list[Any] = []
 
 
@@ -64,8 +67,8 @@ def _retired_hook(*args: Any) -> None:
     return None
 
 
-def _drop_retired_hooks() -> None:
-    """Remove the retired entries: only called where torch is not iterating the post-hooks."""
+def drop_retired_hooks() -> None:
+    """Remove the retired entries: call only where no optimizer step is running."""
     while _RETIRED_HOOKS:
         _RETIRED_HOOKS.pop().remove()
 
@@ -156,7 +159,9 @@ class ForwardSaves:
 
     saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
     copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
-    offloaded: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes moved off the device by the script
+    # Bytes the script's pack hook moved off the device, summed per save: each
+    # save is its own copy, and a freed device address is soon reused.
+    offloaded: int = 0
     by_module: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, bucket) -> bytes
     by_bucket: dict[str, int] = field(default_factory=dict)
 
@@ -230,7 +235,7 @@ class StepRecord:
             self.activations_by_module = f.by_module
             self.activations_by_bucket = f.by_bucket
         self.autocast_copies = max(self.autocast_copies, sum(f.copies.values()))
-        self.activations_offloaded = max(self.activations_offloaded, sum(f.offloaded.values()))
+        self.activations_offloaded = max(self.activations_offloaded, f.offloaded)
         self._current = ForwardSaves()
 
     @property
@@ -273,7 +278,11 @@ class StepTracker:
             self._paths.setdefault(id(mod), path)
         # Looked up on every module call: which modules are trunk blocks (or inside one).
         self._block_modules = {mid for mid, path in self._paths.items() if self._bucket_of(path, "") == "block"}
-        self._param_ids = {id(p) for p in _parameters(model)}
+        # Every parameter, lazy ones included: one keeps its identity when its
+        # first forward gives it a shape (see _adopt_materialized).
+        self._param_ids = {id(p) for p in model.parameters()}
+        self._lazy_left = any(is_lazy(p) for p in model.parameters())
+        self._grad_hooked: set[int] = set()
         self._param_storages: set[int] = set()
         self._handles: list[Any] = []
         self._stack: list[int] = []
@@ -283,6 +292,7 @@ class StepTracker:
         self._step_state = "idle"  # idle | forward | after_forward | backward | after_backward
         self._saved_hooks_pushed = False
         self._saved_hooks_balanced = False
+        self._pushed_in_backward = False  # our pair was pushed while backward ran (see _push_saved_hooks)
         self._outer_hooks: tuple[Callable, Callable] | None = None  # the script's pair below ours
         self._peers: list[StepTracker] = []  # trackers of this model whose pair is below ours
         self._live: dict[int, tuple[str, int]] = {}  # saved storages not yet used by backward
@@ -291,7 +301,9 @@ class StepTracker:
         self._running = False
         self._looked_for_optimizer = optimizer is not None
         self._in_optimizer_step = False  # between this model's optimizer's pre- and post-step hooks
-        self._optimizer_frame = None  # the frame of that step() call, to tell whether it is still running
+        # Which frame runs that step() call: (id, code), never the frame itself,
+        # which would keep the caller's locals (a failed attempt's tensors) alive.
+        self._optimizer_frame: tuple[int, Any] | None = None
         self._grad_scaler_alive: bool | None = None  # looked up once, at the first step without an optimizer step
         self._stop_requested = False  # an internal error inside an optimizer hook: stop at the next forward
         self._in_post_hooks = False  # torch is iterating its optimizer post-hooks (ours is running)
@@ -340,7 +352,7 @@ class StepTracker:
             running = _optimizer_step_on_stack(self._param_ids)
             if running is not None and self.optimizer in (None, running[0]):
                 # Started inside that step (an LBFGS closure): its forwards are one step.
-                self.optimizer, self._optimizer_frame = running
+                self.optimizer, self._optimizer_frame = running[0], _frame_identity(running[1])
                 self._in_optimizer_step = self._looked_for_optimizer = True
             self._install()
         except Exception as exc:  # noqa: BLE001 - reported; the training runs unmeasured
@@ -351,7 +363,6 @@ class StepTracker:
         return self
 
     def _install(self) -> None:
-        _drop_retired_hooks()
         self._wrap_compiled_root()
         self._param_storages = {k[0] for p in _parameters(self.model) if (k := _storage_key(p)) is not None}
         for mod in _hookable_modules(self.model):
@@ -360,9 +371,7 @@ class StepTracker:
             else:
                 self._handles.append(mod.register_forward_pre_hook(self._module_pre))
             self._handles.append(mod.register_forward_hook(self._module_post, always_call=True))
-        for p in {id(p): p for p in _parameters(self.model)}.values():
-            if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+        self._hook_gradients()
         for register, hook, hooks in (
             (optimizer_hooks.register_optimizer_step_pre_hook, self._optimizer_pre, optimizer_hooks._global_optimizer_pre_hooks),
             (optimizer_hooks.register_optimizer_step_post_hook, self._optimizer_post, optimizer_hooks._global_optimizer_post_hooks),
@@ -413,6 +422,19 @@ class StepTracker:
         if restore is not None and self.model is not None and getattr(self.model, "_compiled_call_impl", None) is restore[1]:
             self.model._compiled_call_impl = restore[0]
 
+    def _hook_gradients(self) -> None:
+        """A hook on each trainable parameter with a shape: the timeline's gradient growth."""
+        for p in {id(p): p for p in _parameters(self.model)}.values():
+            if p.requires_grad and id(p) not in self._grad_hooked:
+                self._grad_hooked.add(id(p))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+
+    def _adopt_materialized(self) -> None:
+        """Lazy parameters that got their shapes since: hook them and know their storage."""
+        self._hook_gradients()
+        self._param_storages |= {k[0] for p in _parameters(self.model) if (k := _storage_key(p)) is not None}
+        self._lazy_left = any(is_lazy(p) for p in self.model.parameters())
+
     def _leave_live_counter(self) -> None:
         """Leave the dispatch mode if it is still the innermost one (modes must nest)."""
         counter, self._live_counter = self._live_counter, None
@@ -457,8 +479,6 @@ class StepTracker:
 
     def stop(self) -> None:
         """Remove every hook, close the open step and stop the sampler. Idempotent."""
-        if not self._in_post_hooks:
-            _drop_retired_hooks()  # one of ours retired by an earlier stop() inside torch's loop
         if not self._running:
             return
         self._running = False
@@ -616,6 +636,8 @@ class StepTracker:
         if self._enough_steps():
             self._done()
             return False
+        if self._lazy_left:
+            self._adopt_materialized()
         step = StepRecord(index=len(self.steps) + 1)
         step._t0 = time.perf_counter()
         step.parameters = self._unique_bytes(list(_parameters(self.model)))
@@ -665,7 +687,12 @@ class StepTracker:
     # ------------------------------------------------------- saved tensors
     def _push_saved_hooks(self) -> None:
         if self._saved_hooks_pushed:
-            return
+            top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            if not (self._pushed_in_backward and (top is None or top[0] != self._pack)):
+                return
+            # Pushed while backward ran (a reentrant checkpoint's recomputation): the
+            # engine ran it with its own copy of the thread's hooks, gone with it.
+            self._saved_hooks_pushed = False
         # If the user already has saved-tensor hooks active (save_on_cpu, a
         # checkpoint), ours must nest strictly inside their context: pop at
         # the end of this forward. Otherwise keep them until the step's
@@ -690,6 +717,7 @@ class StepTracker:
         self._saved_hooks_balanced = top is not None
         torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
         self._saved_hooks_pushed = True
+        self._pushed_in_backward = torch._C._current_graph_task_id() != -1
 
     def _pop_saved_hooks(self) -> None:
         """Pop our pair of saved-tensor hooks if it is the innermost one on this thread.
@@ -772,12 +800,13 @@ class StepTracker:
             if _CHECKPOINT_HOLDER is not None and isinstance(packed, _CHECKPOINT_HOLDER):
                 step.checkpointing = True  # dropped now, recomputed in backward: nothing held
                 return None
-            held = [(x, k) for x in _tensors_in(packed) if x.device == t.device and (k := _storage_key(x)) is not None]
-            if not held:
+            inside = _tensors_held(packed)
+            held = [(x, k) for x in inside if x.device == t.device and (k := _storage_key(x)) is not None]
+            if inside and not held:  # every tensor it keeps is elsewhere (save_on_cpu from a GPU)
                 if key[0] not in self._param_storages:
-                    step._current.offloaded[key[0]] = key[1]
+                    step._current.offloaded += key[1]
                 return None
-            if all(k[0] != key[0] for _, k in held):  # a copy or a compressed form stays on the device
+            if held and all(k[0] != key[0] for _, k in held):  # a copy or a compressed form stays on the device
                 for x, k in held:
                     self._count_saved(step, x, *k)
                 ptr = held[0][1][0]
@@ -895,13 +924,19 @@ class StepTracker:
             self._module_post(self.model, args, output)
 
     def _root_forward_begin(self) -> None:
-        if torch._C._current_graph_task_id() != -1:
-            return  # backward recomputing a checkpointed model: part of that backward, not a forward
+        if self._step is not None and self._step_state == "backward" and torch._C._current_graph_task_id() != -1:
+            # Backward recomputing a checkpointed model: part of that backward, not a
+            # forward. (Reentrant checkpointing ran the first forward under no_grad,
+            # unseen: its recomputation, with no step open, is the step's forward.)
+            self._step.checkpointing = True
+            return
         if self._stop_requested:
             self._done()
             return
         if self._in_optimizer_step and not self._optimizer_step_running():
-            self._finish_step()  # its step() raised and the script went on: that iteration is over
+            # Its step() raised and the script went on: that iteration is over.
+            self._finish_step()
+            self._in_optimizer_step, self._optimizer_frame = False, None  # also with no step open
         if self._step is None and self._running and self._enough_steps():
             self._done()  # the first forward after the last measured step, evaluation included
             return
@@ -930,6 +965,8 @@ class StepTracker:
         if self._step is None and not self._begin_step():
             return
         step = self._step
+        if torch._C._current_graph_task_id() != -1:
+            step.checkpointing = True  # a forward run by backward: a reentrant checkpoint's recomputation
         if step.forwards:
             step.close_forward()  # gradient accumulation: the next micro-batch begins
             self._release_cleared_gradients()
@@ -1000,7 +1037,7 @@ class StepTracker:
             return True  # not known: keep the old view
         frame = sys._getframe(1)
         while frame is not None:
-            if frame is target:
+            if id(frame) == target[0] and frame.f_code is target[1]:
                 return True
             frame = frame.f_back
         return False
@@ -1011,7 +1048,6 @@ class StepTracker:
 
     @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        _drop_retired_hooks()  # torch iterates the pre-hooks now, not the post-hooks
         if os.getpid() != self._pid or not _updates_any(opt, self._param_ids):
             return
         step = self._step
@@ -1022,7 +1058,7 @@ class StepTracker:
                 step = self._step
         if opt is self.optimizer:
             self._in_optimizer_step = True  # until its post-hook: a forward now is a closure's
-            self._optimizer_frame = _caller_outside_this_module()
+            self._optimizer_frame = _frame_identity(_caller_outside_this_module())
         if step is None:
             return
         self._pop_saved_hooks()
@@ -1138,6 +1174,11 @@ def _optimizer_step_on_stack(param_ids: set[int]) -> tuple[torch.optim.Optimizer
     return None
 
 
+def _frame_identity(frame: Any) -> tuple[int, Any] | None:
+    """What tells a frame apart while it runs, without keeping it (or its locals) alive."""
+    return None if frame is None else (id(frame), frame.f_code)
+
+
 def _caller_outside_this_module() -> Any:
     """The innermost frame on the stack that is not this module's (torch's step wrapper)."""
     frame = sys._getframe(1)
@@ -1184,6 +1225,21 @@ def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _tensors_in(v, depth + 1)]
     return []
+
+
+def _tensors_held(packed: Any) -> list[torch.Tensor]:
+    """Tensors in what a script's pack hook returned: in containers, or in an object's attributes.
+
+    None found means it is not known what the object holds (a custom
+    compressed form): the saved tensor is then counted as held.
+    """
+    found = _tensors_in(packed)
+    if found or isinstance(packed, type):
+        return found
+    values = list(vars(packed).values()) if hasattr(packed, "__dict__") else []
+    slots = getattr(type(packed), "__slots__", ())
+    values += [getattr(packed, name, None) for name in ((slots,) if isinstance(slots, str) else slots)]
+    return [t for v in values for t in _tensors_in(v, 1)]
 
 
 def _is_compiled(module: nn.Module) -> bool:

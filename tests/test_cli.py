@@ -573,3 +573,71 @@ def test_an_interrupted_script_ends_as_under_python(tmp_path):
     assert got.stdout == plain.stdout == b"atexit ran\n"
     assert got.stderr.decode().count("Traceback") == 1 and "profiler/" not in got.stderr.decode().split("Traceback")[1]
     assert models_of(out)
+
+
+def test_stop_after_steps_lets_the_last_iteration_finish(tmp_path):
+    # The last measured step ends inside optimizer.step(); what the script does
+    # after it in that iteration (scheduler, logging, a checkpoint) still runs.
+    script = write(tmp_path / "sched.py", """
+        import torch
+        model = torch.nn.Linear(8, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+        for i in range(4):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            print("finished iteration", i, flush=True)
+    """)
+    proc = run_profiler(["-q", "--no-sampler", "--steps", "2", "--stop-after-steps", script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().splitlines() == ["finished iteration 0", "finished iteration 1"]
+
+
+def test_an_error_of_ours_never_stops_the_script_under_stop_after_steps(tmp_path, monkeypatch, capsys):
+    from profiler import cli
+    from profiler.tracking import StepTracker
+
+    script = write(tmp_path / "five.py", """
+        import torch
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i in range(5):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            print("iteration", i)
+    """)
+    phase_begin = StepTracker._phase_begin
+
+    def broken(self, name):
+        if name == "optimizer":
+            raise RuntimeError("simulated bug")
+        phase_begin(self, name)
+
+    monkeypatch.setattr(StepTracker, "_phase_begin", broken)
+    code = cli.main(["-q", "--no-sampler", "--steps", "3", "--stop-after-steps", "--json", str(tmp_path / "r.json"), str(script)])
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [f"iteration {i}" for i in range(5)]
+    (model,) = models_of(tmp_path / "r.json").values()
+    assert any("internal error" in n for n in model["memory"]["notes"])
+
+
+def test_a_failure_rendering_the_report_is_said_once(tmp_path, monkeypatch, capsys):
+    from profiler import cli
+    from profiler.report import Report
+
+    script = write(tmp_path / "one.py", """
+        import torch
+        model = torch.nn.Linear(4, 2)
+        model(torch.randn(3, 4)).sum().backward()
+    """)
+
+    def broken(self, depth=2):
+        raise ValueError("simulated bug")
+
+    monkeypatch.setattr(Report, "render", broken)
+    assert cli.main(["--no-sampler", str(script)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("could not render the report: ValueError: simulated bug") == 1

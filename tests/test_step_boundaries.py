@@ -155,8 +155,9 @@ def test_saved_tensors_moved_off_the_device_by_the_script_are_not_activations():
             opt.step()
     step = memory(prof)["steps"][0]
     assert step["categories"]["activations"] == 0
-    # Linear 0 saves its input (8x16), ReLU its output (8x64), Linear 2 its input (the same 8x64).
-    assert step["activations_offloaded"] == 8 * 16 * 4 + 8 * 64 * 4
+    # Linear 0 saves its input (8x16), ReLU its output (8x64), Linear 2 its input (the same 8x64):
+    # each save is its own copy elsewhere, as save_on_cpu makes one per save.
+    assert step["activations_offloaded"] == 8 * 16 * 4 + 2 * 8 * 64 * 4
     assert any("activations_offloaded" in n for n in memory(prof)["notes"])
 
 
@@ -328,3 +329,142 @@ def test_nested_blocks_on_one_model_both_see_the_saved_tensors():
         assert [s["categories"]["activations"] for s in steps] == [saved, saved]
     assert [s["categories_live_peak"] for s in memory(outer)["steps"]] == [s["categories_live_peak"] for s in memory(inner)["steps"]]
     assert_no_hooks(model)
+
+
+def test_a_failed_step_does_not_keep_the_failed_attempts_tensors_alive():
+    # The OOM-retry shape: the error leaves train_step(); the caller halves the
+    # batch. Nothing of the failed attempt may outlive the exception.
+    import gc
+    import weakref
+
+    model = nn.Linear(16, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes, failures = [], []
+
+    def fail_once(o, args, kwargs):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("simulated")
+
+    opt.register_step_pre_hook(fail_once)
+
+    def train_step(batch_size):
+        out = model(torch.randn(batch_size, 16))
+        probes.append(weakref.ref(out))
+        out.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    with profile(model, sample_interval=None) as prof:
+        try:
+            train_step(64)
+        except torch.OutOfMemoryError:
+            opt.zero_grad()
+        gc.collect()
+        assert probes[0]() is None  # freed before the retry begins
+        train_step(32)
+    assert [s["optimizer_failed"] for s in memory(prof)["steps"]] == [True, False]
+
+
+def test_a_step_that_fails_before_any_forward_leaves_no_stale_state():
+    # A resumed loop steps first, and that step() raises while no step is open.
+    model = nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fail = [True]
+
+    def pre(o, args, kwargs):
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("simulated")
+
+    opt.register_step_pre_hook(pre)
+    with profile(model, sample_interval=None) as prof:
+        try:
+            opt.step()
+        except RuntimeError:
+            pass
+        for _ in range(2):  # two micro-batches, then the step
+            model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    steps = memory(prof)["steps"]
+    assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["optimizer_failed"]) for s in steps] == [(2, 2, 1, False)]
+
+
+def test_reentrant_checkpointing_of_the_whole_model_is_measured():
+    # use_reentrant=True runs the first forward under no_grad (unseen); the
+    # recomputation in backward is the step's forward, and is said to be one.
+    from torch.utils.checkpoint import checkpoint
+
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            x = torch.randn(8, 16, requires_grad=True)
+            checkpoint(model, x, use_reentrant=True).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    steps = memory(prof)["steps"]
+    assert [(s["forwards"], s["optimizer_steps"], s["gradient_checkpointing"]) for s in steps] == [(1, 1, True)] * 2
+    # Both recomputations are seen whole: Linear 0's input, the ReLU output (for ReLU and Linear 2).
+    assert [s["categories"]["activations"] for s in steps] == [8 * 16 * 4 + 8 * 64 * 4] * 2
+
+
+def test_a_step_inside_a_scripts_post_hook_after_a_tracker_finished_there():
+    # A script's own global post-hook steps a second optimizer: that step runs
+    # inside torch's loop over the post-hooks, where a tracker just finished.
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    handles = [
+        register_optimizer_step_post_hook(lambda o, args, kwargs: opt_b.step() if o is opt_a else None),
+        register_optimizer_step_post_hook(lambda *args: None),  # any later hook: a logger
+    ]
+    try:
+        x = torch.randn(4, 8)
+        with profile(b, sample_interval=None) as pb:
+            with profile(a, steps=1, sample_interval=None) as pa:
+                a(x).sum().backward()
+                b(x).sum().backward()
+                opt_a.step()  # raised "OrderedDict mutated during iteration"
+    finally:
+        for h in handles:
+            h.remove()
+    assert [s["optimizer_steps"] for s in memory(pa)["steps"]] == [1]
+    assert [s["optimizer_steps"] for s in memory(pb)["steps"]] == [1]
+    assert_no_hooks(a)
+
+
+def test_a_compressor_with_its_own_holder_class_is_counted_as_held():
+    class Packed:  # a compressor's own container, not a tuple/list/dict
+        __slots__ = ("data", "dtype")
+
+        def __init__(self, t):
+            self.data, self.dtype = t.to(torch.bfloat16), t.dtype
+
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.autograd.graph.saved_tensors_hooks(Packed, lambda p: p.data.to(p.dtype)):
+        with profile(model, sample_interval=None) as prof:
+            model(torch.randn(8, 16)).sum().backward()
+            opt.step()
+    step = memory(prof)["steps"][0]
+    assert step["activations_offloaded"] == 0
+    assert step["categories"]["activations"] == (8 * 16 + 2 * 8 * 64 + 64 * 4) * 2  # the bf16 copies
+
+
+def test_lazy_parameters_that_get_shapes_in_the_block_are_counted():
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.LazyLinear(32))
+    opt = torch.optim.Adam(model.parameters())
+    with profile(model, opt, sample_interval=None) as prof:
+        for _ in range(2):
+            model(torch.randn(4, 16)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    trained = unique_param_bytes(model)
+    report = prof.to_dict()["models"][0]
+    assert report["parameters"]["uninitialized"] == [] and report["parameters"]["bytes"] == trained
+    last = report["memory"]["steps"][-1]["categories"]
+    assert last["parameters"] == last["gradients"] == trained
+    assert last["optimizer_state"] == 2 * trained + 4 * 4  # exp_avg, exp_avg_sq, four step counters
