@@ -202,10 +202,17 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
         session.close()
 
     notes = session.notes
-    if opts.stop_after_steps and not isinstance(result.exception, StopAfterSteps) and session.unfinished():
+    unfinished = session.unfinished()
+    if opts.stop_after_steps and not isinstance(result.exception, StopAfterSteps) and unfinished:
         notes.append(
-            f"--stop-after-steps did not stop the script: {', '.join(session.unfinished())} trained fewer than "
+            f"--stop-after-steps did not stop the script: {', '.join(unfinished)} trained fewer than "
             f"{opts.steps} step(s) in this run"
+        )
+    elif unfinished and not result.failed:
+        notes.append(
+            f"{', '.join(unfinished)} trained fewer than {opts.steps} step(s): the steps that ran are measured, and "
+            "each such model was held until the script ended (--steps at most the steps a model trains lets "
+            "it go once they are measured)"
         )
     fallback = []
     if not session.found_any:

@@ -77,6 +77,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "optimizer_skipped": step.optimizer_skipped,
         "optimizer_failed": step.optimizer_failed,
         "gradient_checkpointing": step.checkpointing,
+        "saves_after_forward_unseen": step.saves_after_forward_unseen,
         "categories": {
             "parameters": step.parameters,
             "gradients": step.gradients,
@@ -87,6 +88,8 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         },
         "optimizer_state": {"by_name": step.optimizer_state_by_name, "by_group": step.optimizer_state_by_group},
         "saved_tensors": step.saved_tensors,
+        # False where saved-tensor hooks cannot see inside (torch.compile'd graphs): 'activations' is then a floor.
+        "activations_measured": not tracker._compiled,
         "activations_offloaded": step.activations_offloaded,
         "activations_by_bucket": {b: step.activations_by_bucket.get(b, 0) for b in BUCKETS},
         "phases": {
@@ -210,10 +213,18 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         )
     skipped = sum(s.optimizer_skipped for s in tracker.steps)
     if skipped:
+        updated = any(s.optimizer_steps for s in tracker.steps)
         notes.append(
             f"{skipped} iteration(s) ended without an optimizer step after their gradients were cleared "
             "(what a GradScaler does when fp16 gradients overflow): measured, marked optimizer_skipped, "
-            "and left out of the tables, estimates and fit"
+            + ("and left out of the tables, estimates and fit" if updated else
+               "and shown as they are, since no measured step updated the weights (more --steps may reach one)")
+        )
+    if any(s.saves_after_forward_unseen for s in tracker.steps):
+        notes.append(
+            "the script's own saved-tensor hooks (save_on_cpu, a compressor) were active around the model: what "
+            "was saved after its forward (a loss computed outside the model) went to them unseen and is not in "
+            "'activations' (saves_after_forward_unseen); call the loss inside the model to have it counted"
         )
     failed = [s.index for s in tracker.steps if s.optimizer_failed]
     if failed:

@@ -336,14 +336,15 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
     peak_key, peak_label = ("live_tensor_peak", "live-tensor peak") if live and steady.get("peak_allocated") is None else ("peak_allocated", "peak allocated")
     device_time = any(ph.get("gpu_seconds") is not None for ph in steady["phases"].values())
     phase_rows = [
-        [name, f"{ph['seconds']:.3f}"]
+        [name, _seconds(ph["seconds"])]
         + ([_seconds(ph.get("gpu_seconds"))] if device_time else [])
         + [format_bytes(ph.get(peak_key)), format_bytes(ph.get("host_rss_peak")), format_bytes(ph.get("nvml_process_used_peak"))]
         for name, ph in steady["phases"].items()
     ]
     headers = ["phase", "host seconds" if device_time else "seconds"] + (["GPU seconds"] if device_time else [])
     headers += [peak_label, "host RSS peak", "NVML process peak"]
-    parts.append(f"Phases of step {steady['index']}\n" + tabulate(phase_rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1)))
+    # disable_numparse: tabulate would print a short phase's "0.000412" as "0".
+    parts.append(f"Phases of step {steady['index']}\n" + tabulate(phase_rows, headers=headers, colalign=("left",) + ("right",) * (len(headers) - 1), disable_numparse=True))
 
     opt = steady.get("optimizer_state", {})
     if opt.get("by_name"):
@@ -368,7 +369,10 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
 
 
 def _seconds(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    """Milliseconds shown: a phase of a small model takes well under one."""
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if value >= 0.001 else f"{value:.6f}"
 
 
 def _known(value: Any) -> str:
@@ -418,7 +422,9 @@ def render_fit(fit: dict[str, Any]) -> list[str]:
             "n/a" if c["largest_batch"] is None else str(c["largest_batch"]),
         ])
     head = (
-        f"Will it fit? (batch {fit['measured_batch']}, seq {fit['sequence_length']}; "
+        f"Will it fit? (batch {fit['measured_batch']}"
+        + (f", seq {fit['sequence_length']}" if fit["sequence_length"] is not None else "")
+        + "; "
         f"{format_bytes(fit['fixed_bytes'])} fixed + {format_bytes(int(fit['bytes_per_sample']))} per sample; "
         f"safety margin {100 * fit['margin']:.0f}%)"
     )

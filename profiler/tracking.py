@@ -212,7 +212,8 @@ class StepRecord:
     activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input
     input_is_tokens: bool = False
-    checkpointing: bool = False  # a trunk block ran its forward checkpointed (not saving for backward)
+    checkpointing: bool = False  # checkpointed blocks or model: what they save is dropped and recomputed in backward
+    saves_after_forward_unseen: bool = False  # the script's own saved-tensor hooks hid what the loss saved
     _t0: float = 0.0
     gradients_start: int = 0  # gradient bytes alive when the step began (zero_grad without set_to_none)
     events: list[tuple[float, str, int]] = field(default_factory=list)  # (perf_counter, category, +/- bytes)
@@ -604,15 +605,15 @@ class StepTracker:
             if id(p) not in self._param_ids:
                 continue
             for name, value in state.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                ident, nbytes = _memory_of(value)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                by_name[name] += nbytes
-                if id(p) in group_of:
-                    by_group[group_of[id(p)]] += nbytes
+                # A tensor, or a list of them (LBFGS keeps its history as lists).
+                for tensor in _tensors_in(value):
+                    ident, nbytes = _memory_of(tensor)
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                    by_name[name] += nbytes
+                    if id(p) in group_of:
+                        by_group[group_of[id(p)]] += nbytes
         return sum(by_name.values()), dict(by_name), by_group
 
     # ----------------------------------------------------------------- steps
@@ -664,6 +665,15 @@ class StepTracker:
         if self._in_optimizer_step:  # its step() raised: the post-hook never ran
             step.optimizer_failed = True
             self._in_optimizer_step, self._optimizer_frame = False, None
+        elif (
+            self._step_state == "after_backward" and not step.optimizer_steps and self.optimizer is not None
+            and self.model is not None and self._gradients_cleared()
+        ):
+            # Measuring ends on an iteration whose step was skipped (the next
+            # forward, which tells otherwise, never comes): as in _root_forward_begin.
+            if self._grad_scaler_alive is None:
+                self._grad_scaler_alive = grad_scaler_alive()
+            step.optimizer_skipped = self._grad_scaler_alive
         self._pop_saved_hooks()
         for name in PHASES:
             if step.phases[name]._start is not None:
@@ -981,7 +991,12 @@ class StepTracker:
         if step is None or self._step_state != "forward":
             return
         if self._saved_hooks_balanced:
+            # The script's own pair is below ours: it pops the top one when its
+            # `with` ends, so ours must be gone by then. What a loss computed
+            # after this forward saves goes to the script's hooks unseen.
             self._pop_saved_hooks()
+            if self._outer_hooks is not None:
+                step.saves_after_forward_unseen = True
         self._step_state = "after_forward"
         fns = {id(t.grad_fn): t.grad_fn for t in _tensors_in(output) if t.grad_fn is not None}
         for fn in fns.values():

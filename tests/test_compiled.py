@@ -120,3 +120,22 @@ def test_the_watcher_hides_torchs_warning_about_its_own_hooks_only_while_it_watc
         assert warnings.filters == before  # our filter is gone with the watcher
         model(torch.randn(1, 2))
     assert not caught  # no global hook left: torch has nothing to warn about
+
+
+def test_the_fit_does_not_plan_on_activations_it_could_not_see():
+    def run(live_peak: bool):
+        model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+        model.compile(backend="eager")
+        opt = torch.optim.AdamW(model.parameters())
+        with profile(model, sample_interval=None, live_peak=live_peak) as prof:
+            for _ in range(2):
+                model(torch.randn(4, 8)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        return prof.report.models[0]
+
+    blind = run(live_peak=False)
+    assert all(s["activations_measured"] is False for s in blind.memory["steps"])
+    assert blind.fit["available"] is False and "--live-peak" in blind.fit["reason"]
+    counted = run(live_peak=True)  # the live-tensor counter sees every tensor, compiled or not
+    assert counted.fit["available"] is True and counted.fit["bytes_per_sample"] > 0

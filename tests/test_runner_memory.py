@@ -371,3 +371,23 @@ def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_p
     ours = [s["categories"]["activations"] for s in model["memory"]["steps"]]
     assert proc.stdout.strip() == str(ours)
     assert ours[0] > 0
+
+
+def test_a_model_trained_fewer_steps_than_asked_is_said_to_be_held(tmp_path):
+    script = tmp_path / "short_folds.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        for fold in range(2):
+            model = nn.Linear(8, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for step in range(2):
+                model(torch.randn(4, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        """
+    ))
+    proc = run_profiler(["--steps", "3", "--no-sampler", script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained fewer than 3 step(s)" in proc.stderr and "held until the script ended" in proc.stderr

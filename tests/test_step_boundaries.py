@@ -468,3 +468,56 @@ def test_lazy_parameters_that_get_shapes_in_the_block_are_counted():
     last = report["memory"]["steps"][-1]["categories"]
     assert last["parameters"] == last["gradients"] == trained
     assert last["optimizer_state"] == 2 * trained + 4 * 4  # exp_avg, exp_avg_sq, four step counters
+
+
+def test_lbfgs_history_lists_are_optimizer_state():
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.LBFGS(model.parameters(), history_size=5, max_iter=6)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            opt.step(closure)
+    # Independently: every tensor in LBFGS's state, its history lists included, once.
+    tensors = {}
+    for state in opt.state.values():
+        for value in state.values():
+            for t in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(t, torch.Tensor):
+                    tensors[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    step = memory(prof)["steps"][-1]
+    assert step["categories"]["optimizer_state"] == sum(tensors.values())
+    assert {"old_dirs", "old_stps", "ro"} <= set(step["optimizer_state"]["by_name"])
+
+
+def test_a_loss_saved_through_the_scripts_own_hooks_is_said_to_be_unseen():
+    # The script's save_on_cpu covers the model and the loss after it: our pair
+    # must be off the stack when the script's `with` ends, so the loss's saves
+    # are not seen. The step says so rather than showing a smaller figure as whole.
+    import torch.nn.functional as F
+
+    model = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 100))
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 100, (4, 9))
+    with profile(model, sample_interval=None) as prof:
+        with torch.autograd.graph.save_on_cpu():
+            logits = model(ids[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, 100), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+    step = memory(prof)["steps"][0]
+    assert step["saves_after_forward_unseen"] is True
+    assert any("saves_after_forward_unseen" in n for n in memory(prof)["notes"])
+    with profile(model, sample_interval=None) as plain:  # no hooks of the script's: the loss is seen
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits.reshape(-1, 100), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+    seen = memory(plain)["steps"][0]
+    assert seen["saves_after_forward_unseen"] is False
+    assert seen["categories"]["activations"] > step["categories"]["activations"]
