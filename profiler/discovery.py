@@ -3,8 +3,9 @@
 A model is a module that is *called from outside any other module* and owns
 parameters. Two global hooks (the mechanism of ``torch.utils.module_tracker``)
 keep a per-thread nesting depth; a call at depth 0 is a root call. Each new
-root is reported to a callback once, with the call's positional arguments, so the caller can analyse it or start
-measuring it on its first forward.
+root is reported to a callback once, with the call's positional arguments, so
+the caller can analyse it or start measuring it on its first forward (a model
+with lazy modules: at its second call, once its first gave them shapes).
 
 The hooks cost one dict lookup per module call and are removed by ``close()``
 (also on exceptions: use it as a context manager). In a forked child (a

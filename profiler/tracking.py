@@ -20,6 +20,9 @@ Cheap observations only, read at boundaries (the approach of
 
 Every hook is removed by ``stop()``, which ``profile.__exit__`` and the runner
 call in ``finally`` blocks, so exceptions and KeyboardInterrupt leave no hook.
+(One exception in form only: an optimizer post-hook whose tracker finished
+while torch iterated those hooks is made a no-op there and its entry deleted
+when the block or the script ends; see ``drop_retired_hooks``.)
 """
 
 from __future__ import annotations
