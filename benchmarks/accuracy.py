@@ -348,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         "summary_steady": {name: r["summary_steady"] for name, r in results.items()},
         "fit": fit_accuracy(),
     }
-    path = common.write_json(f"accuracy_{device.type}", data, args.out)
+    # Other models than the default pair get their own file: the committed run stays as it is.
+    suffix = "" if args.models == ["tiny", "small"] else "_" + "_".join(args.models)
+    path = common.write_json(f"accuracy_{device.type}{suffix}", data, args.out)
 
     rows = []
     for name, r in results.items():

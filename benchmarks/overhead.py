@@ -330,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = benchmark(args)
     dev = torch.device(result["settings"]["device"]).type
-    path = common.write_json(f"overhead_{args.model}_{dev}", result, args.out)
+    # A subset of the modes gets its own file: the committed full comparison stays as it is.
+    default_modes = [m for m in MODES if m not in ("watch", "ours_live")]
+    suffix = "" if args.modes == default_modes else "_" + "_".join(args.modes)
+    path = common.write_json(f"overhead_{args.model}_{dev}{suffix}", result, args.out)
 
     rows = []
     for mode in result["settings"]["modes"]:

@@ -52,5 +52,13 @@ def measure_batches(
             found = fit_points(model.get("memory", {}))
             if not found:
                 notes.append(f"--fit-batches: no complete step of {model['name']} at {batch_arg} {batch}")
+            elif all(p.batch != batch for p in found):
+                # The script ignored the flag (or takes the batch size under another name).
+                seen = sorted({p.batch for p in found})
+                notes.append(
+                    f"--fit-batches: the run with {batch_arg} {batch} measured {model['name']} at batch "
+                    f"{', '.join(map(str, seen))}, not {batch} (does the script take {batch_arg}? see --batch-arg)"
+                )
+                continue
             points.setdefault(model["name"], []).extend(found)
     return points, notes

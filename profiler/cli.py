@@ -117,7 +117,7 @@ def _validate(opts: argparse.Namespace) -> dict:
     if opts.steps == 0:
         asked = [flag for flag, value in (("--fit", opts.fit), ("--gpu", opts.gpu), ("--fit-batches", opts.fit_batches), ("--plot", opts.plot)) if value]
         if asked:
-            raise ProfilerError(f"{', '.join(asked)} need(s) measured steps; drop --steps 0")
+            raise ProfilerError(f"{', '.join(asked)} {'needs' if len(asked) == 1 else 'need'} measured steps; drop --steps 0")
     # Absolute now: the script may change directory (Hydra does) before we write.
     if opts.json:
         check_writable(opts.json, "--json")
@@ -130,13 +130,24 @@ def _validate(opts: argparse.Namespace) -> dict:
         from .plot import MISSING_MATPLOTLIB, matplotlib_available
 
         if not matplotlib_available():
-            raise ProfilerError(MISSING_MATPLOTLIB)
+            raise ProfilerError(f"--plot: {MISSING_MATPLOTLIB}")
     cards = parse_cards(opts.gpu)
     if opts.fit:
         resolve_card(opts.fit, cards)
     check_margin(opts.margin)
     opts.batches = parse_batches(opts.fit_batches) if opts.fit_batches else []
     return {"cards": cards, "margin": opts.margin, "focus": opts.fit}
+
+
+# Options only this tool has: after SCRIPT they reach the script, which is
+# seldom what was meant. (--steps, --depth and the like are common script flags.)
+_OWN_OPTIONS = ("--json", "--stop-after-steps", "--live-peak", "--no-sampler", "--fit", "--gpu", "--margin",
+                "--fit-batches", "--batch-arg", "--plot", "-q", "--quiet")
+
+
+def _own_options_after_script(args: list[str]) -> list[str]:
+    """This tool's options among the script's arguments."""
+    return [a for a in args if a.split("=", 1)[0] in _OWN_OPTIONS]
 
 
 def _shadowed_module(script: str) -> str | None:
@@ -187,6 +198,10 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
 
+    misplaced = _own_options_after_script(opts.args)
+    if misplaced:
+        _print_report(f"{PROG}: warning: {', '.join(misplaced)} after the script {'goes' if len(misplaced) == 1 else 'go'} "
+                      "to the script, not to this tool: options go before SCRIPT")
     shadowed = _shadowed_module(opts.script)
     if shadowed:
         _print_report(f"{PROG}: warning: the script's own {shadowed} is hidden under the runner: "
@@ -221,6 +236,8 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
             notes.append("no model was called; reporting the models left in the script's globals")
     if result.failed:
         notes.append(f"the script raised {type(result.exception).__name__}; the report covers what ran before it")
+    elif isinstance(result.exception, StopAfterSteps):
+        notes.append("the script was ended by --stop-after-steps once its models' steps were measured (exit 0)")
     extra_points = None
     if opts.batches and not result.failed:
         extra_points, batch_notes = measure_batches(opts.script, opts.args, opts.batches, opts.batch_arg, opts.steps, opts.live_peak)

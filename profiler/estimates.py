@@ -197,7 +197,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
     if cat["optimizer_state"] > 4 * n:
         tutorial_misses.append("AdamW's two moments are fp32: 8 bytes/param, not 4")
     if cat["autocast_copies"]:
-        tutorial_misses.append("autocast's fp16 weight copies")
+        tutorial_misses.append("autocast's 16-bit (fp16/bf16) weight copies")
     if bsh4 is not None and cat["activations"] > bsh4:
         tutorial_misses.append(
             f"activations: autograd saves {cat['activations'] / bsh4:.0f}x batch*seq*n_embd*4 "
@@ -223,7 +223,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
     # 2. ZeRO: mixed-precision Adam keeps 16 bytes per parameter of model states.
     zero_misses = []
     if amp:
-        zero_misses.append("PyTorch autocast keeps fp32 gradients (4 bytes/param, ZeRO counts fp16: 2) and makes fp16 weight copies on top")
+        zero_misses.append("PyTorch autocast keeps fp32 gradients (4 bytes/param, ZeRO counts fp16: 2) and makes 16-bit weight copies on top")
     else:
         zero_misses.append("this step ran without autocast: no fp16 copies exist, see the fp32 Adam rule")
     zero_misses.append("activations are not model states: not in the 16")
@@ -240,7 +240,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
             "fp32-adam",
             "plain fp32 Adam: 4 weights + 4 gradients + 8 moments = 16 bytes/param",
             [_row("model states", 16 * n, states_measured)],
-            (["autocast's fp16 weight copies (2 bytes/param of the matmul weights)"] if amp else [])
+            (["autocast's 16-bit weight copies (2 bytes/param of the matmul weights)"] if amp else [])
             + ["activations are not model states"],
         )
     )

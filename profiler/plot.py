@@ -36,7 +36,7 @@ from .report import format_bytes
 
 __all__ = ["plot_step", "plot_report", "matplotlib_available", "MISSING_MATPLOTLIB"]
 
-MISSING_MATPLOTLIB = "--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
+MISSING_MATPLOTLIB = "drawing the plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
 
 # Bottom to top: what lives across steps first, what comes and goes on top,
 # so the transient part of the stack is the part that moves.

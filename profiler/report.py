@@ -380,7 +380,10 @@ def _known(value: Any) -> str:
 
 
 def _error(e: float | None) -> str:
-    return "n/a" if e is None else f"{100 * e:+.0f}%"
+    if e is None:
+        return "n/a"
+    text = f"{100 * e:+.0f}%"
+    return "0%" if text in ("+0%", "-0%") else text  # an exact match, or within half a percent
 
 
 def render_estimates(est: dict[str, Any]) -> list[str]:

@@ -641,3 +641,49 @@ def test_a_failure_rendering_the_report_is_said_once(tmp_path, monkeypatch, caps
     assert cli.main(["--no-sampler", str(script)]) == 1
     err = capsys.readouterr().err
     assert err.count("could not render the report: ValueError: simulated bug") == 1
+
+
+def test_fit_batches_the_script_ignores_are_said_not_measured(tmp_path):
+    script = write(tmp_path / "fixed_batch.py", """
+        import torch
+        model = torch.nn.Linear(8, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()   # always batch 4, whatever the arguments
+            opt.step()
+            opt.zero_grad()
+    """)
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--no-sampler", "--fit-batches", "2,8", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.decode()
+    assert "the run with --batch-size 2 measured model at batch 4, not 2" in err
+    (model,) = models_of(out).values()
+    assert model["fit"]["measured_batches"] == [4]  # no copies of batch 4 passed off as batches 2 and 8
+
+
+def test_this_tools_options_after_the_script_get_a_warning(tmp_path):
+    script = write(tmp_path / "args.py", """
+        import sys
+        print(sys.argv[1:])
+    """)
+    got, plain = run_both(["-q", script, "--json", "x.json"], [script, "--json", "x.json"], tmp_path)
+    assert got.stdout == plain.stdout == b"['--json', 'x.json']\n"  # the script still gets them
+    assert "warning: --json after the script goes to the script, not to this tool" in got.stderr.decode()
+
+
+def test_a_script_stopped_after_its_steps_is_said_so(tmp_path):
+    script = write(tmp_path / "long.py", """
+        import torch
+        model = torch.nn.Linear(8, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(50):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    """)
+    out = tmp_path / "r.json"
+    proc = run_profiler(["-q", "--no-sampler", "--steps", "2", "--stop-after-steps", "--json", out, script], tmp_path)
+    assert proc.returncode == 0
+    notes = json.loads(out.read_text())["notes"]
+    assert any("ended by --stop-after-steps" in n for n in notes)
