@@ -186,6 +186,12 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
     weights_measured = cat["parameters"] + cat["autocast_copies"]
     states_measured = _model_states(cat)
     formulas = []
+    # Measured, not from the inventory: a script may freeze parameters after the model was found.
+    frozen_miss = (
+        [f"frozen parameters: only {cat['gradients'] / cat['parameters']:.0%} of the weight bytes have a gradient "
+         "(and optimizer state); the formula counts every parameter"]
+        if 0 < cat["gradients"] < 0.99 * cat["parameters"] else []
+    )
 
     # 1. The tutorial: fp16 weights x1 + gradients x1 + AdamW x2 + b*s*h*4.
     bsh4 = 4 * shape.batch * shape.seq * shape.hidden if None not in (shape.batch, shape.seq, shape.hidden) else None
@@ -203,6 +209,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
             f"activations: autograd saves {cat['activations'] / bsh4:.0f}x batch*seq*n_embd*4 "
             "(attention, MLP, norms, logits and the loss all save tensors)"
         )
+    tutorial_misses += frozen_miss
     tutorial_misses.append("temporaries, allocator slack and the CUDA context")
     formulas.append(
         _formula(
@@ -226,6 +233,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
         zero_misses.append("PyTorch autocast keeps fp32 gradients (4 bytes/param, ZeRO counts fp16: 2) and makes 16-bit weight copies on top")
     else:
         zero_misses.append("this step ran without autocast: no fp16 copies exist, see the fp32 Adam rule")
+    zero_misses += frozen_miss
     zero_misses.append("activations are not model states: not in the 16")
     formulas.append(
         _formula(
@@ -241,6 +249,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
             "plain fp32 Adam: 4 weights + 4 gradients + 8 moments = 16 bytes/param",
             [_row("model states", 16 * n, states_measured)],
             (["autocast's 16-bit weight copies (2 bytes/param of the matmul weights)"] if amp else [])
+            + frozen_miss
             + ["activations are not model states"],
         )
     )

@@ -222,9 +222,14 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         )
     if any(s.saves_after_forward_unseen for s in tracker.steps):
         notes.append(
-            "the script's own saved-tensor hooks (save_on_cpu, a compressor) were active around the model: what "
+            "saved-tensor hooks of the script's (save_on_cpu, a compressor, a checkpoint of the whole model) were active around the model: what "
             "was saved after its forward (a loss computed outside the model) went to them unseen and is not in "
             "'activations' (saves_after_forward_unseen); call the loss inside the model to have it counted"
+        )
+    if len(tracker.optimizer_history) > 1:
+        notes.append(
+            "the script replaced the optimizer while steps were measured (" + ", then ".join(tracker.optimizer_history)
+            + "): each step counts the state of the one that stepped it"
         )
     failed = [s.index for s in tracker.steps if s.optimizer_failed]
     if failed:
@@ -240,14 +245,14 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
             f"off {tracker.device}: they are in 'activations_offloaded', not in 'activations', which counts what "
             "backward holds on the device"
         )
-    if tracker.steps and not any(s.optimizer_steps for s in tracker.steps):
-        held = "not measured" if tracker.optimizer is None else f"{type(tracker.optimizer).__name__}'s, counted as it stood"
+    if tracker.steps and not any(s.optimizer_steps or s.optimizer_skipped for s in tracker.steps):
+        held = "not measured" if tracker.optimizer_name is None else f"{tracker.optimizer_name}'s, counted as it stood"
         notes.append(f"no optimizer step was seen (weights updated by hand?): optimizer state {held}")
     section: dict[str, Any] = {
         "device": str(tracker.device),
         "allocator": "cuda caching allocator" if cuda else "unavailable: " + CPU_UNAVAILABLE,
         "live_peak": tracker.live_peak,
-        "optimizer": type(tracker.optimizer).__name__ if tracker.optimizer is not None else None,
+        "optimizer": tracker.optimizer_name,
         "steps": steps,
         "activations_by_module": by_module,
         "activations_by_block_module": by_layer,

@@ -90,6 +90,7 @@ class ScriptSession:
         return bool(self._found)
 
     def on_new_model(self, model: nn.Module, args: tuple = ()) -> None:
+        self._forget_parts_of(model)
         try:
             entry = analyze_model(model, type(model).__name__)
         except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
@@ -123,6 +124,23 @@ class ScriptSession:
                     found.tracker.leave_current_forward(args, output)
                 except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
                     self.notes.append(f"could not measure {found.entry.name}'s first call: {type(exc).__name__}: {exc}")
+
+    def _forget_parts_of(self, model: nn.Module) -> None:
+        """Drop what was found for a part of ``model`` called on its own before it.
+
+        A part run alone first (a shape probe in ``__init__``, a frozen encoder
+        warmed up) looked like a model. Its tracker, left on, would take the
+        whole model's saved tensors when the part runs inside it; the part is
+        measured as what it is, a part of ``model``. (Its report row would be
+        left out for the same reason: the report lists outermost models.)
+        """
+        inner = {id(m) for m in model.modules() if m is not model}
+        for found in list(self._found):
+            part = found.model()
+            if part is not None and id(part) in inner:
+                if found.tracker is not None:
+                    found.tracker.stop()
+                self._found.remove(found)
 
     def _on_tracker_finished(self, tracker: StepTracker) -> None:
         for found in self._found:

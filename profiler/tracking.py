@@ -33,6 +33,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -270,6 +271,9 @@ class StepTracker:
         self.model = model
         self.live_peak = live_peak
         self._live_counter = None
+        self._optimizer_ref: weakref.ref | None = None
+        self.optimizer_name: str | None = None  # of the last optimizer this model's steps used
+        self.optimizer_history: list[str] = []  # every optimizer adopted, in order (a replaced one too)
         self.optimizer = optimizer
         self.max_steps = max_steps
         self.sample_interval = sample_interval
@@ -328,7 +332,7 @@ class StepTracker:
                 f"the optimizer given ({type(optimizer).__name__}) updates none of this model's parameters: "
                 "its steps are not this model's, and its state is not counted"
             )
-            self.optimizer = None
+            self.optimizer, self.optimizer_name, self.optimizer_history = None, None, []
             self._looked_for_optimizer = False  # the right one is found as if none had been given
         devices = {p.device for p in _parameters(model)}
         if len(devices) > 1:
@@ -336,6 +340,20 @@ class StepTracker:
                 "parameters on several devices (" + ", ".join(sorted(map(str, devices))) + "); "
                 f"allocator figures are for {self.device} only"
             )
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """This model's optimizer, held weakly: one the script replaces must be freed as without us."""
+        return self._optimizer_ref() if self._optimizer_ref is not None else None
+
+    @optimizer.setter
+    def optimizer(self, opt: torch.optim.Optimizer | None) -> None:
+        previous = self.optimizer
+        self._optimizer_ref = weakref.ref(opt) if opt is not None else None
+        if opt is not None:
+            self.optimizer_name = type(opt).__name__
+            if opt is not previous:
+                self.optimizer_history.append(self.optimizer_name)
 
     # ------------------------------------------------------------------ setup
     def _model_device(self) -> torch.device:
@@ -955,6 +973,8 @@ class StepTracker:
             return
         if not torch.is_grad_enabled() or not self._running:
             return  # evaluation forwards are not training steps
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return  # a frozen model (a teacher) run with gradients on: nothing of it trains
         # A forward inside optimizer.step() is a closure (LBFGS re-evaluating
         # the loss): part of this step, like a gradient-accumulation micro-batch.
         if self._step is not None and self._step_state == "after_backward" and not self._in_optimizer_step:

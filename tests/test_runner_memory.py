@@ -391,3 +391,100 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_to_be_held(tmp_path):
     proc = run_profiler(["--steps", "3", "--no-sampler", script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "trained fewer than 3 step(s)" in proc.stderr and "held until the script ended" in proc.stderr
+
+
+def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):
+    # The flattened size found by running self.features on a dummy input in
+    # __init__: features looked like a model of its own at that call.
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+                with torch.no_grad():
+                    n_flat = self.features(torch.zeros(1, 3, 8, 8)).numel()
+                self.classifier = nn.Linear(n_flat, 10)
+
+            def forward(self, x):
+                return self.classifier(self.features(x).flatten(1))
+
+        model = Net()
+        opt = torch.optim.AdamW(model.parameters())
+        for step in range(3):
+            nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.randint(0, 10, (4,))).backward()
+            opt.step()
+            opt.zero_grad()
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (model,) = _report(out)["models"]
+    rows = {r["path"] for r in model["memory"]["activations_by_module"]}
+    assert {"features.0", "features.1", "features.2", "classifier"} <= rows  # the features' saves are the model's
+    # conv input 4x3x8x8, ReLU output 4x8x8x8 (saved by ReLU and the pool), pool indices (int64), classifier input.
+    acts = model["memory"]["steps"][-1]["categories"]["activations"]
+    assert acts >= 4 * 3 * 8 * 8 * 4 + 4 * 8 * 8 * 8 * 4 + 4 * 128 * 4
+
+
+def test_a_replaced_optimizer_is_freed_and_the_new_one_measured(tmp_path):
+    script = tmp_path / "switch.py"
+    script.write_text(textwrap.dedent(
+        """
+        import gc, weakref
+        import torch
+        from torch import nn
+        model = nn.Linear(32, 32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(4):
+            if step == 2:
+                old = weakref.ref(opt)
+                opt = torch.optim.AdamW(model.parameters())
+                gc.collect()
+                print("old optimizer alive:", old() is not None)
+            model(torch.randn(4, 32)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "4", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "old optimizer alive: False"
+    (model,) = _report(out)["models"]
+    trained = (32 * 32 + 32) * 4
+    assert [s["categories"]["optimizer_state"] for s in model["memory"]["steps"]] == [0, 0, 2 * trained + 2 * 4, 2 * trained + 2 * 4]
+    assert any("SGD, then AdamW" in n for n in model["memory"]["notes"])
+
+
+def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path):
+    script = tmp_path / "distill.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        teacher = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).requires_grad_(False)
+        student = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+        opt = torch.optim.AdamW(student.parameters())
+        for step in range(3):
+            x = torch.randn(8, 16)
+            target = teacher(x)  # no torch.no_grad(): a common slip, harmless here
+            nn.functional.mse_loss(student(x), target).backward()
+            opt.step()
+            opt.zero_grad()
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    models = {m["name"]: m for m in _report(out)["models"]}
+    assert models["teacher"]["memory"]["steps"] == []
+    steps = models["student"]["memory"]["steps"]
+    # Linear input 8x16, ReLU output 8x8 (ReLU and Linear 2), and the loss's two 8x4 inputs.
+    assert [s["categories"]["activations"] for s in steps] == [(8 * 16 + 8 * 8 + 2 * 8 * 4) * 4] * 2
+    assert "held until the script ended" not in proc.stderr
