@@ -272,7 +272,6 @@ class StepTracker:
         self.live_peak = live_peak
         self._live_counter = None
         self._optimizer_ref: weakref.ref | None = None
-        self.optimizer_name: str | None = None  # of the last optimizer this model's steps used
         self.optimizer_history: list[str] = []  # every optimizer adopted, in order (a replaced one too)
         self.optimizer = optimizer
         self.max_steps = max_steps
@@ -332,7 +331,7 @@ class StepTracker:
                 f"the optimizer given ({type(optimizer).__name__}) updates none of this model's parameters: "
                 "its steps are not this model's, and its state is not counted"
             )
-            self.optimizer, self.optimizer_name, self.optimizer_history = None, None, []
+            self.optimizer, self.optimizer_history = None, []
             self._looked_for_optimizer = False  # the right one is found as if none had been given
         devices = {p.device for p in _parameters(model)}
         if len(devices) > 1:
@@ -350,10 +349,13 @@ class StepTracker:
     def optimizer(self, opt: torch.optim.Optimizer | None) -> None:
         previous = self.optimizer
         self._optimizer_ref = weakref.ref(opt) if opt is not None else None
-        if opt is not None:
-            self.optimizer_name = type(opt).__name__
-            if opt is not previous:
-                self.optimizer_history.append(self.optimizer_name)
+        if opt is not None and opt is not previous:
+            self.optimizer_history.append(type(opt).__name__)
+
+    @property
+    def optimizer_name(self) -> str | None:
+        """The class of the last optimizer this model's steps used (kept when it is freed)."""
+        return self.optimizer_history[-1] if self.optimizer_history else None
 
     # ------------------------------------------------------------------ setup
     def _model_device(self) -> torch.device:
