@@ -16,7 +16,7 @@ from profiler.memory import categories_live_peak
 from profiler.profiling import profile
 from profiler.report import updating_steps
 from profiler.tracking import StepTracker
-from test_tracking import assert_no_hooks, batch, memory, tiny_gpt, unique_param_bytes
+from test_tracking import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, unique_param_bytes
 
 
 def gradients_at_end_of_timeline(step: dict) -> int:
@@ -123,19 +123,7 @@ def test_zero_grad_between_forward_and_backward_releases_the_old_gradients():
 
 
 def test_lbfgs_closures_that_clear_gradients_hold_one_set():
-    model = tiny_gpt()
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
-    x, y = batch()
-
-    def closure():
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        return loss
-
-    with profile(model, sample_interval=None) as prof:
-        for _ in range(2):
-            opt.step(closure)
+    model, prof = profile_lbfgs()
     grads = unique_param_bytes(model)
     for step in memory(prof)["steps"]:
         assert step["forwards"] > 1

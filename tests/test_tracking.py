@@ -470,7 +470,8 @@ def test_a_frozen_block_run_without_grad_is_not_checkpointing():
     assert memory(prof)["steps"][0]["gradient_checkpointing"] is False
 
 
-def test_lbfgs_closure_evaluations_are_one_step():
+def profile_lbfgs(steps: int = 2):
+    """A tiny GPT trained ``steps`` LBFGS steps under profile(); the closure clears gradients first."""
     model = tiny_gpt()
     opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
     x, y = batch()
@@ -482,8 +483,13 @@ def test_lbfgs_closure_evaluations_are_one_step():
         return loss
 
     with profile(model, sample_interval=None) as prof:
-        for _ in range(2):
+        for _ in range(steps):
             opt.step(closure)
+    return model, prof
+
+
+def test_lbfgs_closure_evaluations_are_one_step():
+    _, prof = profile_lbfgs()
     steps = memory(prof)["steps"]
     assert [s["optimizer_steps"] for s in steps] == [1, 1]
     assert all(s["forwards"] == s["backwards"] > 1 and not s["optimizer_skipped"] for s in steps)
