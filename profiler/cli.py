@@ -217,18 +217,6 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
         session.close()
 
     notes = session.notes
-    unfinished = session.unfinished()
-    if opts.stop_after_steps and not isinstance(result.exception, StopAfterSteps) and unfinished:
-        notes.append(
-            f"--stop-after-steps did not stop the script: {', '.join(unfinished)} trained fewer than "
-            f"{opts.steps} step(s) in this run"
-        )
-    elif unfinished and not result.failed:
-        notes.append(
-            f"{', '.join(unfinished)} trained fewer than {opts.steps} step(s): the steps that ran are measured, and "
-            "each such model was held until the script ended (--steps at most the steps a model trains lets "
-            "it go once they are measured)"
-        )
     fallback = []
     if not session.found_any:
         fallback = script_models(result.globals)
@@ -245,6 +233,14 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
         for note in batch_notes:  # said even with -q: a planning point is missing
             _print_report(f"{PROG}: warning: {note}")
     report = session.report(result.globals, fallback, extra_points)
+    unfinished = session.unfinished()  # after report(): by the names the report gives them
+    if opts.stop_after_steps and not isinstance(result.exception, StopAfterSteps) and unfinished:
+        report.notes.append(
+            f"--stop-after-steps did not stop the script: {', '.join(unfinished)} trained fewer than "
+            f"{opts.steps} step(s) in this run"
+        )
+    elif unfinished and not result.failed:
+        report.notes.append(f"{', '.join(unfinished)} trained fewer than {opts.steps} step(s): the steps that ran are measured")
     report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
     # Files first: a script that closed its stderr still gets them.
     written, failure = [], None

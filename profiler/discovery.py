@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
+
+from .compiled import unwrap_compiled_call, wrap_compiled_call
 
 __all__ = ["ModelWatcher"]
 
@@ -44,7 +47,7 @@ class ModelWatcher:
 
     def __init__(
         self,
-        on_new_model: Callable[[nn.Module, tuple], None] | None = None,
+        on_new_model: Callable[[nn.Module, tuple, dict], None] | None = None,
         on_compiled_first_call_end: Callable[[nn.Module, tuple, object], None] | None = None,
     ) -> None:
         self._on_new_model = on_new_model
@@ -52,7 +55,7 @@ class ModelWatcher:
         # the model was found: this is told instead (the caller's tracker began there).
         self._on_compiled_first_call_end = on_compiled_first_call_end
         self._compile_patch: tuple[Callable, Callable] | None = None  # (torch's nn.Module.compile, ours)
-        self._shimmed: list[tuple[weakref.ref, Callable, Callable]] = []  # (module, its compiled call, our shim)
+        self._shimmed: list[tuple[weakref.ref, weakref.ref]] = []  # (module, our shim around its compiled call)
         self._pid = os.getpid()
         self._local = threading.local()
         # Weak references only: a script that builds a model per fold or per
@@ -71,7 +74,7 @@ class ModelWatcher:
         """Raise ``exc`` from the next module call (the runner's --stop-after-steps)."""
         self._raise_at_next_call = exc
 
-    def _pre(self, module: nn.Module, args: object) -> None:
+    def _pre(self, module: nn.Module, args: object, kwargs: dict | None = None) -> None:
         if torch.compiler.is_compiling() or os.getpid() != self._pid:
             return
         if self._raise_at_next_call is not None:
@@ -94,7 +97,7 @@ class ModelWatcher:
                 self._models.append(weakref.ref(module))
                 self._inside_models.update(module.modules())
                 if self._on_new_model is not None:
-                    self._on_new_model(module, args)
+                    self._on_new_model(module, args, _running_call_kwargs(module) if kwargs is None else kwargs)
 
     def _post(self, module: nn.Module, args: object, output: object) -> None:
         if torch.compiler.is_compiling() or os.getpid() != self._pid:
@@ -121,36 +124,29 @@ class ModelWatcher:
 
     def _shim_compiled_call(self, module: nn.Module) -> None:
         """Call the watcher's hooks, in eager Python, around ``module``'s compiled call."""
-        compiled = getattr(module, "_compiled_call_impl", None)
-        if compiled is None:
-            return
 
-        def call_compiled_with_watcher(*args: object, **kwargs: object) -> object:
+        def before(args: tuple, kwargs: dict) -> bool | None:
             if not self._handles or os.getpid() != self._pid:
-                return compiled(*args, **kwargs)
+                return None
             known = module in self._seen
-            self._pre(module, args)
-            found_now = not known and module in self._seen
-            output = None
-            try:
-                output = compiled(*args, **kwargs)
-                return output
-            finally:
-                self._post(module, args, output)
-                if found_now and self._on_compiled_first_call_end is not None:
-                    self._on_compiled_first_call_end(module, args, output)
+            self._pre(module, args, kwargs)
+            return not known and module in self._seen  # found at this call
 
-        module._compiled_call_impl = call_compiled_with_watcher
-        self._shimmed.append((weakref.ref(module), compiled, call_compiled_with_watcher))
+        def after(args: tuple, output: object, found_now: bool) -> None:
+            self._post(module, args, output)
+            if found_now and self._on_compiled_first_call_end is not None:
+                self._on_compiled_first_call_end(module, args, output)
+
+        shim = wrap_compiled_call(module, before, after)
+        if shim is not None:
+            self._shimmed.append((weakref.ref(module), shim))
 
     def _unpatch_compile(self) -> None:
         patch, self._compile_patch = self._compile_patch, None
         if patch is not None and nn.Module.__dict__.get("compile") is patch[1]:
             nn.Module.compile = patch[0]
-        for ref, compiled, shim in self._shimmed:
-            module = ref()
-            if module is not None and getattr(module, "_compiled_call_impl", None) is shim:
-                module._compiled_call_impl = compiled
+        for module, shim in self._shimmed:
+            unwrap_compiled_call(module(), shim)
         self._shimmed = []
 
     # Lifecycle ---------------------------------------------------------------
@@ -189,6 +185,34 @@ class ModelWatcher:
     def models(self) -> list[nn.Module]:
         """Root models still alive, in order of first call, a submodule called on its own left out."""
         return outermost([m for ref in self._models if (m := ref()) is not None])
+
+
+def _module_call_codes() -> frozenset:
+    """The code of ``nn.Module._call_impl`` and of the function inside it that runs the hooks."""
+    outer = nn.Module._call_impl.__code__
+    return frozenset([outer, *(c for c in outer.co_consts if getattr(c, "co_name", None) == "inner")])
+
+
+_MODULE_CALL_CODES = _module_call_codes()
+
+
+def _running_call_kwargs(module: nn.Module) -> dict:
+    """The keyword arguments of ``module``'s call running now.
+
+    A global forward pre-hook is given the positional ones only; a model called
+    as ``model(input_ids=ids, labels=labels)`` (every Hugging Face script) has
+    its batch in these. They are read from torch's frame that calls the hook,
+    once per model found.
+    """
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            break
+        if frame.f_code in _MODULE_CALL_CODES and frame.f_locals.get("self") is module:
+            kwargs = frame.f_locals.get("kwargs")
+            return dict(kwargs) if isinstance(kwargs, dict) else {}
+        frame = frame.f_back
+    return {}
 
 
 def outermost(candidates: list[nn.Module]) -> list[nn.Module]:

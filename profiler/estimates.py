@@ -27,7 +27,9 @@ from .report import ModelReport, updating_steps
 __all__ = [
     "CARDS",
     "ModelShape",
+    "ModelTraits",
     "model_shape",
+    "model_traits",
     "estimates_section",
     "plan_fit",
     "parse_cards",
@@ -81,9 +83,33 @@ _HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_
 _VOCAB_KEYS = ("vocab_size", "n_vocab")
 
 
-def _config_value(model: nn.Module | None, keys: tuple[str, ...]) -> int | None:
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the formulas read from the model object itself, not from its parameters.
+
+    Taken once, so a report can still be written after the script dropped the
+    model (the runner holds models weakly).
+    """
+
+    hidden: int | None = None  # from a config
+    vocab: int | None = None  # from a config
+    heads: int | None = None  # from a config, else an attention module's attribute
+    active_dropout: bool | None = None  # None: the model was not seen
+
+
+def model_traits(model: nn.Module | None) -> ModelTraits:
+    """The config values and module facts of ``model`` that the formulas use."""
     if model is None:
-        return None
+        return ModelTraits()
+    return ModelTraits(
+        hidden=_config_value(model, _HIDDEN_KEYS),
+        vocab=_config_value(model, _VOCAB_KEYS),
+        heads=_config_value(model, _HEAD_KEYS) or _module_attribute(model, _HEAD_KEYS),
+        active_dropout=any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()),
+    )
+
+
+def _config_value(model: nn.Module, keys: tuple[str, ...]) -> int | None:
     configs = [getattr(model, "config", None)]
     configs += [getattr(m, "config", None) for m in (getattr(model, "_orig_mod", None),) if m is not None]
     for cfg in configs:
@@ -94,10 +120,8 @@ def _config_value(model: nn.Module | None, keys: tuple[str, ...]) -> int | None:
     return None
 
 
-def _module_attribute(model: nn.Module | None, keys: tuple[str, ...]) -> int | None:
+def _module_attribute(model: nn.Module, keys: tuple[str, ...]) -> int | None:
     """A head count stored on an attention module (nanoGPT's ``n_head``, MHA's ``num_heads``)."""
-    if model is None:
-        return None
     for mod in model.modules():
         for key in keys:
             value = getattr(mod, key, None)
@@ -106,8 +130,9 @@ def _module_attribute(model: nn.Module | None, keys: tuple[str, ...]) -> int | N
     return None
 
 
-def model_shape(model_report: ModelReport, model: nn.Module | None = None, step: dict | None = None) -> ModelShape:
+def model_shape(model_report: ModelReport, traits: ModelTraits | None = None, step: dict | None = None) -> ModelShape:
     """Layers, hidden size, heads, vocab from the structure; batch and sequence from the step."""
+    traits = traits or ModelTraits()
     reasons = []
     trunks = model_report.buckets.trunks
     layers = sum(t.blocks for t in trunks) if trunks else None
@@ -119,9 +144,9 @@ def model_shape(model_report: ModelReport, model: nn.Module | None = None, step:
         if model_report.buckets.param_bucket.get(p.name) == "embedding" and len(p.shape) == 2
     ]
     token_table = max(emb, key=lambda p: p.numel) if emb else None
-    hidden = _config_value(model, _HIDDEN_KEYS) or (token_table.shape[1] if token_table else None)
-    vocab = _config_value(model, _VOCAB_KEYS) or (token_table.shape[0] if token_table else None)
-    heads = _config_value(model, _HEAD_KEYS) or _module_attribute(model, _HEAD_KEYS)
+    hidden = traits.hidden or (token_table.shape[1] if token_table else None)
+    vocab = traits.vocab or (token_table.shape[0] if token_table else None)
+    heads = traits.heads
     if hidden is None:
         reasons.append("hidden size unknown (no config and no embedding table)")
     if heads is None:
@@ -172,8 +197,9 @@ def _mixed_precision(step: dict) -> bool:
     return step["categories"]["autocast_copies"] > 0
 
 
-def estimates_section(model_report: ModelReport, model: nn.Module | None = None) -> dict[str, Any]:
-    """Every formula, computed for this model and its observed step, beside the measurement."""
+def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits | None = None) -> dict[str, Any]:
+    """Every formula, computed for this model (or its traits) and its observed step, beside the measurement."""
+    traits = model if isinstance(model, ModelTraits) else model_traits(model)
     memory = model_report.memory or {}
     steps = [s for s in updating_steps(memory.get("steps", [])) if s.get("complete")]
     if not steps:
@@ -181,7 +207,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
     step = steps[-1]
     cat = step["categories"]
     n = model_report.inventory.total
-    shape = model_shape(model_report, model, step)
+    shape = model_shape(model_report, traits, step)
     amp = _mixed_precision(step)
     weights_measured = cat["parameters"] + cat["autocast_copies"]
     states_measured = _model_states(cat)
@@ -272,7 +298,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
                     f"Korthikanti et al. 2022, {note}; x{scale:g} for {act_bytes}-byte activations; compared with the block bucket",
                     [_row("block activations", est, block_measured)],
                     ["embedding, final norm, logits and loss activations (outside the layers)"]
-                    + _dropout_misses(model)
+                    + _dropout_misses(traits)
                     + (["gradient checkpointing: what is checkpointed keeps only its inputs and recomputes the rest in backward; "
                         "the formula counts every activation a full forward keeps"] if step.get("gradient_checkpointing") else []),
                 )
@@ -300,11 +326,11 @@ def estimates_section(model_report: ModelReport, model: nn.Module | None = None)
     }
 
 
-def _dropout_misses(model: nn.Module | None) -> list[str]:
+def _dropout_misses(traits: ModelTraits) -> list[str]:
     """What the formula's dropout masks (1 byte per element, in the 34) mean for this model."""
-    if model is None:
+    if traits.active_dropout is None:
         return ["includes dropout masks (1 byte per element) that a model without dropout never saves"]
-    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+    if traits.active_dropout:
         return []  # the model has dropout: its masks are saved, as the formula assumes
     return ["includes dropout masks (1 byte per element) that this model, with no active dropout, never saves"]
 

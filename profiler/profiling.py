@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .analysis import analyze_model
-from .estimates import estimates_section, plan_fit
+from .estimates import ModelTraits, estimates_section, plan_fit
 from .memory import bucket_resolver, memory_section
 from .report import ModelReport, Report
 from .tracking import StepTracker, drop_retired_hooks
@@ -45,10 +45,14 @@ def attach_memory(
     model_report.fit = plan_fit(model_report.memory, extra_points=extra_points, cards=cards, margin=margin, focus=focus)
 
 
-def attach_measurements(model_report: ModelReport, tracker: StepTracker) -> None:
-    """The memory section and the estimates beside it: all that needs the tracker and its model."""
+def attach_measurements(model_report: ModelReport, tracker: StepTracker, traits: ModelTraits | None = None) -> None:
+    """The memory section and the estimates beside it: all that needs the tracker and its model.
+
+    ``traits`` stand in for a model the script has dropped (the runner's trackers hold it weakly).
+    """
     model_report.memory = memory_section(tracker, model_report.buckets)
-    model_report.estimates = estimates_section(model_report, tracker.model)
+    model = tracker.model
+    model_report.estimates = estimates_section(model_report, model if model is not None else traits)
 
 
 class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a context manager

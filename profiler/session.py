@@ -3,9 +3,10 @@
 The runner's bookkeeping, kept out of the command line: the watcher reports
 each new model here at its first call, this attaches a StepTracker, and at the
 end turns what was measured into one Report with the script's names for its
-models. Models are held weakly: once a model's steps are measured its figures
-are taken out of the tracker and the model is let go, so a script that builds
-a model per fold or per trial gets each one's memory back.
+models. Models are held weakly, by the trackers too: a script that builds a
+model per fold, per trial or per checkpoint gets each one's memory back when
+it drops it, as without us. A model's figures are taken out of its tracker
+once its steps are measured, or once the script has dropped it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from .analysis import analyze_model
 from .discovery import outermost
-from .estimates import plan_fit
+from .estimates import ModelTraits, model_traits, plan_fit
 from .memory import bucket_resolver
 from .profiling import attach_measurements
 from .report import ModelReport, Report
@@ -58,6 +59,7 @@ class _Found:
     model: weakref.ref
     entry: ModelReport
     tracker: StepTracker | None
+    traits: ModelTraits | None = None  # what the estimates read from the model, for when it is gone
     measured: bool = False  # figures taken out of the tracker, model and optimizer let go
 
 
@@ -89,10 +91,12 @@ class ScriptSession:
     def found_any(self) -> bool:
         return bool(self._found)
 
-    def on_new_model(self, model: nn.Module, args: tuple = ()) -> None:
+    def on_new_model(self, model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> None:
+        self._let_go_of_dropped_models()
         self._forget_parts_of(model)
         try:
             entry = analyze_model(model, type(model).__name__)
+            traits = model_traits(model)
         except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
             self.notes.append(f"could not analyse {type(model).__name__}: {type(exc).__name__}: {exc}")
             return
@@ -106,15 +110,16 @@ class ScriptSession:
                     bucket_of=bucket_resolver(entry.buckets),
                     on_finished=self._on_tracker_finished,
                     live_peak=self.live_peak,
+                    hold_model=False,
                 )
                 tracker.start()
-                tracker.enter_current_forward(args)
+                tracker.enter_current_forward(args, kwargs)
             except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
                 self.notes.append(f"could not measure {entry.name}: {type(exc).__name__}: {exc}")
                 if tracker is not None:
                     tracker.stop()  # no hook, sampler thread or NVML handle left behind
                 tracker = None
-        self._found.append(_Found(weakref.ref(model), entry, tracker))
+        self._found.append(_Found(weakref.ref(model), entry, tracker, traits))
 
     def on_compiled_first_call_end(self, model: nn.Module, args: tuple, output: object) -> None:
         """The call of a model compiled in place in which it was found has returned."""
@@ -155,10 +160,23 @@ class ScriptSession:
                 raise StopAfterSteps()
             self.request_stop(StopAfterSteps())
 
+    def _let_go_of_dropped_models(self) -> None:
+        """Stop the trackers of models the script dropped before their steps were all measured.
+
+        Done here, when a model is found, and at ``close()``, not from a
+        weakref callback: that may run on any thread (the sampler's too) and
+        inside torch's loop over optimizer hooks. Until then a dropped model's
+        tracker ignores every hook.
+        """
+        for found in self._found:
+            if found.tracker is not None and not found.measured and found.tracker.model_dropped:
+                found.tracker.stop()
+                self._take_measurements(found)
+
     def _take_measurements(self, found: _Found) -> None:
         """Turn a finished tracker's figures into the report entry, then let the model go."""
         try:
-            attach_measurements(found.entry, found.tracker)
+            attach_measurements(found.entry, found.tracker, found.traits)
         except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
             self.notes.append(f"could not report the memory of {found.entry.name}: {type(exc).__name__}: {exc}")
         found.tracker.release()
@@ -173,6 +191,7 @@ class ScriptSession:
 
     def close(self) -> None:
         """Stop every tracker (the script has ended: no optimizer step is running)."""
+        self._let_go_of_dropped_models()
         for found in self._found:
             if found.tracker is not None:
                 found.tracker.stop()
@@ -194,7 +213,7 @@ class ScriptSession:
                 entry.name = name
                 if found is not None and found.tracker is not None:
                     if not found.measured:
-                        attach_measurements(entry, found.tracker)
+                        attach_measurements(entry, found.tracker, found.traits)
                     entry.fit = plan_fit(entry.memory, extra_points=(extra_points or {}).get(name), **self.plan)
             except Exception as exc:  # noqa: BLE001 - one model we cannot describe must not cost the others
                 self.notes.append(f"could not report {name}: {type(exc).__name__}: {exc}")

@@ -45,6 +45,7 @@ from torch.nn.parameter import is_lazy
 from torch.optim import optimizer as optimizer_hooks
 from torch.utils import checkpoint as torch_checkpoint
 
+from .compiled import hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
 from .device_clock import DeviceClock
 
 __all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE", "drop_retired_hooks", "find_optimizer"]
@@ -267,7 +268,16 @@ class StepTracker:
         bucket_of: Callable[[str, str], str] | None = None,
         on_finished: Callable[["StepTracker"], None] | None = None,
         live_peak: bool = False,
+        hold_model: bool = True,
     ) -> None:
+        # The runner passes hold_model=False: a model the script drops (an
+        # evaluation loop over checkpoints, folds shorter than --steps) must be
+        # freed as in a plain run. Nothing else here refers to it strongly: the
+        # hooks live on the model's modules, and the global optimizer hooks
+        # refer to this tracker only. Its owner stops a tracker whose model is gone.
+        self._model_ref: weakref.ref | None = None
+        self._model_held: nn.Module | None = None
+        self._hold_model = hold_model
         self.model = model
         self.live_peak = live_peak
         self._live_counter = None
@@ -314,13 +324,13 @@ class StepTracker:
         self._grad_scaler_alive: bool | None = None  # looked up once, at the first step without an optimizer step
         self._stop_requested = False  # an internal error inside an optimizer hook: stop at the next forward
         self._in_post_hooks = False  # torch is iterating its optimizer post-hooks (ours is running)
-        self._compiled_root: tuple[Callable, Callable] | None = None  # (the model's compiled call, our wrapper)
+        self._compiled_root: weakref.ref | None = None  # our wrapper around the model's compiled call
         self.finished = False
         self.sampler = None
         self.device = self._model_device()
         self._cuda = self.device.type == "cuda"
         self.device_clock = DeviceClock(self.device)
-        self._compiled = any(_is_compiled(m) for m in model.modules())
+        self._compiled = any(is_compiled(m) for m in model.modules())
         if self._compiled:
             self.notes.append(
                 "torch.compile'd module: activations saved inside compiled graphs are not visible to "
@@ -339,6 +349,21 @@ class StepTracker:
                 "parameters on several devices (" + ", ".join(sorted(map(str, devices))) + "); "
                 f"allocator figures are for {self.device} only"
             )
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model measured; None once released, or once the script dropped it (``hold_model=False``)."""
+        return self._model_ref() if self._model_ref is not None else None
+
+    @model.setter
+    def model(self, model: nn.Module | None) -> None:
+        self._model_ref = weakref.ref(model) if model is not None else None
+        self._model_held = model if self._hold_model else None
+
+    @property
+    def model_dropped(self) -> bool:
+        """The script let go of the model before this tracker did (it was not released)."""
+        return self._model_ref is not None and self._model_ref() is None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -389,7 +414,7 @@ class StepTracker:
     def _install(self) -> None:
         self._wrap_compiled_root()
         self._param_storages = {k[0] for p in _parameters(self.model) if (k := _storage_key(p)) is not None}
-        for mod in _hookable_modules(self.model):
+        for mod in hookable_modules(self.model):
             if mod is self.model:  # the root also reports its inputs: batch and sequence sizes
                 self._handles.append(mod.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             else:
@@ -420,31 +445,25 @@ class StepTracker:
         """Run the root hooks around a model compiled in place (``model.compile()``).
 
         Its ``__call__`` goes straight to the compiled ``_call_impl``, where module
-        hooks would be traced by dynamo: the root's own hooks are called from a
-        wrapper around it instead, in eager Python, so steps and phases are seen.
-        ``stop()`` puts the compiled function back.
+        hooks would be traced by dynamo: the root's own hooks are called around
+        it instead, in eager Python, so steps and phases are seen. ``stop()``
+        puts the compiled function back.
         """
-        model = self.model
-        compiled = getattr(model, "_compiled_call_impl", None)
-        if compiled is None:
-            return
+        model, tracker = self.model, weakref.ref(self)
 
-        def call_compiled_with_root_hooks(*args: Any, **kwargs: Any) -> Any:
-            self._root_pre(model, args, kwargs)
-            output = None
-            try:
-                output = compiled(*args, **kwargs)
-                return output
-            finally:
-                self._module_post(model, args, output)
+        def before(args: tuple, kwargs: dict) -> bool | None:
+            me = tracker()
+            if me is None:
+                return None
+            me._root_pre(model, args, kwargs)
+            return True
 
-        model._compiled_call_impl = call_compiled_with_root_hooks
-        self._compiled_root = (compiled, call_compiled_with_root_hooks)
+        def after(args: tuple, output: Any, token: Any) -> None:
+            me = tracker()
+            if me is not None:
+                me._module_post(model, args, output)
 
-    def _unwrap_compiled_root(self) -> None:
-        restore, self._compiled_root = self._compiled_root, None
-        if restore is not None and self.model is not None and getattr(self.model, "_compiled_call_impl", None) is restore[1]:
-            self.model._compiled_call_impl = restore[0]
+        self._compiled_root = wrap_compiled_call(model, before, after)
 
     def _hook_gradients(self) -> None:
         """A hook on each trainable parameter with a shape: the timeline's gradient growth."""
@@ -457,7 +476,7 @@ class StepTracker:
         """Lazy parameters that got their shapes since: hook them and know their storage."""
         self._hook_gradients()
         self._param_storages |= {k[0] for p in _parameters(self.model) if (k := _storage_key(p)) is not None}
-        self._lazy_left = any(is_lazy(p) for p in self.model.parameters())
+        self._lazy_left = self.model is not None and any(is_lazy(p) for p in self.model.parameters())
 
     def _leave_live_counter(self) -> None:
         """Leave the dispatch mode if it is still the innermost one (modes must nest)."""
@@ -518,7 +537,8 @@ class StepTracker:
                 else:
                     h.remove()
             self._handles = []
-            self._unwrap_compiled_root()
+            unwrap_compiled_call(self.model, self._compiled_root)
+            self._compiled_root = None
             self._leave_live_counter()
             self._stack = []
             self._optimizer_frame = None
@@ -817,8 +837,8 @@ class StepTracker:
         then holds on the device is the tensors in it there (a copy, a
         compressed form), or nothing if it moved ``t`` elsewhere (``save_on_cpu``).
         """
-        if not self._running:
-            self._pop_saved_hooks()  # measuring ended where our pair could not be popped
+        if not self._running or self.model is None:
+            self._pop_saved_hooks()  # measuring ended where our pair could not be popped, or the model was dropped
             return None
         step = self._step
         # Only what the forward (and a loss computed after it) saves: tensors
@@ -1088,8 +1108,8 @@ class StepTracker:
 
     @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if os.getpid() != self._pid or not _updates_any(opt, self._param_ids):
-            return
+        if os.getpid() != self._pid or self.model is None or not _updates_any(opt, self._param_ids):
+            return  # (a dropped model's parameter ids may belong to new tensors now)
         step = self._step
         if self.optimizer is None:
             self.optimizer = opt
@@ -1160,7 +1180,7 @@ class StepTracker:
 
     @_guarded
     def _after_optimizer_step(self, opt: torch.optim.Optimizer) -> None:
-        if os.getpid() != self._pid or opt is not self.optimizer:
+        if os.getpid() != self._pid or opt is not self.optimizer or self.model is None:
             return
         self._in_optimizer_step, self._optimizer_frame = False, None
         step = self._step
@@ -1180,9 +1200,12 @@ class StepTracker:
             self._done()
 
 
-def _parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The model's parameters that have a shape: a lazy module that never ran has none to count."""
-    return [p for p in model.parameters() if not is_lazy(p)]
+def _parameters(model: nn.Module | None) -> list[nn.Parameter]:
+    """The model's parameters that have a shape: a lazy module that never ran has none to count.
+
+    None for a model the script dropped (``hold_model=False``): nothing left to count.
+    """
+    return [] if model is None else [p for p in model.parameters() if not is_lazy(p)]
 
 
 def _step_wrapper_code() -> Any:
@@ -1280,29 +1303,3 @@ def _tensors_held(packed: Any) -> list[torch.Tensor]:
     slots = getattr(type(packed), "__slots__", ())
     values += [getattr(packed, name, None) for name in ((slots,) if isinstance(slots, str) else slots)]
     return [t for v in values for t in _tensors_in(v, 1)]
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    """A ``torch.compile`` wrapper, or a module compiled in place with ``.compile()``."""
-    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
-
-
-def _hookable_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules whose hooks run in eager Python.
-
-    Dynamo would trace a hook on a module inside a compiled region (and fail on
-    our bookkeeping, or break the user's graph), so the walk stops at a compile
-    wrapper: the wrapper itself is hooked, what it compiles is not, and a
-    module compiled in place is not hooked at all.
-    """
-    out, stack, seen = [], [model], set()
-    while stack:
-        mod = stack.pop()
-        if id(mod) in seen or getattr(mod, "_compiled_call_impl", None) is not None:
-            continue
-        seen.add(id(mod))
-        out.append(mod)
-        if hasattr(mod, "_orig_mod"):
-            continue
-        stack.extend(reversed(list(mod.children())))
-    return out

@@ -99,6 +99,39 @@ def test_the_runner_measures_a_model_compiled_in_place(tmp_path):
     assert all(s["categories"]["gradients"] == trained * 4 for s in steps)
 
 
+def test_a_model_compiled_in_place_and_dropped_is_freed_under_the_runner(tmp_path):
+    # Its compiled call refers to it: neither the watcher's wrapper nor the
+    # tracker's may keep that alive once the script drops the model.
+    script = tmp_path / "compiled_folds.py"
+    script.write_text(textwrap.dedent(
+        """
+        import gc, weakref
+        import torch
+        from torch import nn
+
+        def train_fold():
+            model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+            model.compile(backend="eager")
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for step in range(2):
+                model(torch.randn(4, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            return weakref.ref(model)
+
+        fold = train_fold()
+        gc.collect()
+        print("compiled model alive:", fold() is not None)
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "compiled model alive: False"
+    (model,) = _report(out)["models"]
+    assert len(model["memory"]["steps"]) == 2
+
+
 def test_the_watcher_puts_nn_module_compile_back():
     original = nn.Module.compile
     with ModelWatcher():

@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from profiler import ProfilerError, profile
-from profiler.estimates import CARDS, fit_points, parse_batches, parse_cards, plan_fit, predict_required, resolve_card
+from profiler.estimates import (
+    CARDS,
+    ModelTraits,
+    estimates_section,
+    fit_points,
+    model_traits,
+    parse_batches,
+    parse_cards,
+    plan_fit,
+    predict_required,
+    resolve_card,
+)
 
 from test_tracking import tiny_gpt
 
@@ -60,6 +71,19 @@ def test_korthikanti_dropout_masks_are_a_miss_only_without_dropout(dropout):
     est = measured(model, opt, b=2).estimates
     misses = " ".join(m for f in est["formulas"] if f["name"].startswith("korthikanti") for m in f["misses"])
     assert ("dropout masks" in misses) == (dropout == 0.0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_estimates_from_traits_taken_earlier_equal_those_from_the_model(dropout):
+    # The runner writes the report of a model the script dropped from traits
+    # taken when it was found: the same estimates as from the model itself.
+    model = tiny_gpt(dropout=dropout, n_head=4)
+    entry = measured(model, torch.optim.AdamW(model.parameters()), b=2)
+    from_traits = estimates_section(entry, model_traits(model))
+    assert from_traits == estimates_section(entry, model) == entry.estimates
+    assert from_traits["shape"]["heads"] == 4
+    assert model_traits(model).active_dropout == (dropout > 0)
+    assert model_traits(None) == ModelTraits()
 
 
 def test_autocast_run_is_reported_as_mixed_precision():

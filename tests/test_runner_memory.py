@@ -112,6 +112,8 @@ def test_hf_trainer_steps_measured(tmp_path):
     assert mem["optimizer"] is not None
     assert len(mem["steps"]) == 2 and mem["steps"][-1]["categories"]["optimizer_state"] > 0
     assert mem["steps"][-1]["categories"]["activations"] > 0
+    # The Trainer calls model(**inputs): the first step's batch is in keyword arguments.
+    assert [s["input_shape"] is not None for s in mem["steps"]] == [True, True]
 
 
 def test_fit_batches_reruns_the_script_and_fits_a_line(tmp_path):
@@ -373,12 +375,14 @@ def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_p
     assert ours[0] > 0
 
 
-def test_a_model_trained_fewer_steps_than_asked_is_said_to_be_held(tmp_path):
+def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
     script = tmp_path / "short_folds.py"
     script.write_text(textwrap.dedent(
         """
+        import gc, weakref
         import torch
         from torch import nn
+        refs = []
         for fold in range(2):
             model = nn.Linear(8, 1)
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -386,11 +390,71 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_to_be_held(tmp_path):
                 model(torch.randn(4, 8)).sum().backward()
                 opt.step()
                 opt.zero_grad()
+            refs.append(weakref.ref(model))
+            del model, opt
+            gc.collect()
+            print("folds alive:", sum(r() is not None for r in refs))
         """
     ))
-    proc = run_profiler(["--steps", "3", "--no-sampler", script], tmp_path)
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "trained fewer than 3 step(s)" in proc.stderr and "held until the script ended" in proc.stderr
+    assert proc.stdout.splitlines() == ["folds alive: 0"] * 2  # as in a plain run
+    assert "Linear, Linear#2 trained fewer than 3 step(s)" in proc.stderr
+    models = _report(out)["models"]
+    assert [len(m["memory"]["steps"]) for m in models] == [2, 2]
+    assert all(m["memory"]["steps"][-1]["categories"]["gradients"] == 36 for m in models)
+
+
+def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path):
+    # An evaluation loop over checkpoints: a model never trained used to be kept
+    # by its tracker until the script ended (on a GPU, an out-of-memory error
+    # a few checkpoints in). The estimates of a dropped transformer still read
+    # its head count, taken when it was found.
+    script = tmp_path / "evaluate.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import gc, sys, weakref
+        import torch
+        sys.path.insert(0, {str(EXAMPLES)!r})
+        from nanogpt import GPT, GPTConfig
+        refs = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0))
+            with torch.no_grad():
+                model(torch.randint(0, 64, (2, 8)))
+            refs.append(weakref.ref(model))
+            del model
+            gc.collect()
+            print("alive:", sum(r() is not None for r in refs))
+
+        def train_briefly():
+            model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0))
+            opt = torch.optim.AdamW(model.parameters())
+            x = torch.randint(0, 64, (2, 8))
+            for _ in range(2):
+                logits, loss = model(x, x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            return weakref.ref(model)
+
+        trained = train_briefly()
+        gc.collect()
+        print("trained alive:", trained() is not None)
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["alive: 0"] * 3 + ["trained alive: False"]
+    models = _report(out)["models"]
+    assert len(models) == 4
+    assert all(m["memory"]["steps"] == [] for m in models[:3])
+    trained = models[3]
+    assert len(trained["memory"]["steps"]) == 2
+    assert trained["estimates"]["shape"]["heads"] == 4 and trained["estimates"]["shape"]["seq"] == 8
 
 
 def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):

@@ -360,6 +360,30 @@ def test_saved_tensor_hooks_leave_when_measuring_ends_on_another_thread():
     assert_no_hooks(model)
 
 
+def test_a_tracker_not_holding_its_model_lets_the_script_free_it():
+    # The runner's trackers: a model the script drops is freed as without us,
+    # and its tracker ignores later optimizer steps (its parameters' ids may
+    # be those of new tensors by then).
+    import gc
+    import weakref
+
+    from profiler.tracking import StepTracker
+
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters())
+    tracker = StepTracker(model, sample_interval=None, hold_model=False).start()
+    train(model, opt, steps=1)
+    dropped = weakref.ref(model)
+    del model, opt
+    gc.collect()
+    assert dropped() is None and tracker.model is None and tracker.model_dropped
+    other = tiny_gpt()
+    train(other, torch.optim.AdamW(other.parameters()), steps=2)
+    tracker.stop()
+    assert [s.optimizer_steps for s in tracker.steps] == [1]
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 def test_a_tracker_ending_inside_the_optimizer_hook_loop_does_not_break_the_step():
     # torch iterates its global optimizer post-hooks while calling them: a
     # tracker that removed its hook there would make the next hook's turn
