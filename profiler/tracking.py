@@ -28,7 +28,6 @@ when the block or the script ends; see ``drop_retired_hooks``.)
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import sys
 import threading
@@ -36,22 +35,31 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.optim import optimizer as optimizer_hooks
-from torch.utils import checkpoint as torch_checkpoint
 
 from .compiled import hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
 from .device_clock import DeviceClock
+from .optimizers import find_optimizer, frame_identity, grad_scaler_alive, optimizer_step_on_stack, updates_any
+from .saved_tensors import (
+    CHECKPOINT_HOLDER,
+    NOT_PACKED,
+    SavedTensor,
+    memory_of,
+    storage_key,
+    tensors_held,
+    tensors_in,
+    weight_copy_source,
+)
+from .step_record import PHASES, StepRecord
 
 __all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE", "drop_retired_hooks", "find_optimizer"]
 
 OUTSIDE = "(outside the model)"  # saved while no module of the model was running
-PHASES = ("forward", "backward", "optimizer")
 # A GradScaler halves its scale at every skipped step: 16 skips take the default
 # initial scale of 2**16 down to 1, past which overflow is not the scale's doing.
 SKIPPED_STEPS_LIMIT = 16
@@ -102,152 +110,6 @@ class StopAfterSteps(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(0)
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    """(data pointer, bytes) of the memory a tensor views, or None if it has none."""
-    try:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        return (ptr, storage.nbytes()) if ptr else None
-    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-        return None
-
-
-def _memory_of(t: torch.Tensor) -> tuple[int, int]:
-    """(identity, bytes) of the memory behind ``t``: its storage, else the tensor itself.
-
-    Two tensors with one identity share memory and are counted once.
-    """
-    key = _storage_key(t)
-    return key if key is not None else (id(t), t.numel() * t.element_size())
-
-
-def _weight_copy_source(t: torch.Tensor) -> bool:
-    """True when ``t`` (or the tensor it views) is a dtype cast of a leaf parameter.
-
-    That is what autocast saves for the backward of a matmul: ``weight.to(fp16)``
-    is a ``ToCopyBackward0`` node whose only input is the weight's
-    ``AccumulateGrad``. Its size is a property of the weights, not of the batch.
-    """
-    base = t._base if t._base is not None else t
-    fn = base.grad_fn
-    if fn is None or type(fn).__name__ != "ToCopyBackward0":
-        return False
-    nxt = fn.next_functions
-    return bool(nxt) and nxt[0][0] is not None and hasattr(nxt[0][0], "variable")
-
-
-_NOT_PACKED = object()  # no pack hook of the script's ran: autograd holds the tensor itself
-# What non-reentrant checkpointing's pack hook saves instead of a tensor (the
-# tensor is dropped and recomputed in backward). Private to torch: looked up
-# softly, and without it such a tensor is counted as it would be without checkpointing.
-_CHECKPOINT_HOLDER = getattr(torch_checkpoint, "_Holder", None)
-
-
-class _Saved:
-    """What our pack hook hands autograd for one saved tensor (see ``StepTracker._pack``)."""
-
-    __slots__ = ("value", "version", "unpack", "ptr", "peers")
-
-    def __init__(self, value: Any, version: int | None, unpack: Callable | None, ptr: int | None) -> None:
-        self.value = value  # a detached alias, or what the script's own pack hook returned
-        self.version = version  # the tensor's version when saved (None: the script's hooks own it)
-        self.unpack = unpack  # the script's own unpack hook, if its pack hook made ``value``
-        self.ptr = ptr  # storage held on the timeline until backward unpacks it
-        self.peers: tuple = ()  # (tracker, ptr) of other trackers of the same model that counted it too
-
-
-@dataclass
-class ForwardSaves:
-    """What one forward (and the loss after it) saved for backward."""
-
-    saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
-    copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
-    # Bytes the script's pack hook moved off the device, summed per save: each
-    # save is its own copy, and a freed device address is soon reused.
-    offloaded: int = 0
-    by_module: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, bucket) -> bytes
-    by_bucket: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class PhaseRecord:
-    seconds: float = 0.0
-    peak_allocated: int | None = None
-    live_tensor_peak: int | None = None  # opt-in: baseline + peak of tensors created in the phase
-    allocated_end: int | None = None
-    reserved_end: int | None = None
-    _start: float | None = None
-    _device_spans: list[list[Any]] = field(default_factory=list)  # [start, end] CUDA events, see device_clock
-
-
-@dataclass
-class StepRecord:
-    """Everything measured during one training step."""
-
-    index: int
-    parameters: int = 0
-    gradients: int = 0
-    optimizer_state: int = 0
-    optimizer_state_by_name: dict[str, int] = field(default_factory=dict)
-    optimizer_state_by_group: list[int] = field(default_factory=list)
-    activations: int = 0
-    autocast_copies: int = 0
-    # (module path, bucket) -> bytes: a container that saves before and after the
-    # trunk (a root computing embeddings and the loss) has one row per bucket.
-    activations_by_module: dict[tuple[str, str], int] = field(default_factory=dict)
-    activations_by_bucket: dict[str, int] = field(default_factory=dict)
-    saved_tensors: int = 0  # how many tensors autograd saved (before deduplication)
-    forwards: int = 0
-    backwards: int = 0
-    optimizer_steps: int = 0
-    optimizer_state_before: int = 0  # state bytes that existed when the step began
-    phases: dict[str, PhaseRecord] = field(default_factory=lambda: {p: PhaseRecord() for p in PHASES})
-    allocated_start: int | None = None
-    live_start: int | None = None  # the live-tensor counter when the step began
-    live_baseline: int = 0  # weights, gradients and optimizer state alive when the step began
-    live_tensor_peak: int | None = None
-    peak_allocated: int | None = None
-    reserved: int | None = None
-    seconds: float = 0.0
-    complete: bool = False  # saw a forward and a backward
-    optimizer_skipped: bool = False  # gradients were cleared without an optimizer step (GradScaler overflow)
-    optimizer_failed: bool = False  # optimizer.step() raised (the script caught it and went on, or ended)
-    activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
-    input_shape: tuple[int, ...] | None = None  # of the first forward's batch input
-    input_is_tokens: bool = False
-    checkpointing: bool = False  # checkpointed blocks or model: what they save is dropped and recomputed in backward
-    saves_after_forward_unseen: bool = False  # the script's own saved-tensor hooks hid what the loss saved
-    _t0: float = 0.0
-    gradients_start: int = 0  # gradient bytes alive when the step began (zero_grad without set_to_none)
-    events: list[tuple[float, str, int]] = field(default_factory=list)  # (perf_counter, category, +/- bytes)
-    phase_spans: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # perf_counter spans
-    _current: "ForwardSaves" = field(default_factory=lambda: ForwardSaves())
-
-    def close_forward(self) -> None:
-        """Fold the forward just measured into the step's figures, keeping the largest.
-
-        With gradient accumulation each micro-batch's saved tensors are freed by
-        its own backward before the next forward, so the step holds the largest
-        forward's activations at once, not their sum. (Counting per forward also
-        keeps a storage address that the allocator reuses in the next
-        micro-batch from being mistaken for one already counted.)
-        """
-        f = self._current
-        total = sum(f.saved.values())
-        if total >= self.activations:
-            self.activations = total
-            self.activations_by_module = f.by_module
-            self.activations_by_bucket = f.by_bucket
-        self.autocast_copies = max(self.autocast_copies, sum(f.copies.values()))
-        self.activations_offloaded = max(self.activations_offloaded, f.offloaded)
-        self._current = ForwardSaves()
-
-    @property
-    def first(self) -> bool:
-        """The step in which the optimizer created its state."""
-        return self.optimizer_state > 0 and self.optimizer_state_before == 0
 
 
 class StepTracker:
@@ -336,7 +198,7 @@ class StepTracker:
                 "torch.compile'd module: activations saved inside compiled graphs are not visible to "
                 "saved-tensor hooks and are not measured; gradients and optimizer state are"
             )
-        if optimizer is not None and not _updates_any(optimizer, self._param_ids):
+        if optimizer is not None and not updates_any(optimizer, self._param_ids):
             self.notes.append(
                 f"the optimizer given ({type(optimizer).__name__}) updates none of this model's parameters: "
                 "its steps are not this model's, and its state is not counted"
@@ -398,10 +260,10 @@ class StepTracker:
             return self
         self._running = True
         try:
-            running = _optimizer_step_on_stack(self._param_ids)
+            running = optimizer_step_on_stack(self._param_ids)
             if running is not None and self.optimizer in (None, running[0]):
                 # Started inside that step (an LBFGS closure): its forwards are one step.
-                self.optimizer, self._optimizer_frame = running[0], _frame_identity(running[1])
+                self.optimizer, self._optimizer_frame = running[0], frame_identity(running[1])
                 self._in_optimizer_step = self._looked_for_optimizer = True
             self._install()
         except Exception as exc:  # noqa: BLE001 - reported; the training runs unmeasured
@@ -413,7 +275,7 @@ class StepTracker:
 
     def _install(self) -> None:
         self._wrap_compiled_root()
-        self._param_storages = {k[0] for p in _parameters(self.model) if (k := _storage_key(p)) is not None}
+        self._param_storages = {k[0] for p in _parameters(self.model) if (k := storage_key(p)) is not None}
         for mod in hookable_modules(self.model):
             if mod is self.model:  # the root also reports its inputs: batch and sequence sizes
                 self._handles.append(mod.register_forward_pre_hook(self._root_pre, with_kwargs=True))
@@ -475,7 +337,7 @@ class StepTracker:
     def _adopt_materialized(self) -> None:
         """Lazy parameters that got their shapes since: hook them and know their storage."""
         self._hook_gradients()
-        self._param_storages |= {k[0] for p in _parameters(self.model) if (k := _storage_key(p)) is not None}
+        self._param_storages |= {k[0] for p in _parameters(self.model) if (k := storage_key(p)) is not None}
         self._lazy_left = self.model is not None and any(is_lazy(p) for p in self.model.parameters())
 
     def _leave_live_counter(self) -> None:
@@ -612,11 +474,11 @@ class StepTracker:
 
     @staticmethod
     def _unique_bytes(tensors: list[torch.Tensor]) -> int:
-        return sum(dict(_memory_of(t) for t in tensors).values())
+        return sum(dict(memory_of(t) for t in tensors).values())
 
     def _live_gradients(self) -> dict[int, int]:
         """Storage identity -> bytes of every gradient the model's parameters hold now."""
-        return dict(_memory_of(p.grad) for p in _parameters(self.model) if p.grad is not None)
+        return dict(memory_of(p.grad) for p in _parameters(self.model) if p.grad is not None)
 
     def _release_cleared_gradients(self) -> None:
         """Take gradients that ``zero_grad()`` freed in mid-step off the timeline.
@@ -649,8 +511,8 @@ class StepTracker:
                 continue
             for name, value in state.items():
                 # A tensor, or a list of them (LBFGS keeps its history as lists).
-                for tensor in _tensors_in(value):
-                    ident, nbytes = _memory_of(tensor)
+                for tensor in tensors_in(value):
+                    ident, nbytes = memory_of(tensor)
                     if ident in seen:
                         continue
                     seen.add(ident)
@@ -787,7 +649,7 @@ class StepTracker:
             torch._C._autograd._pop_saved_tensors_default_hooks()
             self._saved_hooks_pushed = False
 
-    def _pack(self, t: torch.Tensor) -> "_Saved":
+    def _pack(self, t: torch.Tensor) -> "SavedTensor":
         """Autograd saves ``t`` for backward: note it, then save it as autograd would have.
 
         Only one pair of saved-tensor hooks runs, the innermost, so a pair the
@@ -800,17 +662,17 @@ class StepTracker:
         whether a saved tensor was modified in place, so we do.
         """
         outer = self._outer_hooks
-        packed = _NOT_PACKED
+        packed = NOT_PACKED
         if outer is not None:
             packed = outer[0](t)
-            saved = _Saved(packed, None, outer[1], self._observe_saved(t, packed))
+            saved = SavedTensor(packed, None, outer[1], self._observe_saved(t, packed))
         else:
-            saved = _Saved(t.detach(), t._version, None, self._observe_saved(t))
+            saved = SavedTensor(t.detach(), t._version, None, self._observe_saved(t))
         if self._peers:
             saved.peers = tuple((peer, peer._observe_saved(t, packed)) for peer in self._peers)
         return saved
 
-    def _unpack(self, saved: "_Saved") -> torch.Tensor:
+    def _unpack(self, saved: "SavedTensor") -> torch.Tensor:
         """Backward uses a saved tensor, then frees it: the timeline's release point."""
         if saved.ptr is not None:
             self._observe_unpacked(saved.ptr)
@@ -830,7 +692,7 @@ class StepTracker:
         return value
 
     @_guarded
-    def _observe_saved(self, t: torch.Tensor, packed: Any = _NOT_PACKED) -> int | None:
+    def _observe_saved(self, t: torch.Tensor, packed: Any = NOT_PACKED) -> int | None:
         """Count a saved tensor; its storage pointer if the timeline holds it until unpack.
 
         ``packed`` is what the script's own pack hook made of ``t``: what backward
@@ -846,15 +708,15 @@ class StepTracker:
         if step is None or self._step_state not in ("forward", "after_forward") or threading.get_ident() != self._thread:
             return None
         step.saved_tensors += 1
-        key = _storage_key(t)
+        key = storage_key(t)
         if key is None:
             return None
-        if packed is not _NOT_PACKED:
-            if _CHECKPOINT_HOLDER is not None and isinstance(packed, _CHECKPOINT_HOLDER):
+        if packed is not NOT_PACKED:
+            if CHECKPOINT_HOLDER is not None and isinstance(packed, CHECKPOINT_HOLDER):
                 step.checkpointing = True  # dropped now, recomputed in backward: nothing held
                 return None
-            inside = _tensors_held(packed)
-            held = [(x, k) for x in inside if x.device == t.device and (k := _storage_key(x)) is not None]
+            inside = tensors_held(packed)
+            held = [(x, k) for x in inside if x.device == t.device and (k := storage_key(x)) is not None]
             if inside and not held:  # every tensor it keeps is elsewhere (save_on_cpu from a GPU)
                 if key[0] not in self._param_storages:
                     step._current.offloaded += key[1]
@@ -873,7 +735,7 @@ class StepTracker:
         if ptr in self._param_storages or ptr in f.saved or ptr in f.copies:
             return
         now = time.perf_counter()
-        if _weight_copy_source(t):
+        if weight_copy_source(t):
             f.copies[ptr] = nbytes
             step.events.append((now, "autocast_copies", nbytes))
             self._live[ptr] = ("autocast_copies", nbytes)
@@ -899,7 +761,7 @@ class StepTracker:
         step = self._step
         if step is None or param.grad is None:
             return
-        ident, nbytes = _memory_of(param.grad)
+        ident, nbytes = memory_of(param.grad)
         if ident not in self._grads_seen:
             self._grads_seen[ident] = nbytes
             step.events.append((time.perf_counter(), "gradients", nbytes))
@@ -921,7 +783,7 @@ class StepTracker:
                 # saved-tensor hooks (which sit on top of ours).
                 # (A frozen block run under no_grad has no input that requires grad.)
                 top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-                reentrant = not torch.is_grad_enabled() and any(t.requires_grad for t in _tensors_in(args))
+                reentrant = not torch.is_grad_enabled() and any(t.requires_grad for t in tensors_in(args))
                 step.checkpointing = reentrant or (top is not None and top[0] != self._pack)
 
     @_guarded
@@ -949,7 +811,7 @@ class StepTracker:
         step = self._step
         if step is None or step.input_shape is not None:
             return
-        tensors = _tensors_in(args) + _tensors_in(dict(kwargs or {}))
+        tensors = tensors_in(args) + tensors_in(dict(kwargs or {}))
         if tensors:
             ids = [t for t in tensors if not t.is_floating_point() and t.dim() >= 1]
             step.input_shape = tuple((ids or tensors)[0].shape)
@@ -1043,7 +905,7 @@ class StepTracker:
             if self._outer_hooks is not None:
                 step.saves_after_forward_unseen = True
         self._step_state = "after_forward"
-        fns = {id(t.grad_fn): t.grad_fn for t in _tensors_in(output) if t.grad_fn is not None}
+        fns = {id(t.grad_fn): t.grad_fn for t in tensors_in(output) if t.grad_fn is not None}
         for fn in fns.values():
             self._watch_backward(fn)
 
@@ -1108,7 +970,7 @@ class StepTracker:
 
     @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if os.getpid() != self._pid or self.model is None or not _updates_any(opt, self._param_ids):
+        if os.getpid() != self._pid or self.model is None or not updates_any(opt, self._param_ids):
             return  # (a dropped model's parameter ids may belong to new tensors now)
         step = self._step
         if self.optimizer is None:
@@ -1118,7 +980,7 @@ class StepTracker:
                 step = self._step
         if opt is self.optimizer:
             self._in_optimizer_step = True  # until its post-hook: a forward now is a closure's
-            self._optimizer_frame = _frame_identity(_caller_outside_this_module())
+            self._optimizer_frame = frame_identity(_caller_outside_this_module())
         if step is None:
             return
         self._pop_saved_hooks()
@@ -1208,40 +1070,6 @@ def _parameters(model: nn.Module | None) -> list[nn.Parameter]:
     return [] if model is None else [p for p in model.parameters() if not is_lazy(p)]
 
 
-def _step_wrapper_code() -> Any:
-    """The code of torch's ``Optimizer.step`` wrapper (the one that runs the step hooks), if found."""
-    outer = getattr(torch.optim.Optimizer.profile_hook_step, "__code__", None)
-    consts = outer.co_consts if outer is not None else ()
-    return next((c for c in consts if getattr(c, "co_name", None) == "wrapper"), None)
-
-
-_STEP_WRAPPER_CODE = _step_wrapper_code()
-
-
-def _optimizer_step_on_stack(param_ids: set[int]) -> tuple[torch.optim.Optimizer, Any] | None:
-    """The optimizer of these parameters whose ``step()`` is running now, and that call's frame.
-
-    Measuring can begin inside a step: the runner finds a model at its first
-    call, which for LBFGS is in the closure that ``step()`` evaluates. Its
-    pre-hook has run already; this is what it would have told us.
-    """
-    if _STEP_WRAPPER_CODE is None:
-        return None
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _STEP_WRAPPER_CODE:
-            opt = frame.f_locals.get("self")
-            if isinstance(opt, torch.optim.Optimizer) and _updates_any(opt, param_ids):
-                return opt, frame
-        frame = frame.f_back
-    return None
-
-
-def _frame_identity(frame: Any) -> tuple[int, Any] | None:
-    """What tells a frame apart while it runs, without keeping it (or its locals) alive."""
-    return None if frame is None else (id(frame), frame.f_code)
-
-
 def _caller_outside_this_module() -> Any:
     """The innermost frame on the stack that is not this module's (torch's step wrapper)."""
     frame = sys._getframe(1)
@@ -1250,56 +1078,3 @@ def _caller_outside_this_module() -> Any:
     return frame
 
 
-def find_optimizer(param_ids: set[int]) -> torch.optim.Optimizer | None:
-    """A live optimizer that updates any of these parameters, found before it steps.
-
-    One pass over the objects the garbage collector tracks (about 0.1 s in a
-    process that has imported transformers), done at most once per tracker.
-    Objects are matched by ``type()``, never ``isinstance``, which would read
-    ``__class__`` and wake lazy modules that warn or import when touched.
-    """
-    for obj in gc.get_objects():
-        if issubclass(type(obj), torch.optim.Optimizer) and _updates_any(obj, param_ids):
-            inner = getattr(obj, "optimizer", None)
-            if isinstance(inner, torch.optim.Optimizer):
-                continue  # a wrapper (accelerate's AcceleratedOptimizer): the hooks fire for the one inside
-            return obj
-    return None
-
-
-def grad_scaler_alive() -> bool:
-    """Whether an enabled GradScaler exists, the one thing that skips optimizer steps by itself."""
-    classes = tuple(c for c in (getattr(torch.amp, "GradScaler", None), getattr(torch.cuda.amp, "GradScaler", None)) if c)
-    return any(issubclass(type(obj), classes) and obj.is_enabled() for obj in gc.get_objects())
-
-
-def _updates_any(opt: torch.optim.Optimizer, param_ids: set[int]) -> bool:
-    return any(id(p) in param_ids for g in opt.param_groups for p in g["params"])
-
-
-def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
-    """Tensors in a forward's output: a tensor, a tuple/list/dict of them, or a ModelOutput."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if depth > 3:
-        return []
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors_in(v, depth + 1)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors_in(v, depth + 1)]
-    return []
-
-
-def _tensors_held(packed: Any) -> list[torch.Tensor]:
-    """Tensors in what a script's pack hook returned: in containers, or in an object's attributes.
-
-    None found means it is not known what the object holds (a custom
-    compressed form): the saved tensor is then counted as held.
-    """
-    found = _tensors_in(packed)
-    if found or isinstance(packed, type):
-        return found
-    values = list(vars(packed).values()) if hasattr(packed, "__dict__") else []
-    slots = getattr(type(packed), "__slots__", ())
-    values += [getattr(packed, name, None) for name in ((slots,) if isinstance(slots, str) else slots)]
-    return [t for v in values for t in _tensors_in(v, 1)]

@@ -723,7 +723,7 @@ def test_an_internal_error_never_stops_training(monkeypatch):
 
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
-    monkeypatch.setattr(tracking, "_storage_key", broken)
+    monkeypatch.setattr(tracking, "storage_key", broken)
     with profile(model, sample_interval=None) as prof:
         losses = train(model, opt, steps=3)  # must not raise
     assert len(losses) == 3

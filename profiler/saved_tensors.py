@@ -1,0 +1,107 @@
+"""What autograd saves for backward, as the tracker sees it.
+
+Small pure functions about tensors and their memory: which storage a tensor
+views (views and aliases are counted once), whether a saved tensor is
+autocast's copy of a weight, and which tensors a script's own pack hook kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import checkpoint as torch_checkpoint
+
+__all__ = [
+    "CHECKPOINT_HOLDER",
+    "NOT_PACKED",
+    "SavedTensor",
+    "memory_of",
+    "storage_key",
+    "tensors_held",
+    "tensors_in",
+    "weight_copy_source",
+]
+
+
+def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(data pointer, bytes) of the memory a tensor views, or None if it has none."""
+    try:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        return (ptr, storage.nbytes()) if ptr else None
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return None
+
+
+def memory_of(t: torch.Tensor) -> tuple[int, int]:
+    """(identity, bytes) of the memory behind ``t``: its storage, else the tensor itself.
+
+    Two tensors with one identity share memory and are counted once.
+    """
+    key = storage_key(t)
+    return key if key is not None else (id(t), t.numel() * t.element_size())
+
+
+def weight_copy_source(t: torch.Tensor) -> bool:
+    """True when ``t`` (or the tensor it views) is a dtype cast of a leaf parameter.
+
+    That is what autocast saves for the backward of a matmul: ``weight.to(fp16)``
+    is a ``ToCopyBackward0`` node whose only input is the weight's
+    ``AccumulateGrad``. Its size is a property of the weights, not of the batch.
+    """
+    base = t._base if t._base is not None else t
+    fn = base.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return False
+    nxt = fn.next_functions
+    return bool(nxt) and nxt[0][0] is not None and hasattr(nxt[0][0], "variable")
+
+
+NOT_PACKED = object()  # no pack hook of the script's ran: autograd holds the tensor itself
+# What non-reentrant checkpointing's pack hook saves instead of a tensor (the
+# tensor is dropped and recomputed in backward). Private to torch: looked up
+# softly, and without it such a tensor is counted as it would be without checkpointing.
+CHECKPOINT_HOLDER = getattr(torch_checkpoint, "_Holder", None)
+
+
+class SavedTensor:
+    """What our pack hook hands autograd for one saved tensor (see ``StepTracker._pack``)."""
+
+    __slots__ = ("value", "version", "unpack", "ptr", "peers")
+
+    def __init__(self, value: Any, version: int | None, unpack: Callable | None, ptr: int | None) -> None:
+        self.value = value  # a detached alias, or what the script's own pack hook returned
+        self.version = version  # the tensor's version when saved (None: the script's hooks own it)
+        self.unpack = unpack  # the script's own unpack hook, if its pack hook made ``value``
+        self.ptr = ptr  # storage held on the timeline until backward unpacks it
+        self.peers: tuple = ()  # (tracker, ptr) of other trackers of the same model that counted it too
+
+
+def tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors in a forward's output: a tensor, a tuple/list/dict of them, or a ModelOutput."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 3:
+        return []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_in(v, depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors_in(v, depth + 1)]
+    return []
+
+
+def tensors_held(packed: Any) -> list[torch.Tensor]:
+    """Tensors in what a script's pack hook returned: in containers, or in an object's attributes.
+
+    None found means it is not known what the object holds (a custom
+    compressed form): the saved tensor is then counted as held.
+    """
+    found = tensors_in(packed)
+    if found or isinstance(packed, type):
+        return found
+    values = list(vars(packed).values()) if hasattr(packed, "__dict__") else []
+    slots = getattr(type(packed), "__slots__", ())
+    values += [getattr(packed, name, None) for name in ((slots,) if isinstance(slots, str) else slots)]
+    return [t for v in values for t in tensors_in(v, 1)]
