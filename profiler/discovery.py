@@ -20,10 +20,7 @@ model's compiled call.
 from __future__ import annotations
 
 import functools
-import os
-import sys
 import threading
-import warnings
 import weakref
 from collections.abc import Callable
 
@@ -33,6 +30,7 @@ from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
 
 from .compiled import unwrap_compiled_call, wrap_compiled_call
+from .module_calls import PROCESS, hide_global_hook_warning, restore_warnings, running_call_kwargs
 
 __all__ = ["ModelWatcher"]
 
@@ -56,7 +54,7 @@ class ModelWatcher:
         self._on_compiled_first_call_end = on_compiled_first_call_end
         self._compile_patch: tuple[Callable, Callable] | None = None  # (torch's nn.Module.compile, ours)
         self._shimmed: list[tuple[weakref.ref, weakref.ref]] = []  # (module, our shim around its compiled call)
-        self._pid = os.getpid()
+        self._forks = PROCESS.forks  # a forked child (a DataLoader worker) has more: the hooks do nothing there
         self._local = threading.local()
         # Weak references only: a script that builds a model per fold or per
         # trial and drops it must get its memory back. (Sets of ids would also
@@ -75,7 +73,8 @@ class ModelWatcher:
         self._raise_at_next_call = exc
 
     def _pre(self, module: nn.Module, args: object, kwargs: dict | None = None) -> None:
-        if torch.compiler.is_compiling() or os.getpid() != self._pid:
+        # Called at every module call of the script: the common path is kept to a few lookups.
+        if PROCESS.forks != self._forks or torch.compiler.is_compiling():
             return
         if self._raise_at_next_call is not None:
             exc, self._raise_at_next_call = self._raise_at_next_call, None
@@ -97,12 +96,14 @@ class ModelWatcher:
                 self._models.append(weakref.ref(module))
                 self._inside_models.update(module.modules())
                 if self._on_new_model is not None:
-                    self._on_new_model(module, args, _running_call_kwargs(module) if kwargs is None else kwargs)
+                    self._on_new_model(module, args, running_call_kwargs(module) if kwargs is None else kwargs)
 
     def _post(self, module: nn.Module, args: object, output: object) -> None:
-        if torch.compiler.is_compiling() or os.getpid() != self._pid:
+        if PROCESS.forks != self._forks or torch.compiler.is_compiling():
             return
-        self._local.depth = max(getattr(self._local, "depth", 1) - 1, 0)
+        local = self._local
+        depth = getattr(local, "depth", 1)
+        local.depth = depth - 1 if depth > 0 else 0
 
     # Models compiled in place ------------------------------------------------
     def _patch_compile(self) -> None:
@@ -126,7 +127,7 @@ class ModelWatcher:
         """Call the watcher's hooks, in eager Python, around ``module``'s compiled call."""
 
         def before(args: tuple, kwargs: dict) -> bool | None:
-            if not self._handles or os.getpid() != self._pid:
+            if not self._handles or PROCESS.forks != self._forks:
                 return None
             known = module in self._seen
             self._pre(module, args, kwargs)
@@ -158,11 +159,7 @@ class ModelWatcher:
                 module_hooks.register_module_forward_hook(self._post, always_call=True),
             ]
             self._patch_compile()
-            # torch warns at every torch.compile'd call that global hooks exist
-            # and "fire an extra time" for the wrapper: these are ours, and the
-            # depth count already allows for the wrapper. Not the script's concern.
-            warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks")
-            self._warning_filter = warnings.filters[0]
+            self._warning_filter = hide_global_hook_warning()
         return self
 
     def close(self) -> None:
@@ -171,9 +168,7 @@ class ModelWatcher:
         self._handles = []
         self._unpatch_compile()
         entry, self._warning_filter = self._warning_filter, None
-        if entry is not None and entry in warnings.filters:
-            warnings.filters.remove(entry)
-            getattr(warnings, "_filters_mutated", lambda: None)()  # as warnings.filterwarnings does
+        restore_warnings(entry)
 
     def __enter__(self) -> "ModelWatcher":
         return self.start()
@@ -185,34 +180,6 @@ class ModelWatcher:
     def models(self) -> list[nn.Module]:
         """Root models still alive, in order of first call, a submodule called on its own left out."""
         return outermost([m for ref in self._models if (m := ref()) is not None])
-
-
-def _module_call_codes() -> frozenset:
-    """The code of ``nn.Module._call_impl`` and of the function inside it that runs the hooks."""
-    outer = nn.Module._call_impl.__code__
-    return frozenset([outer, *(c for c in outer.co_consts if getattr(c, "co_name", None) == "inner")])
-
-
-_MODULE_CALL_CODES = _module_call_codes()
-
-
-def _running_call_kwargs(module: nn.Module) -> dict:
-    """The keyword arguments of ``module``'s call running now.
-
-    A global forward pre-hook is given the positional ones only; a model called
-    as ``model(input_ids=ids, labels=labels)`` (every Hugging Face script) has
-    its batch in these. They are read from torch's frame that calls the hook,
-    once per model found.
-    """
-    frame = sys._getframe(2)
-    for _ in range(4):
-        if frame is None:
-            break
-        if frame.f_code in _MODULE_CALL_CODES and frame.f_locals.get("self") is module:
-            kwargs = frame.f_locals.get("kwargs")
-            return dict(kwargs) if isinstance(kwargs, dict) else {}
-        frame = frame.f_back
-    return {}
 
 
 def outermost(candidates: list[nn.Module]) -> list[nn.Module]:

@@ -39,11 +39,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
 from torch.optim import optimizer as optimizer_hooks
 
 from .compiled import hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
 from .device_clock import DeviceClock
+from .module_calls import hide_global_hook_warning, restore_warnings, running_call_kwargs
 from .optimizers import find_optimizer, frame_identity, grad_scaler_alive, optimizer_step_on_stack, updates_any
 from .saved_tensors import (
     CHECKPOINT_HOLDER,
@@ -162,6 +164,8 @@ class StepTracker:
         self._param_ids = {id(p) for p in model.parameters()}
         self._lazy_left = any(is_lazy(p) for p in model.parameters())
         self._grad_hooked: set[int] = set()
+        self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed (see _install)
+        self._warning_filter: tuple | None = None
         self._param_storages: set[int] = set()
         self._handles: list[Any] = []
         self._stack: list[int] = []
@@ -276,12 +280,13 @@ class StepTracker:
     def _install(self) -> None:
         self._wrap_compiled_root()
         self._param_storages = {k[0] for p in _parameters(self.model) if (k := storage_key(p)) is not None}
-        for mod in hookable_modules(self.model):
-            if mod is self.model:  # the root also reports its inputs: batch and sequence sizes
-                self._handles.append(mod.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-            else:
-                self._handles.append(mod.register_forward_pre_hook(self._module_pre))
-            self._handles.append(mod.register_forward_hook(self._module_post, always_call=True))
+        # Global hooks, filtered by module: hooks stored on the model's modules
+        # would go with it into a deepcopy (an EMA copy), a pickle
+        # (torch.save(model)) or torch.jit.script, and break them.
+        self._hooked = {id(m) for m in hookable_modules(self.model)}
+        self._handles.append(module_hooks.register_module_forward_pre_hook(self._any_module_pre))
+        self._handles.append(module_hooks.register_module_forward_hook(self._any_module_post, always_call=True))
+        self._warning_filter = hide_global_hook_warning()
         self._hook_gradients()
         for register, hook, hooks in (
             (optimizer_hooks.register_optimizer_step_pre_hook, self._optimizer_pre, optimizer_hooks._global_optimizer_pre_hooks),
@@ -399,6 +404,8 @@ class StepTracker:
                 else:
                     h.remove()
             self._handles = []
+            restore_warnings(self._warning_filter)
+            self._warning_filter = None
             unwrap_compiled_call(self.model, self._compiled_root)
             self._compiled_root = None
             self._leave_live_counter()
@@ -767,6 +774,29 @@ class StepTracker:
             step.events.append((time.perf_counter(), "gradients", nbytes))
 
     # ---------------------------------------------------------- module hooks
+    def _any_module_pre(self, module: nn.Module, args: Any) -> None:
+        """Every module call in the process: this model's are passed on (one set lookup for the others).
+
+        Inside the model only a step's calls matter (which module saves what):
+        a forward that is not a training step (evaluation, a teacher) costs one
+        call at its root.
+        """
+        if torch.compiler.is_compiling() or id(module) not in self._hooked:
+            return
+        if module is self.model:
+            self._module_pre(module, args)
+            step = self._step
+            if step is not None and step.input_shape is None:  # batch and sequence sizes, once a step
+                self._note_root_inputs(module, args)
+        elif self._step is not None and self.model is not None:  # (ids of a dropped model's modules are reused)
+            self._module_pre(module, args)
+
+    def _any_module_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling() or id(module) not in self._hooked:
+            return
+        if module is self.model or self._step is not None:
+            self._module_post(module, args, output)
+
     @_guarded
     def _module_pre(self, module: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling() or os.getpid() != self._pid or threading.get_ident() != self._thread:
@@ -805,6 +835,11 @@ class StepTracker:
             return
         self._module_pre(module, args)
         self._note_inputs(args, kwargs)
+
+    @_guarded
+    def _note_root_inputs(self, module: nn.Module, args: Any) -> None:
+        """``_note_inputs`` for a call seen by a global hook, which is not given the keyword arguments."""
+        self._note_inputs(args, running_call_kwargs(module))
 
     def _note_inputs(self, args: Any, kwargs: Any) -> None:
         """Remember the batch input's shape: token ids if there are any, else the first tensor."""

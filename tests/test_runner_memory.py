@@ -406,6 +406,38 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
     assert all(m["memory"]["steps"][-1]["categories"]["gradients"] == 36 for m in models)
 
 
+def test_a_model_can_be_copied_saved_and_scripted_while_it_is_measured(tmp_path):
+    script = tmp_path / "snapshots.py"
+    script.write_text(textwrap.dedent(
+        """
+        import copy, io
+        import torch
+        from torch import nn
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        teacher = nn.Linear(4, 2)  # evaluated only: measured for the whole run
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(2):
+            with torch.no_grad():
+                teacher(torch.randn(3, 4))
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            best = copy.deepcopy(model)
+            buffer = io.BytesIO()
+            torch.save(teacher, buffer)
+            torch.jit.script(model)
+            print("copied", torch.equal(best[0].weight, model[0].weight), buffer.tell() > 0)
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["copied True True"] * 2
+    models = {m["name"]: m for m in _report(out)["models"]}
+    assert len(models["model"]["memory"]["steps"]) == 2 and models["teacher"]["memory"]["steps"] == []
+
+
 def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path):
     # An evaluation loop over checkpoints: a model never trained used to be kept
     # by its tracker until the script ended (on a GPU, an out-of-memory error

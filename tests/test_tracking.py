@@ -384,6 +384,35 @@ def test_a_tracker_not_holding_its_model_lets_the_script_free_it():
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_model_measured_can_be_copied_saved_and_scripted_inside_the_block(tmp_path):
+    # An EMA copy, a checkpoint of the whole module or a TorchScript export in
+    # mid-training: our hooks live outside the model, so none of them sees them.
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        for step in range(2):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            ema = AveragedModel(model)
+            twin = copy.deepcopy(model)
+            torch.save(model, tmp_path / "model.pt")
+            scripted = torch.jit.script(model)
+            assert not any(m._forward_hooks or m._forward_pre_hooks for m in twin.modules())
+            twin(torch.randn(2, 8)).sum().backward()  # a copy's calls are not this model's
+            ema.update_parameters(model)
+    x = torch.randn(3, 8)
+    assert torch.equal(scripted(x), model(x))
+    assert torch.load(tmp_path / "model.pt", weights_only=False)(x).shape == (3, 1)
+    assert [(s["forwards"], s["backwards"]) for s in memory(prof)["steps"]] == [(1, 1), (1, 1)]
+    assert_no_hooks(model)
+
+
 def test_a_tracker_ending_inside_the_optimizer_hook_loop_does_not_break_the_step():
     # torch iterates its global optimizer post-hooks while calling them: a
     # tracker that removed its hook there would make the next hook's turn
