@@ -174,7 +174,8 @@ def _row(term: str, estimate: int | None, measured: int | None) -> dict[str, Any
 
 def _formula(name: str, source: str, rows: list[dict[str, Any]], misses: list[str], applicable: bool = True, reason: str | None = None) -> dict[str, Any]:
     est = sum(r["estimate"] or 0 for r in rows) if applicable else None
-    meas = sum(r["measured"] or 0 for r in rows)
+    known = [r["measured"] for r in rows if r["measured"] is not None]
+    meas = sum(known) if known else None
     return {
         "name": name,
         "source": source,
@@ -219,6 +220,16 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
         if 0 < cat["gradients"] < 0.99 * cat["parameters"] else []
     )
 
+    # Adam's two moments are in every formula below: say so when the script used something else.
+    opt_name = memory.get("optimizer")
+    if opt_name is None:
+        optimizer_miss = ["no optimizer stepped: no optimizer state was measured (Adam's would be 8 bytes/param)"]
+    elif "adam" not in opt_name.lower():
+        per_param = f"{cat['optimizer_state'] / n:.1f}" if n else "n/a"
+        optimizer_miss = [f"the script's optimizer is {opt_name}, not Adam: its state is {per_param} bytes/param, Adam's 8"]
+    else:
+        optimizer_miss = []
+
     # 1. The tutorial: fp16 weights x1 + gradients x1 + AdamW x2 + b*s*h*4.
     bsh4 = 4 * shape.batch * shape.seq * shape.hidden if None not in (shape.batch, shape.seq, shape.hidden) else None
     tutorial_misses = []
@@ -235,7 +246,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
             f"activations: autograd saves {cat['activations'] / bsh4:.0f}x batch*seq*n_embd*4 "
             "(attention, MLP, norms, logits and the loss all save tensors)"
         )
-    tutorial_misses += frozen_miss
+    tutorial_misses += frozen_miss + optimizer_miss
     tutorial_misses.append("temporaries, allocator slack and the CUDA context")
     formulas.append(
         _formula(
@@ -259,7 +270,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
         zero_misses.append("PyTorch autocast keeps fp32 gradients (4 bytes/param, ZeRO counts fp16: 2) and makes 16-bit weight copies on top")
     else:
         zero_misses.append("this step ran without autocast: no fp16 copies exist, see the fp32 Adam rule")
-    zero_misses += frozen_miss
+    zero_misses += frozen_miss + optimizer_miss
     zero_misses.append("activations are not model states: not in the 16")
     formulas.append(
         _formula(
@@ -276,6 +287,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
             [_row("model states", 16 * n, states_measured)],
             (["autocast's 16-bit weight copies (2 bytes/param of the matmul weights)"] if amp else [])
             + frozen_miss
+            + optimizer_miss
             + ["activations are not model states"],
         )
     )
@@ -308,7 +320,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
             _formula(
                 "korthikanti",
                 "Korthikanti et al. 2022, per-layer transformer activations",
-                [_row("block activations", None, block_measured)],
+                [_row("block activations", None, None)],
                 [],
                 applicable=False,
                 reason="not a transformer trunk as far as the structure shows: " + "; ".join(shape.reasons),

@@ -205,7 +205,9 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
     if not tracker.steps:
         notes.append("no training step was seen (no forward with gradients enabled)")
     elif not any(s.complete for s in tracker.steps):
-        notes.append("no complete step (forward and backward) was seen")
+        notes.append("no complete step (a forward and a backward that finished) was seen: did the script's forward or "
+                     "backward raise?" if any(s.forwards for s in tracker.steps) else
+                     "no complete step (a forward and a backward that finished) was seen")
     if any(s.checkpointing for s in tracker.steps):
         notes.append(
             "gradient checkpointing (of the trunk's blocks, or of the whole model): what is checkpointed keeps only "
@@ -245,7 +247,7 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
             f"off {tracker.device}: they are in 'activations_offloaded', not in 'activations', which counts what "
             "backward holds on the device"
         )
-    if tracker.steps and not any(s.optimizer_steps or s.optimizer_skipped for s in tracker.steps):
+    if any(s.complete for s in tracker.steps) and not any(s.optimizer_steps or s.optimizer_skipped for s in tracker.steps):
         held = "not measured" if tracker.optimizer_name is None else f"{tracker.optimizer_name}'s, counted as it stood"
         notes.append(f"no optimizer step was seen (weights updated by hand?): optimizer state {held}")
     section: dict[str, Any] = {

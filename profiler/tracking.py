@@ -107,6 +107,12 @@ def _guarded(method: Callable) -> Callable:
     return wrapper
 
 
+class _GraphToken:
+    """Kept alive by a hook on an autograd node, so a weak reference to it dies with the node."""
+
+    __slots__ = ("__weakref__",)
+
+
 class StopAfterSteps(SystemExit):
     """Raised to end a script once its steps are measured (``--stop-after-steps``)."""
 
@@ -162,8 +168,11 @@ class StepTracker:
         # Every parameter, lazy ones included: one keeps its identity when its
         # first forward gives it a shape (see _adopt_materialized).
         self._param_ids = {id(p) for p in model.parameters()}
+        self._param_refs = [weakref.ref(p) for p in {id(p): p for p in model.parameters()}.values()]
         self._lazy_left = any(is_lazy(p) for p in model.parameters())
         self._grad_hooked: set[int] = set()
+        self._forward_graph: list[weakref.ref] = []  # tokens of the last root forward's output nodes (_watch_backward)
+        self.forwards_without_backward = 0  # forwards left out of the steps: their graph was freed unused
         self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed (see _install)
         self._warning_filter: tuple | None = None
         self._param_storages: set[int] = set()
@@ -249,8 +258,19 @@ class StepTracker:
         return self.optimizer_history[-1] if self.optimizer_history else None
 
     # ------------------------------------------------------------------ setup
+    def _params(self) -> list[nn.Parameter]:
+        """The model's parameters with a shape, or, once the script dropped the model, those still alive.
+
+        ``loss = Net()(x).sum(); loss.backward()``: the module is gone before its
+        backward, its parameters live on in the graph, and get gradients.
+        """
+        model = self.model
+        if model is not None:
+            return _parameters(model)
+        return [p for ref in self._param_refs if (p := ref()) is not None and not is_lazy(p)]
+
     def _model_device(self) -> torch.device:
-        for p in _parameters(self.model):
+        for p in self._params():
             return p.device
         return torch.device("cpu")
 
@@ -279,7 +299,7 @@ class StepTracker:
 
     def _install(self) -> None:
         self._wrap_compiled_root()
-        self._param_storages = {k[0] for p in _parameters(self.model) if (k := storage_key(p)) is not None}
+        self._param_storages = {k[0] for p in self._params() if (k := storage_key(p)) is not None}
         # Global hooks, filtered by module: hooks stored on the model's modules
         # would go with it into a deepcopy (an EMA copy), a pickle
         # (torch.save(model)) or torch.jit.script, and break them.
@@ -334,7 +354,7 @@ class StepTracker:
 
     def _hook_gradients(self) -> None:
         """A hook on each trainable parameter with a shape: the timeline's gradient growth."""
-        for p in {id(p): p for p in _parameters(self.model)}.values():
+        for p in {id(p): p for p in self._params()}.values():
             if p.requires_grad and id(p) not in self._grad_hooked:
                 self._grad_hooked.add(id(p))
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
@@ -342,7 +362,7 @@ class StepTracker:
     def _adopt_materialized(self) -> None:
         """Lazy parameters that got their shapes since: hook them and know their storage."""
         self._hook_gradients()
-        self._param_storages |= {k[0] for p in _parameters(self.model) if (k := storage_key(p)) is not None}
+        self._param_storages |= {k[0] for p in self._params() if (k := storage_key(p)) is not None}
         self._lazy_left = self.model is not None and any(is_lazy(p) for p in self.model.parameters())
 
     def _leave_live_counter(self) -> None:
@@ -362,6 +382,7 @@ class StepTracker:
         self.stop()
         self.model = None
         self.optimizer = None
+        self._param_refs = []
 
     @property
     def measured_all_steps(self) -> bool:
@@ -392,6 +413,11 @@ class StepTracker:
         if not self._running:
             return
         self._running = False
+        if self.forwards_without_backward:
+            self.notes.append(
+                f"{self.forwards_without_backward} forward(s) with gradients on but no backward (a shape check, a "
+                "summary, a loss only printed) were left out of the steps: their graph was freed unused"
+            )
         try:
             self._finish_step()
         finally:
@@ -485,7 +511,7 @@ class StepTracker:
 
     def _live_gradients(self) -> dict[int, int]:
         """Storage identity -> bytes of every gradient the model's parameters hold now."""
-        return dict(memory_of(p.grad) for p in _parameters(self.model) if p.grad is not None)
+        return dict(memory_of(p.grad) for p in self._params() if p.grad is not None)
 
     def _release_cleared_gradients(self) -> None:
         """Take gradients that ``zero_grad()`` freed in mid-step off the timeline.
@@ -505,7 +531,7 @@ class StepTracker:
 
     def _count_gradients(self) -> None:
         if self._step is not None:
-            grads = [p.grad for p in _parameters(self.model) if p.grad is not None]
+            grads = [p.grad for p in self._params() if p.grad is not None]
             self._step.gradients = max(self._step.gradients, self._unique_bytes(grads))
 
     def _count_optimizer_state(self, opt: torch.optim.Optimizer) -> tuple[int, dict[str, int], list[int]]:
@@ -553,7 +579,7 @@ class StepTracker:
             self._adopt_materialized()
         step = StepRecord(index=len(self.steps) + 1)
         step._t0 = time.perf_counter()
-        step.parameters = self._unique_bytes(list(_parameters(self.model)))
+        step.parameters = self._unique_bytes(list(self._params()))
         self._grads_seen = self._live_gradients()
         step.gradients_start = sum(self._grads_seen.values())
         self._live = {}
@@ -591,7 +617,8 @@ class StepTracker:
             if step.phases[name]._start is not None:
                 self._phase_end(name)
         step.seconds = time.perf_counter() - step._t0
-        step.complete = step.forwards > 0 and step.backwards > 0
+        # A backward that began and never ended raised: that step is not complete.
+        step.complete = step.forwards > 0 and step.backwards > 0 and self._step_state != "backward"
         step.close_forward()
         if self.optimizer is not None and not step.optimizer_steps:
             total, by_name, by_group = self._count_optimizer_state(self.optimizer)
@@ -914,6 +941,15 @@ class StepTracker:
                     self._grad_scaler_alive = grad_scaler_alive()
                 self._step.optimizer_skipped = self._grad_scaler_alive
                 self._finish_step()
+        if (
+            self._step is not None and self._step_state == "after_forward" and not self._step.backwards
+            and not self._in_optimizer_step and self._forward_graph and all(r() is None for r in self._forward_graph)
+        ):
+            # The forward before had no backward and its graph is gone: a shape
+            # check, a summary or a loss printed with gradients on. Not part of a
+            # training step (its batch is often another size): measured afresh.
+            self.forwards_without_backward += 1
+            self._step, self._step_state = None, "idle"
         if self._step is None and not self._begin_step():
             return
         step = self._step
@@ -941,13 +977,18 @@ class StepTracker:
                 step.saves_after_forward_unseen = True
         self._step_state = "after_forward"
         fns = {id(t.grad_fn): t.grad_fn for t in tensors_in(output) if t.grad_fn is not None}
-        for fn in fns.values():
-            self._watch_backward(fn)
+        self._forward_graph = [self._watch_backward(fn) for fn in fns.values()]
 
-    def _watch_backward(self, fn: torch.autograd.graph.Node) -> None:
+    def _watch_backward(self, fn: torch.autograd.graph.Node) -> weakref.ref:
+        """Begin the backward phase when backward reaches ``fn``; a weak reference that dies with ``fn``.
+
+        Autograd nodes take no weak references: the token kept by the hook
+        closure on ``fn`` is what tells that the graph was freed.
+        """
         fired = []
+        token = _GraphToken()
 
-        def prehook(grad_outputs: Any) -> None:
+        def prehook(grad_outputs: Any, token: _GraphToken = token) -> None:
             if fired:
                 return
             fired.append(True)
@@ -956,6 +997,7 @@ class StepTracker:
 
         handle = fn.register_prehook(prehook)
         self._handles.append(handle)
+        return weakref.ref(token)
 
     @_guarded
     def _backward_begin(self) -> None:
@@ -1001,7 +1043,7 @@ class StepTracker:
 
     def _gradients_cleared(self) -> bool:
         """True when ``zero_grad(set_to_none=True)`` ran: no trainable parameter has a gradient."""
-        return all(p.grad is None for p in _parameters(self.model) if p.requires_grad)
+        return all(p.grad is None for p in self._params() if p.requires_grad)
 
     @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -169,6 +169,8 @@ def test_the_fit_does_not_plan_on_activations_it_could_not_see():
 
     blind = run(live_peak=False)
     assert all(s["activations_measured"] is False for s in blind.memory["steps"])
+    table = next(line for line in blind.render().splitlines() if line.startswith("activations"))
+    assert "n/a (compiled)" in table and " 0 B" not in table
     assert blind.fit["available"] is False and "--live-peak" in blind.fit["reason"]
     counted = run(live_peak=True)  # the live-tensor counter sees every tensor, compiled or not
     assert counted.fit["available"] is True and counted.fit["bytes_per_sample"] > 0

@@ -104,9 +104,14 @@ def test_non_transformer_gets_a_statement_not_a_number():
     est = prof.report.models[0].estimates
     kort = next(f for f in est["formulas"] if f["name"].startswith("korthikanti"))
     assert kort["applicable"] is False and "not a transformer" in kort["reason"]
+    assert kort["measured"] is None  # no trunk: no block bucket to compare with, not "0 B"
     tutorial = next(f for f in est["formulas"] if f["name"] == "tutorial")
     assert tutorial["applicable"] is False and tutorial["estimate"] is None
     assert "not applicable" in prof.render()
+    # Every formula counts Adam's moments: with SGD each says so.
+    for name in ("tutorial", "zero-mixed-adam", "fp32-adam"):
+        misses = next(f for f in est["formulas"] if f["name"] == name)["misses"]
+        assert "the script's optimizer is SGD, not Adam: its state is 0.0 bytes/param, Adam's 8" in misses
 
 
 def test_fit_prediction_from_small_batches_holds_at_a_larger_one():

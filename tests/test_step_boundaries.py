@@ -509,3 +509,80 @@ def test_a_loss_saved_through_the_scripts_own_hooks_is_said_to_be_unseen():
     seen = memory(plain)["steps"][0]
     assert seen["saves_after_forward_unseen"] is False
     assert seen["categories"]["activations"] > step["categories"]["activations"]
+
+
+def test_a_forward_whose_graph_is_freed_unused_is_no_part_of_a_step():
+    # print(model(x).shape) before training, with gradients on: its graph is
+    # gone before the first training forward, and it is not a micro-batch.
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        print(tuple(model(torch.randn(2, 32)).shape))
+        for _ in range(2):
+            nn.functional.cross_entropy(model(torch.randn(16, 32)), torch.randint(0, 10, (16,))).backward()
+            opt.step()
+            opt.zero_grad()
+        model(torch.randn(512, 32)).sum().item()  # a check between steps, also unused
+        nn.functional.cross_entropy(model(torch.randn(16, 32)), torch.randint(0, 10, (16,))).backward()
+        opt.step()
+    mem = memory(prof)
+    assert [(s["forwards"], s["input_shape"]) for s in mem["steps"]] == [(1, [16, 32])] * 3
+    assert len({s["categories"]["activations"] for s in mem["steps"]}) == 1
+    assert any("2 forward(s) with gradients on but no backward" in n for n in mem["notes"])
+
+
+def test_two_forwards_into_one_loss_stay_one_step():
+    # A contrastive or multi-view step: the first forward's graph is alive in the loss.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            a = model(torch.randn(4, 8))
+            b = model(torch.randn(4, 8))
+            (a - b).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    mem = memory(prof)
+    assert [(s["forwards"], s["backwards"]) for s in mem["steps"]] == [(2, 1), (2, 1)]
+    assert not any("no backward" in n for n in mem["notes"])
+
+
+def test_a_model_gone_before_its_backward_still_has_its_gradients_counted():
+    # loss = Net()(x).sum(); loss.backward(): the module object is freed at once,
+    # its parameters live on in the graph and get gradients.
+    import gc
+
+    from profiler.profiling import attach_measurements
+    from profiler.analysis import analyze_model
+
+    model = nn.Linear(16, 4)
+    tracker = StepTracker(model, sample_interval=None, hold_model=False).start()
+    entry = analyze_model(model, "Linear")
+    loss = model(torch.randn(8, 16)).sum()
+    del model
+    gc.collect()
+    loss.backward()
+    tracker.stop()
+    attach_measurements(entry, tracker)
+    (step,) = entry.memory["steps"]
+    assert step["complete"] and step["categories"]["gradients"] == (16 * 4 + 4) * 4
+
+
+def test_a_backward_that_raised_leaves_its_step_incomplete():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters())
+
+    def fail(grad):
+        raise RuntimeError("backward failed")
+
+    with profile(model, sample_interval=None) as prof:
+        out = model(torch.randn(2, 4))
+        out.register_hook(fail)
+        try:
+            out.sum().backward()
+        except RuntimeError:
+            pass
+    mem = memory(prof)
+    assert [s["complete"] for s in mem["steps"]] == [False]
+    assert not any("by hand" in n for n in mem["notes"])
+    assert any("did the script's forward or backward raise?" in n for n in mem["notes"])
