@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["is_compiled", "hookable_modules", "wrap_compiled_call", "unwrap_compiled_call"]
+__all__ = ["compiled_parts", "is_compiled", "hookable_modules", "wrap_compiled_call", "unwrap_compiled_call"]
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -42,6 +42,19 @@ def hookable_modules(model: nn.Module) -> list[nn.Module]:
         if hasattr(mod, "_orig_mod"):
             continue
         stack.extend(reversed(list(mod.children())))
+    return out
+
+
+def compiled_parts(model: nn.Module) -> list[nn.Module]:
+    """The parts compiled in place (``block.compile()``) that the hookable walk stops at."""
+    out, seen = [], set()
+    for mod in hookable_modules(model):
+        if hasattr(mod, "_orig_mod"):
+            continue
+        for child in mod.children():
+            if getattr(child, "_compiled_call_impl", None) is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
     return out
 
 

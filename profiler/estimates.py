@@ -294,6 +294,12 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
 
     # 3. Korthikanti et al. 2022: activations per transformer layer.
     block_measured = step["activations_by_bucket"].get("block", 0)
+    compiled_whole = []
+    if step.get("activations_inside_compiled"):
+        # Measured, but inside one compiled graph: which part the blocks saved is not known.
+        block_measured = None
+        compiled_whole = ["the model is compiled whole: its activations are measured in total, not per block "
+                          "(compile the blocks one by one to have them compared)"]
     if shape.transformer:
         s, b, h, a, layers = shape.seq, shape.batch, shape.hidden, shape.heads, shape.layers
         act_bytes = 2 if amp else 4
@@ -309,7 +315,8 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
                     name,
                     f"Korthikanti et al. 2022, {note}; x{scale:g} for {act_bytes}-byte activations; compared with the block bucket",
                     [_row("block activations", est, block_measured)],
-                    ["embedding, final norm, logits and loss activations (outside the layers)"]
+                    compiled_whole
+                    + ["embedding, final norm, logits and loss activations (outside the layers)"]
                     + _dropout_misses(traits)
                     + (["gradient checkpointing: what is checkpointed keeps only its inputs and recomputes the rest in backward; "
                         "the formula counts every activation a full forward keeps"] if step.get("gradient_checkpointing") else []),

@@ -88,8 +88,10 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         },
         "optimizer_state": {"by_name": step.optimizer_state_by_name, "by_group": step.optimizer_state_by_group},
         "saved_tensors": step.saved_tensors,
-        # False where saved-tensor hooks cannot see inside (torch.compile'd graphs): 'activations' is then a floor.
-        "activations_measured": not tracker._compiled,
+        # Saved-tensor hooks see inside torch.compile'd graphs too: always measured (kept for readers of schema 1).
+        "activations_measured": True,
+        # Of 'activations', what a module compiled whole saved: measured, but no block is known for it.
+        "activations_inside_compiled": step.activations_inside_compiled,
         "activations_offloaded": step.activations_offloaded,
         "activations_by_bucket": {b: step.activations_by_bucket.get(b, 0) for b in BUCKETS},
         "phases": {

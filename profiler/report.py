@@ -321,7 +321,7 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
     # A compiled model's saved tensors are hidden from the hooks: its 0 is no measurement.
     rows = [
         [label] + [
-            "n/a (compiled)" if key == "activations" and s.get("activations_measured") is False
+            "n/a (compiled)" if key == "activations" and s.get("activations_measured") is False  # a schema-1 report of an older version
             else format_bytes(s["categories"][key])
             for s in shown
         ]

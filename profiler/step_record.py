@@ -19,6 +19,7 @@ class ForwardSaves:
     # Bytes the script's pack hook moved off the device, summed per save: each
     # save is its own copy, and a freed device address is soon reused.
     offloaded: int = 0
+    inside_compiled: int = 0  # saved inside a model compiled whole: not attributed to a block
     by_module: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, bucket) -> bytes
     by_bucket: dict[str, int] = field(default_factory=dict)
 
@@ -66,6 +67,7 @@ class StepRecord:
     complete: bool = False  # saw a forward and a backward
     optimizer_skipped: bool = False  # gradients were cleared without an optimizer step (GradScaler overflow)
     optimizer_failed: bool = False  # optimizer.step() raised (the script caught it and went on, or ended)
+    activations_inside_compiled: int = 0  # of 'activations', saved inside a module compiled whole (no bucket known)
     activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input
     input_is_tokens: bool = False
@@ -92,6 +94,7 @@ class StepRecord:
             self.activations = total
             self.activations_by_module = f.by_module
             self.activations_by_bucket = f.by_bucket
+            self.activations_inside_compiled = f.inside_compiled
         self.autocast_copies = max(self.autocast_copies, sum(f.copies.values()))
         self.activations_offloaded = max(self.activations_offloaded, f.offloaded)
         self._current = ForwardSaves()

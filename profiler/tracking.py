@@ -43,7 +43,7 @@ from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
 from torch.optim import optimizer as optimizer_hooks
 
-from .compiled import hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
+from .compiled import compiled_parts, hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
 from .device_clock import DeviceClock
 from .module_calls import hide_global_hook_warning, restore_warnings, running_call_kwargs
 from .optimizers import find_optimizer, frame_identity, grad_scaler_alive, optimizer_step_on_stack, updates_any
@@ -183,6 +183,7 @@ class StepTracker:
         self._step: StepRecord | None = None
         self._step_state = "idle"  # idle | forward | after_forward | backward | after_backward
         self._saved_hooks_pushed = False
+        self._pair: tuple[Callable, Callable] = (self._pack, self._unpack)  # what is pushed: see _hook_pair
         self._saved_hooks_balanced = False
         self._pushed_in_backward = False  # our pair was pushed while backward ran (see _push_saved_hooks)
         self._outer_hooks: tuple[Callable, Callable] | None = None  # the script's pair below ours
@@ -200,16 +201,24 @@ class StepTracker:
         self._stop_requested = False  # an internal error inside an optimizer hook: stop at the next forward
         self._in_post_hooks = False  # torch is iterating its optimizer post-hooks (ours is running)
         self._compiled_root: weakref.ref | None = None  # our wrapper around the model's compiled call
+        self._compiled_parts: list[tuple[weakref.ref, weakref.ref | None]] = []  # (part, our wrapper): see _wrap_compiled_parts
         self.finished = False
         self.sampler = None
         self.device = self._model_device()
         self._cuda = self.device.type == "cuda"
         self.device_clock = DeviceClock(self.device)
         self._compiled = any(is_compiled(m) for m in model.modules())
+        # Compiled modules whose inside spans buckets (a model compiled whole): what
+        # they save is measured, but no module hook runs inside to say where.
+        self._compiled_mixed = {
+            id(m) for path, m in model.named_modules()
+            if is_compiled(m) and self._bucket_of(path, "before") != self._bucket_of(path, "after")
+        }
         if self._compiled:
             self.notes.append(
-                "torch.compile'd module: activations saved inside compiled graphs are not visible to "
-                "saved-tensor hooks and are not measured; gradients and optimizer state are"
+                "torch.compile'd module: what its graphs save for backward is measured (autograd's saved-tensor hooks "
+                "run for compiled graphs), but no module hook runs inside it, so it is charged to the compiled "
+                "module itself (autocast's weight copies made inside it are counted as activations)"
             )
         if optimizer is not None and not updates_any(optimizer, self._param_ids):
             self.notes.append(
@@ -299,6 +308,7 @@ class StepTracker:
 
     def _install(self) -> None:
         self._wrap_compiled_root()
+        self._wrap_compiled_parts()
         self._param_storages = {k[0] for p in self._params() if (k := storage_key(p)) is not None}
         # Global hooks, filtered by module: hooks stored on the model's modules
         # would go with it into a deepcopy (an EMA copy), a pickle
@@ -327,6 +337,31 @@ class StepTracker:
 
             self.sampler = MemorySampler(device=self.device, interval=self.sample_interval, max_samples=20_000)
             self.sampler.start()
+
+    def _wrap_compiled_parts(self) -> None:
+        """Put parts compiled in place (``block.compile()``) on the module stack around their compiled call.
+
+        No hook runs inside them, but what they save is seen: charged to the
+        part, its bucket known (a compiled block is the block bucket).
+        """
+        tracker = weakref.ref(self)
+        for part in compiled_parts(self.model):
+            if part is self.model:
+                continue
+
+            def before(args: tuple, kwargs: dict, part: nn.Module = part) -> bool | None:
+                me = tracker()
+                if me is None or me._step is None or me.model is None:
+                    return None  # as for any part: only a step's calls matter
+                me._module_pre(part, args)
+                return True
+
+            def after(args: tuple, output: Any, token: Any, part: nn.Module = part) -> None:
+                me = tracker()
+                if me is not None:
+                    me._module_post(part, args, output)
+
+            self._compiled_parts.append((weakref.ref(part), wrap_compiled_call(part, before, after)))
 
     def _wrap_compiled_root(self) -> None:
         """Run the root hooks around a model compiled in place (``model.compile()``).
@@ -434,6 +469,9 @@ class StepTracker:
             self._warning_filter = None
             unwrap_compiled_call(self.model, self._compiled_root)
             self._compiled_root = None
+            for part, wrapper in self._compiled_parts:
+                unwrap_compiled_call(part(), wrapper)
+            self._compiled_parts = []
             self._leave_live_counter()
             self._stack = []
             self._optimizer_frame = None
@@ -637,7 +675,7 @@ class StepTracker:
     def _push_saved_hooks(self) -> None:
         if self._saved_hooks_pushed:
             top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-            if not (self._pushed_in_backward and (top is None or top[0] != self._pack)):
+            if not (self._pushed_in_backward and (top is None or top[0] is not self._pair[0])):
                 return
             # Pushed while backward ran (a reentrant checkpoint's recomputation): the
             # engine ran it with its own copy of the thread's hooks, gone with it.
@@ -653,8 +691,8 @@ class StepTracker:
         # under `python -m profiler`, or nested blocks) is told of each save too.
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
         outer, peers = top, []
-        while outer is not None and isinstance(getattr(outer[0], "__self__", None), StepTracker):
-            other = outer[0].__self__
+        while outer is not None and _tracker_of(outer[0]) is not None:
+            other = _tracker_of(outer[0])
             if other is not self and other.model is self.model:
                 peers.append(other)
             outer = other._outer_hooks
@@ -664,9 +702,24 @@ class StepTracker:
             if self not in other._peers:
                 other._peers.append(self)
         self._saved_hooks_balanced = top is not None
-        torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+        pack, unpack = self._hook_pair()
+        torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
         self._saved_hooks_pushed = True
         self._pushed_in_backward = torch._C._current_graph_task_id() != -1
+
+    def _hook_pair(self) -> tuple[Callable, Callable]:
+        """The pack and unpack hooks to push: ours, kept out of dynamo once it is loaded.
+
+        Autograd calls them from inside compiled code too (what a compiled
+        graph saves is seen); dynamo must not compile them into the script's
+        graphs (nor recompile for every tensor shape), so they are wrapped in
+        ``torch._dynamo.disable``. Without dynamo imported no code is compiled,
+        and importing it for nothing would change the script's process.
+        """
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None and not hasattr(self._pair[0], "__wrapped__"):
+            self._pair = (dynamo.disable(self._pack), dynamo.disable(self._unpack))
+        return self._pair
 
     def _pop_saved_hooks(self) -> None:
         """Pop our pair of saved-tensor hooks if it is the innermost one on this thread.
@@ -679,7 +732,7 @@ class StepTracker:
         if not self._saved_hooks_pushed or threading.get_ident() != self._thread:
             return
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if top is not None and top[0] == self._pack:
+        if top is not None and top[0] is self._pair[0]:
             torch._C._autograd._pop_saved_tensors_default_hooks()
             self._saved_hooks_pushed = False
 
@@ -778,7 +831,11 @@ class StepTracker:
         step.events.append((now, "activations", nbytes))
         self._live[ptr] = ("activations", nbytes)
         path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
-        bucket = self._bucket_of(path, self._trunk_state)
+        if self._stack and self._stack[-1] in self._compiled_mixed:
+            bucket = "other"  # inside a model compiled whole: which block saved it is not seen
+            f.inside_compiled += nbytes
+        else:
+            bucket = self._bucket_of(path, self._trunk_state)
         f.by_module[path, bucket] = f.by_module.get((path, bucket), 0) + nbytes
         f.by_bucket[bucket] = f.by_bucket.get(bucket, 0) + nbytes
 
@@ -841,7 +898,7 @@ class StepTracker:
                 # (A frozen block run under no_grad has no input that requires grad.)
                 top = torch._C._autograd._top_saved_tensors_default_hooks(False)
                 reentrant = not torch.is_grad_enabled() and any(t.requires_grad for t in tensors_in(args))
-                step.checkpointing = reentrant or (top is not None and top[0] != self._pack)
+                step.checkpointing = reentrant or (top is not None and top[0] is not self._pair[0])
 
     @_guarded
     def _module_post(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -961,8 +1018,7 @@ class StepTracker:
         step.forwards += 1
         self._step_state = "forward"
         self._phase_begin("forward")
-        if not self._compiled:
-            self._push_saved_hooks()
+        self._push_saved_hooks()
 
     def _root_forward_end(self, output: Any) -> None:
         step = self._step
@@ -1090,6 +1146,7 @@ class StepTracker:
                 merged.activations = s.activations
                 merged.activations_by_module = s.activations_by_module
                 merged.activations_by_bucket = s.activations_by_bucket
+                merged.activations_inside_compiled = s.activations_inside_compiled
             merged.autocast_copies = max(merged.autocast_copies, s.autocast_copies)
             merged.activations_offloaded = max(merged.activations_offloaded, s.activations_offloaded)
             merged.events.extend(s.events)
@@ -1137,6 +1194,12 @@ class StepTracker:
             # steps may never run again, and the runner lets it go once done.
             # (stop() retires our post-hook rather than deleting it: see there.)
             self._done()
+
+
+def _tracker_of(hook: Callable) -> "StepTracker | None":
+    """The tracker whose pack hook ``hook`` is (itself, or wrapped by ``torch._dynamo.disable``)."""
+    owner = getattr(getattr(hook, "__wrapped__", hook), "__self__", None)
+    return owner if isinstance(owner, StepTracker) else None
 
 
 def _parameters(model: nn.Module | None) -> list[nn.Parameter]:

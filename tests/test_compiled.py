@@ -155,22 +155,67 @@ def test_the_watcher_hides_torchs_warning_about_its_own_hooks_only_while_it_watc
     assert not caught  # no global hook left: torch has nothing to warn about
 
 
-def test_the_fit_does_not_plan_on_activations_it_could_not_see():
-    def run(live_peak: bool):
+def test_what_compiled_graphs_save_is_measured_and_planned_on():
+    # Autograd runs the saved-tensor hooks for compiled graphs too: a compiled
+    # model saves what the eager one does (aot_eager keeps the same operators).
+    def run(compile_as: str | None):
+        torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
-        model.compile(backend="eager")
+        if compile_as == "in place":
+            model.compile(backend="aot_eager")
+        run_model = torch.compile(model, backend="aot_eager") if compile_as == "wrapper" else model
         opt = torch.optim.AdamW(model.parameters())
-        with profile(model, sample_interval=None, live_peak=live_peak) as prof:
+        with profile(run_model, sample_interval=None) as prof:
             for _ in range(2):
-                model(torch.randn(4, 8)).pow(2).mean().backward()
+                run_model(torch.randn(4, 8)).pow(2).mean().backward()
                 opt.step()
                 opt.zero_grad()
         return prof.report.models[0]
 
-    blind = run(live_peak=False)
-    assert all(s["activations_measured"] is False for s in blind.memory["steps"])
-    table = next(line for line in blind.render().splitlines() if line.startswith("activations"))
-    assert "n/a (compiled)" in table and " 0 B" not in table
-    assert blind.fit["available"] is False and "--live-peak" in blind.fit["reason"]
-    counted = run(live_peak=True)  # the live-tensor counter sees every tensor, compiled or not
-    assert counted.fit["available"] is True and counted.fit["bytes_per_sample"] > 0
+    eager = run(None)
+    for how in ("in place", "wrapper"):
+        compiled = run(how)
+        steps = compiled.memory["steps"]
+        assert [s["categories"]["activations"] for s in steps] == [s["categories"]["activations"] for s in eager.memory["steps"]]
+        assert steps[-1]["categories"]["activations"] == 4 * 8 * 4 + 4 * 64 * 4 + 4 * 4  # input, ReLU output, pow's input
+        assert compiled.fit["available"] is True and compiled.fit["bytes_per_sample"] > 0
+        assert "n/a" not in next(line for line in compiled.render().splitlines() if line.startswith("activations"))
+
+
+def test_a_transformer_compiled_whole_is_measured_in_total_and_blocks_compiled_per_block():
+    from autograd_walk import graph_saved_bytes
+
+    def run(compile_as: str | None):
+        torch.manual_seed(0)
+        model = tiny_gpt(dropout=0.0)
+        x, y = batch(4, 16)
+        _, loss = model(x, y)
+        truth = graph_saved_bytes(loss, model)
+        del loss
+        if compile_as == "blocks":
+            for block in model.transformer.h:
+                block.compile(backend="aot_eager")
+        run_model = torch.compile(model, backend="aot_eager") if compile_as == "whole" else model
+        opt = torch.optim.AdamW(model.parameters())
+        with profile(run_model, sample_interval=None) as prof:
+            for _ in range(2):
+                _, loss = run_model(x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        return truth, prof.report.models[0]
+
+    truth, eager = run(None)
+    _, whole = run("whole")
+    _, blocks = run("blocks")
+    last = {name: m.memory["steps"][-1] for name, m in (("eager", eager), ("whole", whole), ("blocks", blocks))}
+    assert {name: s["categories"]["activations"] for name, s in last.items()} == dict.fromkeys(last, truth)
+    assert last["blocks"]["activations_by_bucket"] == last["eager"]["activations_by_bucket"]
+    assert last["blocks"]["activations_inside_compiled"] == 0
+    # Compiled whole: no module hook runs inside, so no block is known for what it saved.
+    assert last["whole"]["activations_inside_compiled"] == truth
+    assert last["whole"]["activations_by_bucket"]["other"] == truth
+    flash = next(f for f in whole.estimates["formulas"] if f["name"] == "korthikanti-flash")
+    assert flash["measured"] is None and any("compiled whole" in m for m in flash["misses"])
+    assert next(f for f in blocks.estimates["formulas"] if f["name"] == "korthikanti-flash")["measured"] > 0
+
