@@ -212,6 +212,7 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
     try:
         with ModelWatcher(on_new_model=session.on_new_model, on_compiled_first_call_end=session.on_compiled_first_call_end) as watcher:
             session.request_stop = watcher.stop_script_at_next_call
+            session.hooks_host = watcher
             result = run_script(code, opts.script, opts.args)
     finally:
         session.close()

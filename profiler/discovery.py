@@ -66,6 +66,7 @@ class ModelWatcher:
         self._handles: list = []
         self._warning_filter: tuple | None = None
         self._raise_at_next_call: BaseException | None = None
+        self._listeners: list[tuple[Callable, Callable]] = []  # (pre, post) called at every module call: see listen()
 
     # Hooks ------------------------------------------------------------------
     def stop_script_at_next_call(self, exc: BaseException) -> None:
@@ -81,22 +82,29 @@ class ModelWatcher:
             raise exc
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
+        listeners = self._listeners  # as before this call: a tracker started by it began the call itself
         if depth == 0 and module not in self._seen:
-            if torch._C._current_graph_task_id() != -1:
-                return  # backward recomputing checkpointed blocks: not a model of its own
-            if module not in self._lazy_called and any(is_lazy(p) for p in module.parameters()):
-                # A lazy module gets its shapes in this first forward: found at its
-                # next call (with shapes, except in parts that did not run).
-                self._lazy_called.add(module)
-                return
-            self._seen.add(module)
-            if module in self._inside_models:
-                return  # a part of a model already found, called on its own
-            if any(True for _ in module.parameters()):
-                self._models.append(weakref.ref(module))
-                self._inside_models.update(module.modules())
-                if self._on_new_model is not None:
-                    self._on_new_model(module, args, running_call_kwargs(module) if kwargs is None else kwargs)
+            self._discover(module, args, kwargs)
+        for pre, _ in listeners:
+            pre(module, args)
+
+    def _discover(self, module: nn.Module, args: object, kwargs: dict | None) -> None:
+        """A root call of a module not seen before: a new model, if it owns parameters."""
+        if torch._C._current_graph_task_id() != -1:
+            return  # backward recomputing checkpointed blocks: not a model of its own
+        if module not in self._lazy_called and any(is_lazy(p) for p in module.parameters()):
+            # A lazy module gets its shapes in this first forward: found at its
+            # next call (with shapes, except in parts that did not run).
+            self._lazy_called.add(module)
+            return
+        self._seen.add(module)
+        if module in self._inside_models:
+            return  # a part of a model already found, called on its own
+        if any(True for _ in module.parameters()):
+            self._models.append(weakref.ref(module))
+            self._inside_models.update(module.modules())
+            if self._on_new_model is not None:
+                self._on_new_model(module, args, running_call_kwargs(module, skip=1) if kwargs is None else kwargs)
 
     def _post(self, module: nn.Module, args: object, output: object) -> None:
         if PROCESS.forks != self._forks or torch.compiler.is_compiling():
@@ -104,6 +112,23 @@ class ModelWatcher:
         local = self._local
         depth = getattr(local, "depth", 1)
         local.depth = depth - 1 if depth > 0 else 0
+        for _, post in self._listeners:
+            post(module, args, output)
+
+    def listen(self, pre: Callable[[nn.Module, tuple], None], post: Callable[[nn.Module, tuple, object], None]) -> "Listening":
+        """Have ``pre`` and ``post`` called at every module call, from this watcher's global hooks.
+
+        The runner's trackers observe through these rather than global hooks
+        of their own: dynamo guards compiled code on how many global hooks
+        exist, so adding and removing some as each model's steps are measured
+        would recompile every compiled model once more.
+        """
+        pair = (pre, post)
+        self._listeners = self._listeners + [pair]  # copied, never changed in place: _pre iterates a snapshot
+        return Listening(self, pair)
+
+    def _stop_listening(self, pair: tuple) -> None:
+        self._listeners = [p for p in self._listeners if p is not pair]
 
     # Models compiled in place ------------------------------------------------
     def _patch_compile(self) -> None:
@@ -180,6 +205,23 @@ class ModelWatcher:
     def models(self) -> list[nn.Module]:
         """Root models still alive, in order of first call, a submodule called on its own left out."""
         return outermost([m for ref in self._models if (m := ref()) is not None])
+
+
+class Listening:
+    """What ``ModelWatcher.listen`` returns: ``remove()`` ends it (like a hook's handle)."""
+
+    def __init__(self, watcher: ModelWatcher, pair: tuple) -> None:
+        self._watcher, self._pair = weakref.ref(watcher), pair
+
+    def remove(self) -> None:
+        watcher = self._watcher()
+        if watcher is not None:
+            watcher._stop_listening(self._pair)
+
+    @staticmethod
+    def hooks_dict_ref() -> None:
+        """No hook dict of torch's holds it (what the tracker asks of every handle)."""
+        return None
 
 
 def outermost(candidates: list[nn.Module]) -> list[nn.Module]:

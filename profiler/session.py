@@ -86,6 +86,9 @@ class ScriptSession:
         # optimizer.step(); the rest of that iteration, scheduler and logging
         # included, still runs.) Without it the stop is raised at once.
         self.request_stop: Callable[[BaseException], None] | None = None
+        # The runner's ModelWatcher: trackers observe module calls through its
+        # global hooks (see ModelWatcher.listen). Without one they add their own.
+        self.hooks_host = None
 
     @property
     def found_any(self) -> bool:
@@ -111,6 +114,7 @@ class ScriptSession:
                     on_finished=self._on_tracker_finished,
                     live_peak=self.live_peak,
                     hold_model=False,
+                    hooks_host=self.hooks_host,
                 )
                 tracker.start()
                 tracker.enter_current_forward(args, kwargs)

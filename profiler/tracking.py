@@ -139,6 +139,7 @@ class StepTracker:
         on_finished: Callable[["StepTracker"], None] | None = None,
         live_peak: bool = False,
         hold_model: bool = True,
+        hooks_host: Any = None,
     ) -> None:
         # The runner passes hold_model=False: a model the script drops (an
         # evaluation loop over checkpoints, folds shorter than --steps) must be
@@ -148,6 +149,7 @@ class StepTracker:
         self._model_ref: weakref.ref | None = None
         self._model_held: nn.Module | None = None
         self._hold_model = hold_model
+        self._hooks_host = hooks_host  # a ModelWatcher whose global hooks call ours (the runner), else None
         self.model = model
         self.live_peak = live_peak
         self._live_counter = None
@@ -314,9 +316,12 @@ class StepTracker:
         # would go with it into a deepcopy (an EMA copy), a pickle
         # (torch.save(model)) or torch.jit.script, and break them.
         self._hooked = {id(m) for m in hookable_modules(self.model)}
-        self._handles.append(module_hooks.register_module_forward_pre_hook(self._any_module_pre))
-        self._handles.append(module_hooks.register_module_forward_hook(self._any_module_post, always_call=True))
-        self._warning_filter = hide_global_hook_warning()
+        if self._hooks_host is not None:  # the runner's watcher: no global hook added or removed (see its listen())
+            self._handles.append(self._hooks_host.listen(self._any_module_pre, self._any_module_post))
+        else:
+            self._handles.append(module_hooks.register_module_forward_pre_hook(self._any_module_pre))
+            self._handles.append(module_hooks.register_module_forward_hook(self._any_module_post, always_call=True))
+            self._warning_filter = hide_global_hook_warning()
         self._hook_gradients()
         for register, hook, hooks in (
             (optimizer_hooks.register_optimizer_step_pre_hook, self._optimizer_pre, optimizer_hooks._global_optimizer_pre_hooks),
@@ -459,7 +464,7 @@ class StepTracker:
             self._pop_saved_hooks()
             post_hooks = optimizer_hooks._global_optimizer_post_hooks
             for h in self._handles:
-                if self._in_post_hooks and h.hooks_dict_ref() is post_hooks and h.id in post_hooks:
+                if self._in_post_hooks and h.hooks_dict_ref() is post_hooks and h.id in post_hooks:  # (a Listening: None)
                     post_hooks[h.id] = _retired_hook  # not `del`: torch is iterating this dict
                     _RETIRED_HOOKS.append(h)
                 else:

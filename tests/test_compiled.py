@@ -219,3 +219,36 @@ def test_a_transformer_compiled_whole_is_measured_in_total_and_blocks_compiled_p
     assert flash["measured"] is None and any("compiled whole" in m for m in flash["misses"])
     assert next(f for f in blocks.estimates["formulas"] if f["name"] == "korthikanti-flash")["measured"] > 0
 
+
+
+def test_the_runner_compiles_a_model_no_more_often_than_a_plain_run(tmp_path):
+    # Dynamo guards compiled code on the number of global module hooks: the
+    # trackers observe through the watcher's pair, so measuring a model and
+    # then letting it go adds or removes none.
+    import subprocess
+    import sys
+
+    script = tmp_path / "compiled_loop.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        from torch._dynamo.utils import counters
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+        compiled = torch.compile(model, backend="eager")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(6):
+            compiled(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        print("graphs", counters["stats"]["unique_graphs"], "breaks", sum(counters["graph_break"].values()))
+        """
+    ))
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == plain.stdout == "graphs 1 breaks 0\n"
+    (model,) = _report(out)["models"]
+    assert [s["categories"]["activations"] for s in model["memory"]["steps"]] == [4 * 8 * 4 + 4 * 32 * 4] * 2
