@@ -237,11 +237,11 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
     unfinished = session.unfinished()  # after report(): by the names the report gives them
     if opts.stop_after_steps and not isinstance(result.exception, StopAfterSteps) and unfinished:
         report.notes.append(
-            f"--stop-after-steps did not stop the script: {', '.join(unfinished)} trained fewer than "
+            f"--stop-after-steps did not stop the script: {', '.join(unfinished)} completed fewer than "
             f"{opts.steps} step(s) in this run"
         )
     elif unfinished and not result.failed:
-        report.notes.append(f"{', '.join(unfinished)} trained fewer than {opts.steps} step(s): the steps that ran are measured")
+        report.notes.append(f"{', '.join(unfinished)} completed fewer than {opts.steps} training step(s): what ran is measured")
     report.script = {"path": opts.script, "args": opts.args, "exit_code": result.exit_code}
     # Files first: a script that closed its stderr still gets them.
     written, failure = [], None

@@ -208,7 +208,8 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         notes.append("no training step was seen (no forward with gradients enabled)")
     elif not any(s.complete for s in tracker.steps):
         notes.append("no complete step (a forward and a backward that finished) was seen: did the script's forward or "
-                     "backward raise?" if any(s.forwards for s in tracker.steps) else
+                     "backward raise, or was its loss computed from other tensors than the model's output (a hook's "
+                     "features)?" if any(s.forwards for s in tracker.steps) else
                      "no complete step (a forward and a backward that finished) was seen")
     if any(s.checkpointing for s in tracker.steps):
         notes.append(

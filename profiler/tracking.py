@@ -938,7 +938,7 @@ class StepTracker:
         tensors = tensors_in(args) + tensors_in(dict(kwargs or {}))
         if tensors:
             ids = [t for t in tensors if not t.is_floating_point() and t.dim() >= 1]
-            step.input_shape = tuple((ids or tensors)[0].shape)
+            step.input_shape = tuple(int(d) for d in (ids or tensors)[0].shape)
             step.input_is_tokens = bool(ids)
 
     def enter_current_forward(self, args: Any = (), kwargs: Any = None) -> None:
@@ -979,8 +979,8 @@ class StepTracker:
         if self._step is None and self._running and self._enough_steps():
             self._done()  # the first forward after the last measured step, evaluation included
             return
-        if not torch.is_grad_enabled() or not self._running:
-            return  # evaluation forwards are not training steps
+        if not torch.is_grad_enabled() or not self._running or torch._C._get_tracing_state() is not None:
+            return  # evaluation forwards (and torch.jit.trace's) are not training steps
         if not any(p.requires_grad for p in self.model.parameters()):
             return  # a frozen model (a teacher) run with gradients on: nothing of it trains
         # A forward inside optimizer.step() is a closure (LBFGS re-evaluating

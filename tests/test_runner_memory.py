@@ -400,7 +400,7 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["folds alive: 0"] * 2  # as in a plain run
-    assert "Linear, Linear#2 trained fewer than 3 step(s)" in proc.stderr
+    assert "Linear, Linear#2 completed fewer than 3 training step(s)" in proc.stderr
     models = _report(out)["models"]
     assert [len(m["memory"]["steps"]) for m in models] == [2, 2]
     assert all(m["memory"]["steps"][-1]["categories"]["gradients"] == 36 for m in models)
@@ -584,3 +584,28 @@ def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path):
     # Linear input 8x16, ReLU output 8x8 (ReLU and Linear 2), and the loss's two 8x4 inputs.
     assert [s["categories"]["activations"] for s in steps] == [(8 * 16 + 8 * 8 + 2 * 8 * 4) * 4] * 2
     assert "held until the script ended" not in proc.stderr
+
+
+def test_a_model_traced_while_it_is_measured_leaves_the_report_whole(tmp_path):
+    # torch.jit.trace runs the model with gradients on: not a training step,
+    # and its symbolic sizes must not reach the JSON.
+    script = tmp_path / "trace.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(3, 4)
+        model(x).sum().backward()
+        opt.step()
+        traced = torch.jit.trace(model, x)
+        print("traced", type(traced).__name__)
+        """
+    ))
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "traced TopLevelTracedModule\n"
+    (model,) = _report(out)["models"]
+    assert [(s["forwards"], s["input_shape"]) for s in model["memory"]["steps"]] == [(1, [3, 4])]
