@@ -51,7 +51,7 @@ def overhead_table() -> str:
             shape = f"{model.get('preset')} ({model.get('batch')}x{model.get('seq')}, {model.get('amp')})"
             rows.append([
                 path.name, shape, s.get("torch_num_threads"), _machine(d), LABELS[mode],
-                f"{plain:.3f}", f"{d['medians'][mode]['per_step_s']:.3f}", f"{r['ratio_of_medians']:.3f}x",
+                f"{plain:.4g}", f"{d['medians'][mode]['per_step_s']:.4g}", f"{r['ratio_of_medians']:.3f}x",
             ])
     return tabulate(rows, headers=["file", "model", "threads", "machine", "tool", "plain s/step", "tool s/step", "ratio"], tablefmt="github")
 
