@@ -570,7 +570,6 @@ def test_a_model_gone_before_its_backward_still_has_its_gradients_counted():
 
 def test_a_backward_that_raised_leaves_its_step_incomplete():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
-    opt = torch.optim.AdamW(model.parameters())
 
     def fail(grad):
         raise RuntimeError("backward failed")
