@@ -584,4 +584,4 @@ def test_a_backward_that_raised_leaves_its_step_incomplete():
     mem = memory(prof)
     assert [s["complete"] for s in mem["steps"]] == [False]
     assert not any("by hand" in n for n in mem["notes"])
-    assert any("did the script's forward or backward raise?" in n for n in mem["notes"])
+    assert any("did the script's forward or backward raise" in n for n in mem["notes"])
