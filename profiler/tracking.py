@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
 from torch.optim import optimizer as optimizer_hooks
+from torch.utils import checkpoint as torch_checkpoint
 
 from .compiled import compiled_parts, hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
 from .device_clock import DeviceClock
@@ -62,6 +63,9 @@ from .step_record import PHASES, StepRecord
 __all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE", "drop_retired_hooks", "find_optimizer"]
 
 OUTSIDE = "(outside the model)"  # saved while no module of the model was running
+CTX_PATH = "(kept on a custom autograd.Function's ctx)"  # see StepTracker._count_function_ctx
+_FUNCTION_NODE = torch.autograd.function.BackwardCFunction
+_CHECKPOINT_FUNCTION = getattr(torch_checkpoint, "CheckpointFunction", None)
 # A GradScaler halves its scale at every skipped step: 16 skips take the default
 # initial scale of 2**16 down to 1, past which overflow is not the scale's doing.
 SKIPPED_STEPS_LIMIT = 16
@@ -174,7 +178,8 @@ class StepTracker:
         self._lazy_left = any(is_lazy(p) for p in model.parameters())
         self._grad_hooked: set[int] = set()
         self._forward_graph: list[weakref.ref] = []  # tokens of the last root forward's output nodes (_watch_backward)
-        self.forwards_without_backward = 0  # forwards left out of the steps: their graph was freed unused
+        self.forwards_without_backward = 0
+        self._seq_floor = -1  # the highest autograd node number among the running root forward's inputs  # forwards left out of the steps: their graph was freed unused
         self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed (see _install)
         self._warning_filter: tuple | None = None
         self._param_storages: set[int] = set()
@@ -821,8 +826,8 @@ class StepTracker:
         self._count_saved(step, t, *key)
         return key[0] if key[0] in self._live else None
 
-    def _count_saved(self, step: StepRecord, t: torch.Tensor, ptr: int, nbytes: int) -> None:
-        """Charge a saved storage, once, to the autocast copies or to the running module's activations."""
+    def _count_saved(self, step: StepRecord, t: torch.Tensor, ptr: int, nbytes: int, path: str | None = None) -> None:
+        """Charge a saved storage, once, to the autocast copies or to the running module's activations (or ``path``'s)."""
         f = step._current
         if ptr in self._param_storages or ptr in f.saved or ptr in f.copies:
             return
@@ -835,11 +840,14 @@ class StepTracker:
         f.saved[ptr] = nbytes
         step.events.append((now, "activations", nbytes))
         self._live[ptr] = ("activations", nbytes)
-        path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
-        if self._stack and self._stack[-1] in self._compiled_mixed:
+        if path is not None:
+            bucket = "other"  # (what a custom Function's ctx holds: which module made it is not seen)
+        elif self._stack and self._stack[-1] in self._compiled_mixed:
+            path = self._paths.get(self._stack[-1], OUTSIDE)
             bucket = "other"  # inside a model compiled whole: which block saved it is not seen
             f.inside_compiled += nbytes
         else:
+            path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
             bucket = self._bucket_of(path, self._trunk_state)
         f.by_module[path, bucket] = f.by_module.get((path, bucket), 0) + nbytes
         f.by_bucket[bucket] = f.by_bucket.get(bucket, 0) + nbytes
@@ -892,6 +900,8 @@ class StepTracker:
             return  # (dynamo tracing a model compiled after our hooks went on: no graph break from us)
         if module is self.model and not self._stack:
             self._root_forward_begin()
+            # Autograd nodes numbered above the inputs' were made by this forward (see _count_function_ctx).
+            self._seq_floor = max((t.grad_fn._sequence_nr() for t in tensors_in(args) if t.grad_fn is not None), default=-1)
         self._stack.append(id(module))
         if id(module) in self._block_modules:
             self._trunk_state = "in"
@@ -1039,6 +1049,34 @@ class StepTracker:
         self._step_state = "after_forward"
         fns = {id(t.grad_fn): t.grad_fn for t in tensors_in(output) if t.grad_fn is not None}
         self._forward_graph = [self._watch_backward(fn) for fn in fns.values()]
+        self._count_function_ctx(list(fns.values()))
+
+    @_guarded
+    def _count_function_ctx(self, roots: list) -> None:
+        """Tensors a custom ``autograd.Function`` keeps as attributes of its ``ctx``.
+
+        ``ctx.mask = mask`` holds a tensor for backward as ``save_for_backward``
+        does, but passes no saved-tensor hook. The nodes this forward made (the
+        graph from its outputs back to its inputs' nodes) are walked once, and
+        what a custom Function's ctx holds on the model's device is counted as
+        activations, charged to ``CTX_PATH``. Torch's own checkpoint Function
+        keeps only RNG states there, not activations.
+        """
+        step, floor = self._step, self._seq_floor
+        seen, stack = set(), list(roots)
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node._sequence_nr() <= floor:
+                continue  # made before this forward (the inputs' graph: another model's, say)
+            if isinstance(node, _FUNCTION_NODE) and getattr(node, "_forward_cls", None) is not _CHECKPOINT_FUNCTION:
+                for t in tensors_in(list(vars(node).values())):
+                    key = storage_key(t)
+                    if key is not None and t.device == self.device:
+                        self._count_saved(step, t, *key, path=CTX_PATH)
+            stack.extend(n for n, _ in node.next_functions)
 
     def _watch_backward(self, fn: torch.autograd.graph.Node) -> weakref.ref:
         """Begin the backward phase when backward reaches ``fn``; a weak reference that dies with ``fn``.

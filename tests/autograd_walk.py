@@ -8,6 +8,7 @@ profiler's saved-tensor hooks.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 # The dtypes autograd wraps a Python number in (c10's wrapped numbers).
@@ -42,6 +43,11 @@ def graph_saved(loss: torch.Tensor, model: nn.Module) -> tuple[int, int]:
                 except RuntimeError:
                     continue
                 values.extend(value if isinstance(value, (tuple, list)) else [value])
+        # (torch's reentrant checkpoint keeps only RNG states on its ctx, not activations)
+        custom = isinstance(fn, torch.autograd.function.BackwardCFunction)
+        if custom and getattr(fn, "_forward_cls", None) is not torch.utils.checkpoint.CheckpointFunction:
+            # A custom Function's ctx attributes (``ctx.mask = mask``) hold tensors for backward too.
+            values.extend(t for v in vars(fn).values() for t in (v if isinstance(v, (tuple, list)) else [v]))
         for v in values:
             if isinstance(v, torch.Tensor) and v.numel() > 0:
                 s = v.untyped_storage()

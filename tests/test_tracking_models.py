@@ -644,3 +644,47 @@ def test_random_stacks_one_step(spec):
     assert any(not torch.equal(before[id(p)], p.detach()) for p in trainable) or max(
         float(g.abs().max()) for g in grads.values()
     ) < 1e-6
+
+
+class _MaskedScale(torch.autograd.Function):
+    """Keeps its mask on ctx itself, as older custom ops do, and one tensor the usual way."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.mask = x > 0
+        ctx.save_for_backward(scale)
+        return x * ctx.mask * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * ctx.mask * scale, None
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 1)
+        self.scale = nn.Parameter(torch.ones(32), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc2(_MaskedScale.apply(self.fc1(x), self.scale))
+
+
+def test_tensors_a_custom_function_keeps_on_ctx_are_activations():
+    from autograd_walk import graph_saved_bytes
+    from profiler.tracking import CTX_PATH
+
+    model = _MaskedNet()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(8, 16)
+    truth = graph_saved_bytes(model(x).pow(2).mean(), model)
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    step = prof.report.models[0].memory["steps"][-1]
+    assert step["categories"]["activations"] == truth
+    rows = {r["path"]: r["bytes"] for r in prof.report.models[0].memory["activations_by_module"]}
+    assert rows[CTX_PATH] == 8 * 32  # the bool mask
