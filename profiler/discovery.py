@@ -104,7 +104,7 @@ class ModelWatcher:
             self._models.append(weakref.ref(module))
             self._inside_models.update(module.modules())
             if self._on_new_model is not None:
-                self._on_new_model(module, args, running_call_kwargs(module, skip=1) if kwargs is None else kwargs)
+                self._on_new_model(module, args, running_call_kwargs(module) if kwargs is None else kwargs)
 
     def _post(self, module: nn.Module, args: object, output: object) -> None:
         if PROCESS.forks != self._forks or torch.compiler.is_compiling():

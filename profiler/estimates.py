@@ -379,8 +379,6 @@ def fit_points(memory: dict[str, Any]) -> list[FitPoint]:
             required, source = step["peak_allocated"], "allocator peak"
         elif step.get("live_tensor_peak") is not None:
             required, source = step["live_tensor_peak"], "live-tensor peak (dispatch tracking, no allocator on CPU)"
-        elif step.get("activations_measured") is False:
-            continue  # a sum without the activations it could not see would plan on nothing per sample
         else:
             required, source = fixed + cat["activations"], "sum of measured categories (no allocator on CPU)"
         context = None
@@ -422,12 +420,7 @@ def plan_fit(
     points = own + list(extra_points or [])
     seqs = {p.seq for p in points}
     if not points:
-        if any(s.get("activations_measured") is False for s in memory.get("steps", [])):
-            reason = ("activations inside the torch.compile'd module were not measured, and the CPU has no allocator "
-                      "peak to plan from: run with --live-peak, or on a GPU")
-        else:
-            reason = "no complete step with a batch input was measured"
-        return {"available": False, "reason": reason, "cards": []}
+        return {"available": False, "reason": "no complete step with a batch input was measured", "cards": []}
     if len(seqs) > 1:
         # Different sequence lengths do not share one line: keep the most common.
         common = max(seqs, key=lambda s: sum(p.seq == s for p in points))

@@ -51,7 +51,7 @@ def _module_call_codes() -> frozenset:
 _MODULE_CALL_CODES = _module_call_codes()
 
 
-def running_call_kwargs(module: nn.Module, skip: int = 0) -> dict:
+def running_call_kwargs(module: nn.Module) -> dict:
     """The keyword arguments of ``module``'s call running now.
 
     A global forward pre-hook is given the positional ones only; a model called
@@ -59,7 +59,7 @@ def running_call_kwargs(module: nn.Module, skip: int = 0) -> dict:
     its batch in these. They are read from torch's frame that calls the hook
     (a few frames up: call this from the hook itself), once per root call.
     """
-    frame = sys._getframe(1 + skip)
+    frame = sys._getframe(1)
     for _ in range(8):
         if frame is None:
             break

@@ -28,7 +28,6 @@ when the block or the script ends; see ``drop_retired_hooks``.)
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import threading
 import time
@@ -46,7 +45,7 @@ from torch.utils import checkpoint as torch_checkpoint
 
 from .compiled import compiled_parts, hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
 from .device_clock import DeviceClock
-from .module_calls import hide_global_hook_warning, restore_warnings, running_call_kwargs
+from .module_calls import PROCESS, hide_global_hook_warning, restore_warnings, running_call_kwargs
 from .optimizers import find_optimizer, frame_identity, grad_scaler_alive, optimizer_step_on_stack, updates_any
 from .saved_tensors import (
     CHECKPOINT_HOLDER,
@@ -185,7 +184,7 @@ class StepTracker:
         self._param_storages: set[int] = set()
         self._handles: list[Any] = []
         self._stack: list[int] = []
-        self._pid = os.getpid()
+        self._forks = PROCESS.forks  # a forked child (a DataLoader worker) has more: the hooks do nothing there
         self._thread = threading.get_ident()
         self._step: StepRecord | None = None
         self._step_state = "idle"  # idle | forward | after_forward | backward | after_backward
@@ -207,21 +206,19 @@ class StepTracker:
         self._grad_scaler_alive: bool | None = None  # looked up once, at the first step without an optimizer step
         self._stop_requested = False  # an internal error inside an optimizer hook: stop at the next forward
         self._in_post_hooks = False  # torch is iterating its optimizer post-hooks (ours is running)
-        self._compiled_root: weakref.ref | None = None  # our wrapper around the model's compiled call
-        self._compiled_parts: list[tuple[weakref.ref, weakref.ref | None]] = []  # (part, our wrapper): see _wrap_compiled_parts
+        self._compiled_calls: list[tuple[weakref.ref, weakref.ref | None]] = []  # (module, our wrapper): see _wrap_compiled_calls
         self.finished = False
         self.sampler = None
         self.device = self._model_device()
         self._cuda = self.device.type == "cuda"
         self.device_clock = DeviceClock(self.device)
-        self._compiled = any(is_compiled(m) for m in model.modules())
         # Compiled modules whose inside spans buckets (a model compiled whole): what
         # they save is measured, but no module hook runs inside to say where.
         self._compiled_mixed = {
             id(m) for path, m in model.named_modules()
             if is_compiled(m) and self._bucket_of(path, "before") != self._bucket_of(path, "after")
         }
-        if self._compiled:
+        if any(is_compiled(m) for m in model.modules()):
             self.notes.append(
                 "torch.compile'd module: what its graphs save for backward is measured (autograd's saved-tensor hooks "
                 "run for compiled graphs), but no module hook runs inside it, so it is charged to the compiled "
@@ -314,8 +311,7 @@ class StepTracker:
         return self
 
     def _install(self) -> None:
-        self._wrap_compiled_root()
-        self._wrap_compiled_parts()
+        self._wrap_compiled_calls()
         self._param_storages = {k[0] for p in self._params() if (k := storage_key(p)) is not None}
         # Global hooks, filtered by module: hooks stored on the model's modules
         # would go with it into a deepcopy (an EMA copy), a pickle
@@ -348,54 +344,39 @@ class StepTracker:
             self.sampler = MemorySampler(device=self.device, interval=self.sample_interval, max_samples=20_000)
             self.sampler.start()
 
-    def _wrap_compiled_parts(self) -> None:
-        """Put parts compiled in place (``block.compile()``) on the module stack around their compiled call.
+    def _wrap_compiled_calls(self) -> None:
+        """Call our hooks around the compiled call of the model, or of its parts, compiled in place.
 
-        No hook runs inside them, but what they save is seen: charged to the
-        part, its bucket known (a compiled block is the block bucket).
+        A module compiled with ``.compile()`` goes straight to its compiled
+        ``_call_impl``, where module hooks would be traced by dynamo: ours are
+        called around it instead, in eager Python. For the model that is its
+        root hooks (steps and phases are seen); a part (``block.compile()``) is
+        put on the module stack, so what it saves is charged to it, its bucket
+        known (a compiled block is the block bucket). ``stop()`` puts the
+        compiled functions back.
         """
-        tracker = weakref.ref(self)
-        for part in compiled_parts(self.model):
-            if part is self.model:
-                continue
+        tracker, model = weakref.ref(self), self.model
+        modules = [model] if getattr(model, "_compiled_call_impl", None) is not None else []
+        for module in modules + compiled_parts(model):
 
-            def before(args: tuple, kwargs: dict, part: nn.Module = part) -> bool | None:
+            def before(args: tuple, kwargs: dict, module: nn.Module = module) -> bool | None:
                 me = tracker()
-                if me is None or me._step is None or me.model is None:
+                if me is None or me.model is None:
+                    return None
+                if module is me.model:
+                    me._root_pre(module, args, kwargs)
+                elif me._step is not None:
+                    me._module_pre(module, args)
+                else:
                     return None  # as for any part: only a step's calls matter
-                me._module_pre(part, args)
                 return True
 
-            def after(args: tuple, output: Any, token: Any, part: nn.Module = part) -> None:
+            def after(args: tuple, output: Any, token: Any, module: nn.Module = module) -> None:
                 me = tracker()
                 if me is not None:
-                    me._module_post(part, args, output)
+                    me._module_post(module, args, output)
 
-            self._compiled_parts.append((weakref.ref(part), wrap_compiled_call(part, before, after)))
-
-    def _wrap_compiled_root(self) -> None:
-        """Run the root hooks around a model compiled in place (``model.compile()``).
-
-        Its ``__call__`` goes straight to the compiled ``_call_impl``, where module
-        hooks would be traced by dynamo: the root's own hooks are called around
-        it instead, in eager Python, so steps and phases are seen. ``stop()``
-        puts the compiled function back.
-        """
-        model, tracker = self.model, weakref.ref(self)
-
-        def before(args: tuple, kwargs: dict) -> bool | None:
-            me = tracker()
-            if me is None:
-                return None
-            me._root_pre(model, args, kwargs)
-            return True
-
-        def after(args: tuple, output: Any, token: Any) -> None:
-            me = tracker()
-            if me is not None:
-                me._module_post(model, args, output)
-
-        self._compiled_root = wrap_compiled_call(model, before, after)
+            self._compiled_calls.append((weakref.ref(module), wrap_compiled_call(module, before, after)))
 
     def _hook_gradients(self) -> None:
         """A hook on each trainable parameter with a shape: the timeline's gradient growth."""
@@ -477,11 +458,9 @@ class StepTracker:
             self._handles = []
             restore_warnings(self._warning_filter)
             self._warning_filter = None
-            unwrap_compiled_call(self.model, self._compiled_root)
-            self._compiled_root = None
-            for part, wrapper in self._compiled_parts:
-                unwrap_compiled_call(part(), wrapper)
-            self._compiled_parts = []
+            for module, wrapper in self._compiled_calls:
+                unwrap_compiled_call(module(), wrapper)
+            self._compiled_calls = []
             self._leave_live_counter()
             self._stack = []
             self._optimizer_frame = None
@@ -896,7 +875,7 @@ class StepTracker:
 
     @_guarded
     def _module_pre(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling() or os.getpid() != self._pid or threading.get_ident() != self._thread:
+        if torch.compiler.is_compiling() or PROCESS.forks != self._forks or threading.get_ident() != self._thread:
             return  # (dynamo tracing a model compiled after our hooks went on: no graph break from us)
         if module is self.model and not self._stack:
             self._root_forward_begin()
@@ -917,7 +896,7 @@ class StepTracker:
 
     @_guarded
     def _module_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling() or os.getpid() != self._pid or threading.get_ident() != self._thread:
+        if torch.compiler.is_compiling() or PROCESS.forks != self._forks or threading.get_ident() != self._thread:
             return
         mid = id(module)
         if mid in self._stack:
@@ -1146,7 +1125,7 @@ class StepTracker:
 
     @_guarded
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if os.getpid() != self._pid or self.model is None or not updates_any(opt, self._param_ids):
+        if PROCESS.forks != self._forks or self.model is None or not updates_any(opt, self._param_ids):
             return  # (a dropped model's parameter ids may belong to new tensors now)
         step = self._step
         if self.optimizer is None:
@@ -1219,7 +1198,7 @@ class StepTracker:
 
     @_guarded
     def _after_optimizer_step(self, opt: torch.optim.Optimizer) -> None:
-        if os.getpid() != self._pid or opt is not self.optimizer or self.model is None:
+        if PROCESS.forks != self._forks or opt is not self.optimizer or self.model is None:
             return
         self._in_optimizer_step, self._optimizer_frame = False, None
         step = self._step
