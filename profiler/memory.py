@@ -72,6 +72,9 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "input_shape": list(step.input_shape) if step.input_shape is not None else None,
         "input_is_tokens": step.input_is_tokens,
         "forwards": step.forwards,
+        # Forwards whose output no backward of the step reached (a probe the script kept): not part of it.
+        "forwards_left_out": step.forwards_left_out,
+        "activations_left_out": step.activations_left_out,
         "backwards": step.backwards,
         "optimizer_steps": step.optimizer_steps,
         "optimizer_skipped": step.optimizer_skipped,
@@ -211,6 +214,15 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
                      "backward raise, or was its loss computed from other tensors than the model's output (a hook's "
                      "features)?" if any(s.forwards for s in tracker.steps) else
                      "no complete step (a forward and a backward that finished) was seen")
+    left_out = [s for s in tracker.steps if s.forwards_left_out]
+    if left_out:
+        notes.append(
+            f"{sum(s.forwards_left_out for s in left_out)} forward(s) with gradients on whose output no backward "
+            f"reached (step(s) {', '.join(str(s.index) for s in left_out)}: a probe such as `out = model(x)`, or a "
+            "metric, whose output the script kept) were left out of those steps: what they saved "
+            f"(up to {max(s.activations_left_out for s in left_out):,} bytes) stayed alive while the script held "
+            "their output, and is not in 'activations' (activations_left_out)"
+        )
     if any(s.checkpointing for s in tracker.steps):
         notes.append(
             "gradient checkpointing (of the trunk's blocks, or of the whole model): what is checkpointed keeps only "

@@ -12,16 +12,33 @@ PHASES = ("forward", "backward", "optimizer")
 
 @dataclass
 class ForwardSaves:
-    """What one forward (and the loss after it) saved for backward."""
+    """What one root forward (and the loss computed after it) saved for backward.
+
+    Saves are kept per forward, storage by storage, because which forwards of
+    a step were alive together is known only once its backward passes ran:
+    two views of a contrastive loss are alive at once (their sum), two
+    micro-batches one after the other (the larger), and a probe whose output
+    the script keeps but never backpropagates is no part of the step.
+    """
 
     saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
     copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
+    where: dict[int, tuple[str, str]] = field(default_factory=dict)  # storage ptr -> (module path, bucket)
+    compiled: set[int] = field(default_factory=set)  # ptrs saved inside a model compiled whole (no block known)
     # Bytes the script's pack hook moved off the device, summed per save: each
     # save is its own copy, and a freed device address is soon reused.
     offloaded: int = 0
-    inside_compiled: int = 0  # saved inside a model compiled whole: not attributed to a block
-    by_module: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, bucket) -> bytes
-    by_bucket: dict[str, int] = field(default_factory=dict)
+    events: list[tuple[float, str, int]] = field(default_factory=list)  # its saves and their releases
+    backwards_before: int = 0  # backward passes of the step begun before this forward began
+    reached_by: int | None = None  # the step's backward pass (1-based) that first reached its output
+    watched: bool = False  # its output had autograd nodes to watch (else reaching it cannot be seen)
+    input_shape: tuple[int, ...] | None = None  # of its batch input
+    input_is_tokens: bool = False
+
+    @property
+    def consumed_by(self) -> int:
+        """The backward pass that frees it: the one that reached it, or (not watched) the next one."""
+        return self.reached_by if self.reached_by is not None else self.backwards_before + 1
 
 
 @dataclass
@@ -69,7 +86,7 @@ class StepRecord:
     optimizer_failed: bool = False  # optimizer.step() raised (the script caught it and went on, or ended)
     activations_inside_compiled: int = 0  # of 'activations', saved inside a module compiled whole (no bucket known)
     activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
-    input_shape: tuple[int, ...] | None = None  # of the first forward's batch input
+    input_shape: tuple[int, ...] | None = None  # of the first forward's batch input (of those kept, see fold)
     input_is_tokens: bool = False
     checkpointing: bool = False  # checkpointed blocks or model: what they save is dropped and recomputed in backward
     saves_after_forward_unseen: bool = False  # the script's own saved-tensor hooks hid what the loss saved
@@ -77,27 +94,75 @@ class StepRecord:
     gradients_start: int = 0  # gradient bytes alive when the step began (zero_grad without set_to_none)
     events: list[tuple[float, str, int]] = field(default_factory=list)  # (perf_counter, category, +/- bytes)
     phase_spans: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # perf_counter spans
-    _current: "ForwardSaves" = field(default_factory=lambda: ForwardSaves())
+    # Forwards whose output no backward of the step reached while another's was (see fold).
+    forwards_left_out: int = 0
+    activations_left_out: int = 0  # what they saved (alive while the script holds their output)
+    _current: ForwardSaves = field(default_factory=ForwardSaves)  # the forward running or just run
+    _forwards: list[ForwardSaves] = field(default_factory=list)  # forwards not yet folded
 
-    def close_forward(self) -> None:
-        """Fold the forward just measured into the step's figures, keeping the largest.
+    def begin_forward(self) -> ForwardSaves:
+        """A root forward of this step begins: its saves are kept apart until ``fold``."""
+        self.forwards += 1
+        self._current = ForwardSaves(backwards_before=self.backwards)
+        self._forwards.append(self._current)
+        return self._current
 
-        With gradient accumulation each micro-batch's saved tensors are freed by
-        its own backward before the next forward, so the step holds the largest
-        forward's activations at once, not their sum. (Counting per forward also
-        keeps a storage address that the allocator reuses in the next
-        micro-batch from being mistaken for one already counted.)
+    def fold(self) -> None:
+        """Fold the forwards measured since the last fold into the step's figures.
+
+        Activations are what was alive at once: for each backward pass, the
+        forwards begun before it and not freed by an earlier one (two views of
+        a contrastive loss: both; micro-batches of gradient accumulation: one
+        at a time), storages shared between them counted once; the step holds
+        the largest such set. A forward whose output no backward of the step
+        reached, while another's was, is left out: a probe (``out = model(x)``)
+        or a metric computed with gradients on, whose graph the script keeps.
+        When no backward reached any forward's output (a loss on a hook's
+        features), each forward counts on its own, as micro-batches would.
+        (Counting per forward also keeps a storage address that the allocator
+        reuses in the next micro-batch from being mistaken for one already
+        counted.)
         """
-        f = self._current
-        total = sum(f.saved.values())
-        if total >= self.activations:
-            self.activations = total
-            self.activations_by_module = f.by_module
-            self.activations_by_bucket = f.by_bucket
-            self.activations_inside_compiled = f.inside_compiled
-        self.autocast_copies = max(self.autocast_copies, sum(f.copies.values()))
-        self.activations_offloaded = max(self.activations_offloaded, f.offloaded)
+        forwards, self._forwards = self._forwards, []
         self._current = ForwardSaves()
+        if not forwards:
+            return
+        if any(f.reached_by is not None for f in forwards):
+            left_out = [f for f in forwards if f.watched and f.reached_by is None]
+            kept = [f for f in forwards if not (f.watched and f.reached_by is None)]
+            passes = range(1, max(f.consumed_by for f in kept) + 1)
+            groups = [[f for f in kept if f.backwards_before < k <= f.consumed_by] for k in passes]
+        else:
+            left_out, kept = [], forwards
+            groups = [[f] for f in forwards]
+        for group in groups:
+            saved: dict[int, ForwardSaves] = {}
+            copies: dict[int, int] = {}
+            for f in group:
+                for ptr in f.saved:
+                    saved.setdefault(ptr, f)
+                copies.update(f.copies)
+            total = sum(f.saved[ptr] for ptr, f in saved.items())
+            if total >= self.activations:
+                by_module: dict[tuple[str, str], int] = {}
+                by_bucket: dict[str, int] = {}
+                for ptr, f in saved.items():
+                    nbytes, (path, bucket) = f.saved[ptr], f.where[ptr]
+                    by_module[path, bucket] = by_module.get((path, bucket), 0) + nbytes
+                    by_bucket[bucket] = by_bucket.get(bucket, 0) + nbytes
+                self.activations = total
+                self.activations_by_module, self.activations_by_bucket = by_module, by_bucket
+                self.activations_inside_compiled = sum(f.saved[ptr] for ptr, f in saved.items() if ptr in f.compiled)
+            self.autocast_copies = max(self.autocast_copies, sum(copies.values()))
+            self.activations_offloaded = max(self.activations_offloaded, sum(f.offloaded for f in group))
+        for f in kept:
+            self.events.extend(f.events)
+            if self.input_shape is None and f.input_shape is not None:
+                self.input_shape, self.input_is_tokens = f.input_shape, f.input_is_tokens
+        if left_out:
+            self.forwards -= len(left_out)
+            self.forwards_left_out += len(left_out)
+            self.activations_left_out += sum({ptr: n for f in left_out for ptr, n in f.saved.items()}.values())
 
     @property
     def first(self) -> bool:

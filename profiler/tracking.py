@@ -57,7 +57,7 @@ from .saved_tensors import (
     tensors_in,
     weight_copy_source,
 )
-from .step_record import PHASES, StepRecord
+from .step_record import PHASES, ForwardSaves, StepRecord
 
 __all__ = ["StepRecord", "StepTracker", "StopAfterSteps", "OUTSIDE", "drop_retired_hooks", "find_optimizer"]
 
@@ -194,7 +194,7 @@ class StepTracker:
         self._pushed_in_backward = False  # our pair was pushed while backward ran (see _push_saved_hooks)
         self._outer_hooks: tuple[Callable, Callable] | None = None  # the script's pair below ours
         self._peers: list[StepTracker] = []  # trackers of this model whose pair is below ours
-        self._live: dict[int, tuple[str, int]] = {}  # saved storages not yet used by backward
+        self._live: dict[int, tuple[str, int, ForwardSaves]] = {}  # saved storages not yet freed by backward: (category, bytes, forward)
         self._grads_seen: dict[int, int] = {}  # gradient storages on the step's timeline -> bytes
         self._trunk_state = "before"  # where execution is relative to the trunk: before/in/after
         self._running = False
@@ -646,7 +646,7 @@ class StepTracker:
         step.seconds = time.perf_counter() - step._t0
         # A backward that began and never ended raised: that step is not complete.
         step.complete = step.forwards > 0 and step.backwards > 0 and self._step_state != "backward"
-        step.close_forward()
+        step.fold()
         if self.optimizer is not None and not step.optimizer_steps:
             total, by_name, by_group = self._count_optimizer_state(self.optimizer)
             step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = total, by_name, by_group
@@ -810,33 +810,38 @@ class StepTracker:
         f = step._current
         if ptr in self._param_storages or ptr in f.saved or ptr in f.copies:
             return
+        # A storage an earlier forward of this step saved and backward has not
+        # freed (the same batch through the model twice) is alive once: its
+        # timeline event is that forward's.
+        alive = ptr in self._live
         now = time.perf_counter()
         if weight_copy_source(t):
             f.copies[ptr] = nbytes
-            step.events.append((now, "autocast_copies", nbytes))
-            self._live[ptr] = ("autocast_copies", nbytes)
+            if not alive:
+                f.events.append((now, "autocast_copies", nbytes))
+                self._live[ptr] = ("autocast_copies", nbytes, f)
             return
         f.saved[ptr] = nbytes
-        step.events.append((now, "activations", nbytes))
-        self._live[ptr] = ("activations", nbytes)
+        if not alive:
+            f.events.append((now, "activations", nbytes))
+            self._live[ptr] = ("activations", nbytes, f)
         if path is not None:
             bucket = "other"  # (what a custom Function's ctx holds: which module made it is not seen)
         elif self._stack and self._stack[-1] in self._compiled_mixed:
             path = self._paths.get(self._stack[-1], OUTSIDE)
             bucket = "other"  # inside a model compiled whole: which block saved it is not seen
-            f.inside_compiled += nbytes
+            f.compiled.add(ptr)
         else:
             path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
             bucket = self._bucket_of(path, self._trunk_state)
-        f.by_module[path, bucket] = f.by_module.get((path, bucket), 0) + nbytes
-        f.by_bucket[bucket] = f.by_bucket.get(bucket, 0) + nbytes
+        f.where[ptr] = (path, bucket)
 
     @_guarded
     def _observe_unpacked(self, ptr: int) -> None:
         step = self._step
         if step is not None and ptr in self._live:
-            category, nbytes = self._live.pop(ptr)
-            step.events.append((time.perf_counter(), category, -nbytes))
+            category, nbytes, forward = self._live.pop(ptr)
+            forward.events.append((time.perf_counter(), category, -nbytes))
 
     @_guarded
     def _grad_ready(self, param: torch.Tensor) -> None:
@@ -862,7 +867,7 @@ class StepTracker:
         if module is self.model:
             self._module_pre(module, args)
             step = self._step
-            if step is not None and step.input_shape is None:  # batch and sequence sizes, once a step
+            if step is not None and step._current.input_shape is None:  # batch and sequence sizes, once a forward
                 self._note_root_inputs(module, args)
         elif self._step is not None and self.model is not None:  # (ids of a dropped model's modules are reused)
             self._module_pre(module, args)
@@ -920,15 +925,15 @@ class StepTracker:
         self._note_inputs(args, running_call_kwargs(module))
 
     def _note_inputs(self, args: Any, kwargs: Any) -> None:
-        """Remember the batch input's shape: token ids if there are any, else the first tensor."""
+        """Remember the forward's batch input shape: token ids if there are any, else the first tensor."""
         step = self._step
-        if step is None or step.input_shape is not None:
+        if step is None or step._current.input_shape is not None:
             return
         tensors = tensors_in(args) + tensors_in(dict(kwargs or {}))
         if tensors:
             ids = [t for t in tensors if not t.is_floating_point() and t.dim() >= 1]
-            step.input_shape = tuple(int(d) for d in (ids or tensors)[0].shape)
-            step.input_is_tokens = bool(ids)
+            step._current.input_shape = tuple(int(d) for d in (ids or tensors)[0].shape)
+            step._current.input_is_tokens = bool(ids)
 
     def enter_current_forward(self, args: Any = (), kwargs: Any = None) -> None:
         """Start measuring a root forward that is already running.
@@ -1007,9 +1012,8 @@ class StepTracker:
         if torch._C._current_graph_task_id() != -1:
             step.checkpointing = True  # a forward run by backward: a reentrant checkpoint's recomputation
         if step.forwards:
-            step.close_forward()  # gradient accumulation: the next micro-batch begins
-            self._release_cleared_gradients()
-        step.forwards += 1
+            self._release_cleared_gradients()  # (gradient accumulation: the next micro-batch begins)
+        step.begin_forward()
         self._step_state = "forward"
         self._phase_begin("forward")
         self._push_saved_hooks()
@@ -1027,7 +1031,9 @@ class StepTracker:
                 step.saves_after_forward_unseen = True
         self._step_state = "after_forward"
         fns = {id(t.grad_fn): t.grad_fn for t in tensors_in(output) if t.grad_fn is not None}
-        self._forward_graph = [self._watch_backward(fn) for fn in fns.values()]
+        forward = step._current
+        forward.watched = bool(fns)
+        self._forward_graph = [self._watch_backward(fn, forward) for fn in fns.values()]
         self._count_function_ctx(list(fns.values()))
 
     @_guarded
@@ -1057,8 +1063,8 @@ class StepTracker:
                         self._count_saved(step, t, *key, path=CTX_PATH)
             stack.extend(n for n, _ in node.next_functions)
 
-    def _watch_backward(self, fn: torch.autograd.graph.Node) -> weakref.ref:
-        """Begin the backward phase when backward reaches ``fn``; a weak reference that dies with ``fn``.
+    def _watch_backward(self, fn: torch.autograd.graph.Node, forward: ForwardSaves) -> weakref.ref:
+        """Tell ``_output_reached`` when backward reaches ``fn``, an output of ``forward``; a weak reference that dies with ``fn``.
 
         Autograd nodes take no weak references: the token kept by the hook
         closure on ``fn`` is what tells that the graph was freed.
@@ -1071,17 +1077,32 @@ class StepTracker:
                 return
             fired.append(True)
             handle.remove()
-            self._backward_begin()
+            self._output_reached(forward)
 
         handle = fn.register_prehook(prehook)
         self._handles.append(handle)
         return weakref.ref(token)
 
     @_guarded
+    def _output_reached(self, forward: ForwardSaves) -> None:
+        """Backward reached one of ``forward``'s outputs: a backward pass begins, or it is one more it goes through.
+
+        Each forward of a step is watched (``_watch_backward``) because which
+        ones a backward goes through tells what was alive at once and what is
+        no part of the step at all (see ``StepRecord.fold``). A backward that
+        reaches a forward that an earlier backward of the step did not (one
+        loss backpropagated per view) is a backward pass of its own.
+        """
+        step = self._step
+        if step is None or forward.reached_by is not None or not any(f is forward for f in step._forwards):
+            return
+        if self._step_state in ("after_forward", "forward", "after_backward"):
+            self._backward_begin()
+        if self._step_state == "backward":
+            forward.reached_by = step.backwards
+
     def _backward_begin(self) -> None:
         step = self._step
-        if step is None or self._step_state not in ("after_forward", "forward"):
-            return
         self._step_state = "backward"
         step.backwards += 1
         self._release_cleared_gradients()
@@ -1095,10 +1116,15 @@ class StepTracker:
             return
         self._count_gradients()
         # Saved tensors backward never used (a branch that needed no gradient)
-        # are freed with the graph now; the timeline releases them here.
-        now = time.perf_counter()
-        step.events.extend((now, category, -nbytes) for category, nbytes in self._live.values())
-        self._live = {}
+        # are freed with the graph now; the timeline releases them here. A
+        # forward whose output this backward did not reach keeps its own.
+        now, alive = time.perf_counter(), {}
+        for ptr, (category, nbytes, forward) in self._live.items():
+            if forward.watched and forward.reached_by is None:
+                alive[ptr] = (category, nbytes, forward)
+            else:
+                forward.events.append((now, category, -nbytes))
+        self._live = alive
         self._step_state = "after_backward"
 
     # ------------------------------------------------------- optimizer hooks
@@ -1157,7 +1183,7 @@ class StepTracker:
         for name in PHASES:  # the last backward is still open: close it on this step, then merge
             if step.phases[name]._start is not None:
                 self._phase_end(name)
-        step.close_forward()
+        step.fold()
         merged = earlier[0]
         for s in earlier[1:] + [step]:
             merged.forwards += s.forwards

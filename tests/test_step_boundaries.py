@@ -547,6 +547,96 @@ def test_two_forwards_into_one_loss_stay_one_step():
     assert not any("no backward" in n for n in mem["notes"])
 
 
+def _views_step(model, opt, first, second, *, one_loss=True):
+    """One contrastive-style step: two forwards alive at once; the independent count of what their graphs saved."""
+    a, b = model(first), model(second)
+    if one_loss:
+        loss = (a - b).pow(2).mean()
+        truth = graph_saved_bytes(loss, model)
+        loss.backward()
+    else:  # one loss per view, backpropagated one after the other
+        la, lb = a.pow(2).mean(), b.pow(2).mean()
+        truth = graph_saved_bytes(la + lb, model)  # (an addition saves no tensor)
+        la.backward()
+        lb.backward()
+    opt.step()
+    opt.zero_grad()
+    return truth
+
+
+def test_two_views_alive_at_once_are_both_counted():
+    # Contrastive, siamese and DPO-style steps hold both forwards' saved tensors
+    # until backward: the step's activations are their sum, not the larger one.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.AdamW(model.parameters())
+    x1, x2 = torch.randn(16, 32), torch.randn(16, 32)
+    with profile(model, sample_interval=None) as prof:
+        truths = [_views_step(model, opt, x1, x2) for _ in range(2)]
+    with profile(model, sample_interval=None) as single:
+        loss = model(x1).pow(2).mean()
+        one = graph_saved_bytes(loss, model)
+        loss.backward()
+        opt.step()
+    steps = memory(prof)["steps"]
+    assert [s["categories"]["activations"] for s in steps] == truths
+    assert truths[0] > 1.5 * one == 1.5 * memory(single)["steps"][0]["categories"]["activations"]
+    assert sum(r["bytes"] for r in memory(prof)["activations_by_module"]) == truths[-1]
+    assert max(categories_live_peak(s) for s in prof.tracker.steps) >= steps[0]["baseline"]["parameters"] + truths[0]
+
+
+def test_the_same_batch_twice_counts_its_storage_once():
+    # R-Drop: one batch through the model twice (two dropout masks); the input
+    # each first layer saves is one storage, alive once.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 32)
+    with profile(model, sample_interval=None) as prof:
+        truth = _views_step(model, opt, x, x)
+    assert memory(prof)["steps"][0]["categories"]["activations"] == truth
+
+
+def test_one_loss_per_view_backpropagated_in_turn_holds_both_until_the_first_backward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        truths = [_views_step(model, opt, torch.randn(16, 32), torch.randn(16, 32), one_loss=False) for _ in range(2)]
+    steps = memory(prof)["steps"]
+    assert [(s["forwards"], s["backwards"], s["optimizer_steps"]) for s in steps] == [(2, 2, 1)] * 2
+    assert [s["categories"]["activations"] for s in steps] == truths
+    assert all(len(s["phase_spans"]["backward"]) == 2 for s in steps)
+
+
+def test_a_probe_whose_output_is_kept_is_no_part_of_the_step():
+    # out = model(x[:2]); print(out.shape) with gradients on: its graph lives
+    # on in `out`, but no backward reaches it. It was merged into step 1, whose
+    # batch then read 2, and the fit found 0 bytes per sample.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    with profile(model, sample_interval=None) as prof:
+        out = model(x[:2])
+        truths = []
+        for _ in range(2):
+            loss = nn.functional.cross_entropy(model(x), y)
+            truths.append(graph_saved_bytes(loss, model))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert out.grad_fn is not None  # (kept to the end)
+    entry = prof.report.models[0]
+    steps = entry.memory["steps"]
+    assert [(s["forwards"], s["forwards_left_out"], s["input_shape"]) for s in steps] == [(1, 1, [16, 32]), (1, 0, [16, 32])]
+    assert [s["categories"]["activations"] for s in steps] == truths
+    assert steps[0]["activations_left_out"] > 0
+    assert steps[0]["categories_live_peak"] == categories_live_peak(prof.tracker.steps[0])
+    assert any("1 forward(s) with gradients on whose output no backward reached (step(s) 1" in n for n in entry.memory["notes"])
+    assert entry.fit["bytes_per_sample"] > 0
+
+
 def test_a_model_gone_before_its_backward_still_has_its_gradients_counted():
     # loss = Net()(x).sum(); loss.backward(): the module object is freed at once,
     # its parameters live on in the graph and get gradients.
