@@ -66,20 +66,37 @@ class ModelWatcher:
         self._handles: list = []
         self._warning_filter: tuple | None = None
         self._raise_at_next_call: BaseException | None = None
+        self._stop_when: Callable[[], bool | None] | None = None  # asked at each call: see stop_script_at_next_call
         self._listeners: list[tuple[Callable, Callable]] = []  # (pre, post) called at every module call: see listen()
 
     # Hooks ------------------------------------------------------------------
-    def stop_script_at_next_call(self, exc: BaseException) -> None:
-        """Raise ``exc`` from the next module call (the runner's --stop-after-steps)."""
+    def stop_script_at_next_call(self, exc: BaseException, when: Callable[[], bool | None] | None = None) -> None:
+        """Raise ``exc`` from the next module call (the runner's --stop-after-steps).
+
+        With ``when``, from the first module call at which ``when()`` is True;
+        None calls the stop off. (A model whose forward ran but whose backward
+        has not yet may still turn out to train: the other model of a GAN.)
+        """
         self._raise_at_next_call = exc
+        self._stop_when = when
+
+    def _stop_now(self) -> bool:
+        """Whether the stop asked for is raised from this call (see ``stop_script_at_next_call``)."""
+        when = self._stop_when
+        decided = True if when is None else when()
+        if decided is None:
+            self._raise_at_next_call, self._stop_when = None, None
+        return bool(decided)
 
     def _pre(self, module: nn.Module, args: object, kwargs: dict | None = None) -> None:
         # Called at every module call of the script: the common path is kept to a few lookups.
         if PROCESS.forks != self._forks or torch.compiler.is_compiling():
             return
         if self._raise_at_next_call is not None:
-            exc, self._raise_at_next_call = self._raise_at_next_call, None
-            raise exc
+            exc = self._raise_at_next_call
+            if self._stop_now():
+                self._raise_at_next_call, self._stop_when = None, None
+                raise exc
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
         listeners = self._listeners  # as before this call: a tracker started by it began the call itself

@@ -208,7 +208,12 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
     if not tracker.sample_interval:
         notes.append("no sampler thread (--no-sampler, or sample_interval=None): host RSS and NVML were not sampled, so their peaks are null")
     if not tracker.steps:
-        notes.append("no training step was seen (no forward with gradients enabled)")
+        if tracker.forwards_without_backward:
+            notes.append("no training step was seen (no backward went through any of its forwards)")
+        elif (params := tracker._params()) and not any(p.requires_grad for p in params):
+            notes.append("no training step was seen (every parameter is frozen: requires_grad is False)")
+        else:
+            notes.append("no training step was seen (no forward with gradients enabled)")
     elif not any(s.complete for s in tracker.steps):
         notes.append("no complete step (a forward and a backward that finished) was seen: did the script's forward or "
                      "backward raise, or was its loss computed from other tensors than the model's output (a hook's "

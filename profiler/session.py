@@ -158,11 +158,25 @@ class ScriptSession:
         # A model that has not trained (a teacher run under no_grad, an EMA copy)
         # never finishes its steps and must not keep the script running. A
         # tracker that stopped on an error of ours never asks for the stop.
-        pending = [f.tracker for f in self._found if f.tracker is not None and not f.tracker.finished and f.tracker.started_measuring]
-        if self.stop_after_steps and not pending and tracker.measured_all_steps:
-            if self.request_stop is None:
-                raise StopAfterSteps()
-            self.request_stop(StopAfterSteps())
+        if not (self.stop_after_steps and tracker.measured_all_steps):
+            return
+        running = [f.tracker for f in self._found if f.tracker is not None and not f.tracker.finished]
+        if any(t.trained for t in running):
+            return  # the last of them to finish asks
+        if self.request_stop is None:
+            raise StopAfterSteps()
+        # A model whose forward ran with gradients on but no backward yet: the
+        # other model of a GAN (its backward comes later in this iteration), or
+        # an EMA copy evaluated with gradients on (never). The stop waits until
+        # each shows which: a backward through it, or a graph freed unused.
+        undecided = [t for t in running if t.started_measuring]
+
+        def decide() -> bool | None:
+            if any(t.trained and not t.finished for t in undecided):
+                return None  # it trains: it asks for the stop when its steps are done
+            return all(t.finished or t.never_trained for t in undecided)
+
+        self.request_stop(StopAfterSteps(), decide if undecided else None)
 
     def _let_go_of_dropped_models(self) -> None:
         """Stop the trackers of models the script dropped before their steps were all measured.

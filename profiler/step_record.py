@@ -32,8 +32,14 @@ class ForwardSaves:
     backwards_before: int = 0  # backward passes of the step begun before this forward began
     reached_by: int | None = None  # the step's backward pass (1-based) that first reached its output
     watched: bool = False  # its output had autograd nodes to watch (else reaching it cannot be seen)
+    graph: list[Any] = field(default_factory=list)  # weak references that die with its output's nodes
     input_shape: tuple[int, ...] | None = None  # of its batch input
     input_is_tokens: bool = False
+
+    @property
+    def graph_freed(self) -> bool:
+        """Its output's graph is gone unused: nothing can backpropagate through it any more."""
+        return self.watched and self.reached_by is None and all(r() is None for r in self.graph)
 
     @property
     def consumed_by(self) -> int:

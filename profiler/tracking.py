@@ -110,6 +110,13 @@ def _guarded(method: Callable) -> Callable:
     return wrapper
 
 
+COMPILED_NOTE = (
+    "torch.compile'd module: what its graphs save for backward is measured (autograd's saved-tensor hooks "
+    "run for compiled graphs), but no module hook runs inside it, so it is charged to the compiled "
+    "module itself (autocast's weight copies made inside it are counted as activations)"
+)
+
+
 class _GraphToken:
     """Kept alive by a hook on an autograd node, so a weak reference to it dies with the node."""
 
@@ -176,13 +183,15 @@ class StepTracker:
         self._param_refs = [weakref.ref(p) for p in {id(p): p for p in model.parameters()}.values()]
         self._lazy_left = any(is_lazy(p) for p in model.parameters())
         self._grad_hooked: set[int] = set()
-        self._forward_graph: list[weakref.ref] = []  # tokens of the last root forward's output nodes (_watch_backward)
-        self.forwards_without_backward = 0
-        self._seq_floor = -1  # the highest autograd node number among the running root forward's inputs  # forwards left out of the steps: their graph was freed unused
+        self._backward_task = -1  # autograd's id of the backward call running the step's backward pass
+        self.forwards_without_backward = 0  # forwards left out of the steps: no backward went through them
+        self._seq_floor = -1  # the highest autograd node number among the running root forward's inputs
         self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed (see _install)
         self._warning_filter: tuple | None = None
         self._param_storages: set[int] = set()
         self._handles: list[Any] = []
+        self._node_hooks: list[tuple[weakref.ref, Any]] = []  # (token, handle) of our prehooks on output nodes
+        self._node_hooks_pruned = 0  # how many were left after the last pruning
         self._stack: list[int] = []
         self._forks = PROCESS.forks  # a forked child (a DataLoader worker) has more: the hooks do nothing there
         self._thread = threading.get_ident()
@@ -219,11 +228,7 @@ class StepTracker:
             if is_compiled(m) and self._bucket_of(path, "before") != self._bucket_of(path, "after")
         }
         if any(is_compiled(m) for m in model.modules()):
-            self.notes.append(
-                "torch.compile'd module: what its graphs save for backward is measured (autograd's saved-tensor hooks "
-                "run for compiled graphs), but no module hook runs inside it, so it is charged to the compiled "
-                "module itself (autocast's weight copies made inside it are counted as activations)"
-            )
+            self.notes.append(COMPILED_NOTE)
         if optimizer is not None and not updates_any(optimizer, self._param_ids):
             self.notes.append(
                 f"the optimizer given ({type(optimizer).__name__}) updates none of this model's parameters: "
@@ -416,9 +421,27 @@ class StepTracker:
         return self._enough_steps()
 
     @property
+    def trained(self) -> bool:
+        """A backward through the model's output, or its optimizer's step, was seen in a measured step."""
+        steps = self.steps + ([self._step] if self._step is not None else [])
+        return any(s.backwards or s.optimizer_steps for s in steps)
+
+    @property
+    def never_trained(self) -> bool:
+        """No backward went through it, and a forward's graph was freed unused: a model only run, not trained."""
+        if self.trained:
+            return False
+        step = self._step
+        return step is None or any(f.graph_freed for f in step._forwards)
+
+    @property
     def started_measuring(self) -> bool:
-        """A training step of this model was seen (it is measuring or has measured)."""
-        return bool(self.steps) or self._step is not None
+        """A training step of this model was seen (it is measuring or has measured).
+
+        Forwards whose graph was freed with no backward (a model only evaluated
+        with gradients on, a teacher whose output is detached) are no training.
+        """
+        return bool(self.steps) or (self._step is not None and not self._open_step_unused())
 
     def _fail(self, where: str, exc: Exception) -> None:
         """Our own error inside a hook: note it and stop measuring, leaving training alone."""
@@ -439,10 +462,17 @@ class StepTracker:
         if not self._running:
             return
         self._running = False
+        step = self._step
+        if self._open_step_unused() or (
+            # Several forwards and never a backward: a model evaluated with
+            # gradients on, a graph the script keeps (its last loss) alive.
+            step is not None and step.forwards > 1 and self._step_state == "after_forward" and not self.trained
+        ):
+            self._drop_unused_step()  # (a check after the last step, say: print(model(x).mean().item()))
         if self.forwards_without_backward:
             self.notes.append(
                 f"{self.forwards_without_backward} forward(s) with gradients on but no backward (a shape check, a "
-                "summary, a loss only printed) were left out of the steps: their graph was freed unused"
+                "summary, a loss only printed, a model evaluated with gradients on) were left out of the steps"
             )
         try:
             self._finish_step()
@@ -456,6 +486,9 @@ class StepTracker:
                 else:
                     h.remove()
             self._handles = []
+            for _, h in self._node_hooks:  # (on graphs still alive: a probe's output the script kept)
+                h.remove()
+            self._node_hooks = []
             restore_warnings(self._warning_filter)
             self._warning_filter = None
             for module, wrapper in self._compiled_calls:
@@ -690,7 +723,10 @@ class StepTracker:
         for other in peers:  # and the other way: once our pair is popped, theirs sees the loss
             if self not in other._peers:
                 other._peers.append(self)
-        self._saved_hooks_balanced = top is not None
+        # Only the script's own pair pops the top of the stack when its `with`
+        # ends; another model's tracker pops its pair only when it is on top,
+        # so above one of those ours stays for the loss (it is this model's).
+        self._saved_hooks_balanced = outer is not None
         pack, unpack = self._hook_pair()
         torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
         self._saved_hooks_pushed = True
@@ -724,6 +760,14 @@ class StepTracker:
         if top is not None and top[0] is self._pair[0]:
             torch._C._autograd._pop_saved_tensors_default_hooks()
             self._saved_hooks_pushed = False
+            # A pair of another model's tracker under ours that stopped meanwhile
+            # (it could not pop it from beneath ours) goes with ours.
+            while (top := torch._C._autograd._top_saved_tensors_default_hooks(False)) is not None:
+                other = _tracker_of(top[0])
+                if other is None or other._running or other._thread != self._thread or top[0] is not other._pair[0]:
+                    break
+                torch._C._autograd._pop_saved_tensors_default_hooks()
+                other._saved_hooks_pushed = False
 
     def _pack(self, t: torch.Tensor) -> "SavedTensor":
         """Autograd saves ``t`` for backward: note it, then save it as autograd would have.
@@ -783,6 +827,12 @@ class StepTracker:
         # saved while backward recomputes a checkpointed segment are transient.
         if step is None or self._step_state not in ("forward", "after_forward") or threading.get_ident() != self._thread:
             return None
+        if self._step_state == "after_forward" and step._current.graph_freed:
+            # No loss can be built on an output whose graph is gone: this is
+            # another model's forward, or a loss of its own, under our pair.
+            if self._open_step_unused():
+                self._drop_unused_step()
+            return None
         step.saved_tensors += 1
         key = storage_key(t)
         if key is None:
@@ -808,7 +858,7 @@ class StepTracker:
     def _count_saved(self, step: StepRecord, t: torch.Tensor, ptr: int, nbytes: int, path: str | None = None) -> None:
         """Charge a saved storage, once, to the autocast copies or to the running module's activations (or ``path``'s)."""
         f = step._current
-        if ptr in self._param_storages or ptr in f.saved or ptr in f.copies:
+        if ptr in self._param_storages or ptr in f.saved or ptr in f.copies or _is_parameter(t):
             return
         # A storage an earlier forward of this step saved and backward has not
         # freed (the same batch through the model twice) is alive once: its
@@ -862,7 +912,14 @@ class StepTracker:
         a forward that is not a training step (evaluation, a teacher) costs one
         call at its root.
         """
-        if torch.compiler.is_compiling() or id(module) not in self._hooked:
+        if torch.compiler.is_compiling():
+            return
+        if id(module) not in self._hooked:
+            if self._wraps_the_model(module):  # torch.compile(model): its call is the model's, compiled whole
+                self._module_pre(self.model, args)
+                step = self._step
+                if step is not None and step._current.input_shape is None:
+                    self._note_root_inputs(module, args)
             return
         if module is self.model:
             self._module_pre(module, args)
@@ -873,10 +930,34 @@ class StepTracker:
             self._module_pre(module, args)
 
     def _any_module_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling() or id(module) not in self._hooked:
+        if torch.compiler.is_compiling():
+            return
+        if id(module) not in self._hooked:
+            if self._wraps_the_model(module):
+                self._module_post(self.model, args, output)
             return
         if module is self.model or self._step is not None:
             self._module_post(module, args, output)
+
+    def _wraps_the_model(self, module: nn.Module) -> bool:
+        """``module`` is a ``torch.compile`` wrapper of the model that ``profile(model)`` was given.
+
+        The script trains through ``torch.compile(model)`` (made before or inside
+        the block): the model's own hooks then run only inside the compiled
+        code, where ours do nothing, but the wrapper's run in eager Python.
+        What the compiled graphs save is measured as for a model compiled
+        whole. (Under the runner the wrapper is found as a model of its own.)
+        """
+        if type(module).__name__ != "OptimizedModule" or self._hooks_host is not None or self.model is None:
+            return False
+        model = self.model
+        if getattr(module, "_orig_mod", None) is not model:
+            return False
+        if id(model) not in self._compiled_mixed and self._bucket_of("", "before") != self._bucket_of("", "after"):
+            self._compiled_mixed.add(id(model))  # no module hook runs inside: which block saves what is not seen
+        if COMPILED_NOTE not in self.notes:
+            self.notes.append(COMPILED_NOTE)
+        return True
 
     @_guarded
     def _module_pre(self, module: nn.Module, args: Any) -> None:
@@ -997,15 +1078,11 @@ class StepTracker:
                     self._grad_scaler_alive = grad_scaler_alive()
                 self._step.optimizer_skipped = self._grad_scaler_alive
                 self._finish_step()
-        if (
-            self._step is not None and self._step_state == "after_forward" and not self._step.backwards
-            and not self._in_optimizer_step and self._forward_graph and all(r() is None for r in self._forward_graph)
-        ):
+        if self._open_step_unused():
             # The forward before had no backward and its graph is gone: a shape
             # check, a summary or a loss printed with gradients on. Not part of a
             # training step (its batch is often another size): measured afresh.
-            self.forwards_without_backward += 1
-            self._step, self._step_state = None, "idle"
+            self._drop_unused_step()
         if self._step is None and not self._begin_step():
             return
         step = self._step
@@ -1017,6 +1094,20 @@ class StepTracker:
         self._step_state = "forward"
         self._phase_begin("forward")
         self._push_saved_hooks()
+
+    def _open_step_unused(self) -> bool:
+        """The open step's forwards had no backward and their graphs are gone: no training step at all."""
+        step = self._step
+        return (
+            step is not None and self._step_state == "after_forward" and not step.backwards
+            and not self._in_optimizer_step and bool(step._forwards) and all(f.graph_freed for f in step._forwards)
+        )
+
+    def _drop_unused_step(self) -> None:
+        """Leave out the open step, forwards whose graph was freed unused (``_open_step_unused``), with a note."""
+        self.forwards_without_backward += self._step.forwards
+        self._pop_saved_hooks()  # (another model's step, or a loss after the next forward, is not ours to see)
+        self._step, self._step_state = None, "idle"
 
     def _root_forward_end(self, output: Any) -> None:
         step = self._step
@@ -1033,7 +1124,7 @@ class StepTracker:
         fns = {id(t.grad_fn): t.grad_fn for t in tensors_in(output) if t.grad_fn is not None}
         forward = step._current
         forward.watched = bool(fns)
-        self._forward_graph = [self._watch_backward(fn, forward) for fn in fns.values()]
+        forward.graph = [self._watch_backward(fn, forward) for fn in fns.values()]
         self._count_function_ctx(list(fns.values()))
 
     @_guarded
@@ -1069,19 +1160,20 @@ class StepTracker:
         Autograd nodes take no weak references: the token kept by the hook
         closure on ``fn`` is what tells that the graph was freed.
         """
-        fired = []
         token = _GraphToken()
 
         def prehook(grad_outputs: Any, token: _GraphToken = token) -> None:
-            if fired:
-                return
-            fired.append(True)
-            handle.remove()
+            # (kept on the node, not removed once run: a graph retained for another
+            # backward call, retain_graph=True, is a backward pass each time)
             self._output_reached(forward)
 
         handle = fn.register_prehook(prehook)
-        self._handles.append(handle)
-        return weakref.ref(token)
+        ref = weakref.ref(token)
+        self._node_hooks.append((ref, handle))
+        if len(self._node_hooks) > 2 * self._node_hooks_pruned + 64:  # (a model that never trains runs all along)
+            self._node_hooks = [(r, h) for r, h in self._node_hooks if r() is not None]
+            self._node_hooks_pruned = len(self._node_hooks)
+        return ref
 
     @_guarded
     def _output_reached(self, forward: ForwardSaves) -> None:
@@ -1094,12 +1186,22 @@ class StepTracker:
         loss backpropagated per view) is a backward pass of its own.
         """
         step = self._step
-        if step is None or forward.reached_by is not None or not any(f is forward for f in step._forwards):
+        if step is None or not any(f is forward for f in step._forwards):
             return
+        task = torch._C._current_graph_task_id()
+        if self._step_state == "backward" and task == self._backward_task:
+            if forward.reached_by is None:  # one more forward this backward goes through
+                forward.reached_by = step.backwards
+            return
+        if self._step_state == "backward":  # (the last one's end was not seen: a backward that raised)
+            self._backward_end()
         if self._step_state in ("after_forward", "forward", "after_backward"):
+            # A new backward call: the first through this step's outputs, one per
+            # view, or another loss on a graph an earlier call retained.
+            self._backward_task = task
             self._backward_begin()
-        if self._step_state == "backward":
-            forward.reached_by = step.backwards
+            if forward.reached_by is None:
+                forward.reached_by = step.backwards
 
     def _backward_begin(self) -> None:
         step = self._step
@@ -1242,6 +1344,16 @@ class StepTracker:
             # steps may never run again, and the runner lets it go once done.
             # (stop() retires our post-hook rather than deleting it: see there.)
             self._done()
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter, or a view of one: weights, not activations, whichever model or loss they belong to.
+
+    A loss's own trained weights (proxies, a projector) or another model's
+    (the other tower of a two-tower model) are saved for backward as often as
+    this model's, whose storages are known beforehand.
+    """
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
 def _tracker_of(hook: Callable) -> "StepTracker | None":

@@ -220,6 +220,35 @@ def test_a_transformer_compiled_whole_is_measured_in_total_and_blocks_compiled_p
     assert next(f for f in blocks.estimates["formulas"] if f["name"] == "korthikanti-flash")["measured"] > 0
 
 
+def test_profile_of_a_model_trained_through_its_compile_wrapper_measures_the_steps(tmp_path):
+    # with profile(model): ... torch.compile(model)(x): the model's own hooks run
+    # only inside compiled code, where ours do nothing: no step was seen at all.
+    from autograd_walk import graph_saved_bytes
+
+    for made in ("before the block", "inside the block"):
+        torch.manual_seed(0)
+        model = tiny_gpt(dropout=0.0)
+        x, y = batch(4, 16)
+        _, loss = model(x, y)
+        truth = graph_saved_bytes(loss, model)
+        del loss
+        opt = torch.optim.AdamW(model.parameters())
+        compiled = torch.compile(model, backend="aot_eager") if made == "before the block" else None
+        with profile(model, sample_interval=None) as prof:
+            if compiled is None:
+                compiled = torch.compile(model, backend="aot_eager")
+            for _ in range(2):
+                compiled(x, y)[1].backward()
+                opt.step()
+                opt.zero_grad()
+        mem = memory(prof)
+        steps = mem["steps"]
+        assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["input_shape"]) for s in steps] == [(1, 1, 1, [4, 16])] * 2, made
+        assert [s["categories"]["activations"] for s in steps] == [truth] * 2, made
+        assert steps[-1]["activations_inside_compiled"] == truth  # compiled whole: no block known
+        assert any("torch.compile'd module" in n for n in mem["notes"])
+        assert_no_hooks(model)
+
 
 def test_the_runner_compiles_a_model_no_more_often_than_a_plain_run(tmp_path):
     # Dynamo guards compiled code on the number of global module hooks: the

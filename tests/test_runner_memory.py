@@ -609,3 +609,83 @@ def test_a_model_traced_while_it_is_measured_leaves_the_report_whole(tmp_path):
     assert proc.stdout == "traced TopLevelTracedModule\n"
     (model,) = _report(out)["models"]
     assert [(s["forwards"], s["input_shape"]) for s in model["memory"]["steps"]] == [(1, [3, 4])]
+
+
+EVALUATED_WITH_GRADIENTS_ON = """
+import copy
+import torch
+from torch import nn
+from torch.nn import functional as F
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 500))
+other = copy.deepcopy(model)  # an EMA copy, a teacher only put in .eval(): parameters that require grad
+opt = torch.optim.AdamW(model.parameters())
+print(tuple(other(torch.randn(2, 16)).shape))  # a shape check on the other model, gradients on
+for step in range(4):
+    x, y = torch.randn(8, 16), torch.randint(0, 500, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    target = other(x).detach()  # a teacher's output, detached: its graph is freed at once
+    kept = F.cross_entropy(other(x), y)  # an evaluation loss kept in a variable: its graph lives on
+    print(step, round(kept.item(), 4))
+"""
+
+
+def test_models_run_with_gradients_on_but_never_trained_take_nothing_from_the_trained_one(tmp_path):
+    # The other model's open "step" kept its saved-tensor hooks on the stack: the
+    # trained model's loss went to it (2 KiB measured where 16 KiB were saved),
+    # and with --stop-after-steps the script never stopped.
+    script = tmp_path / "ema_eval.py"
+    script.write_text(EVALUATED_WITH_GRADIENTS_ON)
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    models = {m["name"]: m for m in _report(out)["models"]}
+    # Linear input 8x16, ReLU output 8x64 (ReLU and Linear 2), the loss's log-softmax 8x500, its targets
+    # (8 int64) and nll_loss's total weight (one fp32).
+    expected = (8 * 16 + 8 * 64 + 8 * 500 + 1) * 4 + 8 * 8
+    assert [s["categories"]["activations"] for s in models["model"]["memory"]["steps"]] == [expected] * 2
+    other = models["other"]["memory"]
+    assert other["steps"] == []
+    assert any("forward(s) with gradients on but no backward" in n for n in other["notes"])
+    assert any("no backward went through any of its forwards" in n for n in other["notes"])
+    assert "other completed fewer than" not in proc.stderr
+
+    stopped = run_profiler(["--steps", "1", "--stop-after-steps", "--no-sampler", "-q", script], tmp_path, timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.splitlines() == ["(2, 500)"]  # stopped at the first module call after the step
+
+
+GAN_ONE_STEP = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+G = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16))
+D = nn.Sequential(nn.Linear(16, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+bce = nn.BCEWithLogitsLoss()
+for step in range(20):
+    real, z = torch.randn(4, 16), torch.randn(4, 8)
+    fake = G(z)
+    loss_d = bce(D(real), torch.ones(4, 1)) + bce(D(fake.detach()), torch.zeros(4, 1))
+    opt_d.zero_grad(); loss_d.backward(); opt_d.step()
+    loss_g = bce(D(fake), torch.ones(4, 1))
+    opt_g.zero_grad(); loss_g.backward(); opt_g.step()
+    print(step)
+"""
+
+
+def test_stop_after_one_step_waits_for_the_other_model_of_a_gan(tmp_path):
+    # D's one step ends while G's forward has run and its backward has not: G
+    # is not "never trained", and is measured before the script is stopped.
+    script = tmp_path / "gan.py"
+    script.write_text(GAN_ONE_STEP)
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0"]
+    models = {m["name"]: m for m in _report(out)["models"]}
+    for name in ("G", "D"):
+        (step,) = models[name]["memory"]["steps"]
+        assert step["complete"] and step["optimizer_steps"] == 1, name

@@ -675,3 +675,59 @@ def test_a_backward_that_raised_leaves_its_step_incomplete():
     assert [s["complete"] for s in mem["steps"]] == [False]
     assert not any("by hand" in n for n in mem["notes"])
     assert any("did the script's forward or backward raise" in n for n in mem["notes"])
+
+
+def test_trained_weights_outside_the_model_are_not_activations():
+    # A loss's own trained weights (proxies, ArcFace) or another model's (the
+    # other tower) are saved for backward: weights, not this model's activations.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64))
+    text_tower = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64))
+    proxies = nn.Parameter(torch.randn(500, 64) * 0.01)
+    opt = torch.optim.AdamW([*model.parameters(), *text_tower.parameters(), proxies])
+    every_weight = [*model.parameters(), *text_tower.parameters(), proxies]
+    truths = []
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            x, t, y = torch.randn(16, 32), torch.randn(16, 16), torch.randint(0, 500, (16,))
+            image, text = model(x), text_tower(t)
+            loss = nn.functional.cross_entropy(image @ proxies.t(), y) + (image * text).sum(-1).mean()
+            truths.append(graph_saved_bytes(loss, nn.ParameterList(every_weight)))
+            own_weights_out = graph_saved_bytes(loss, model)  # (what leaving out only the model's weights gives)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert [s["categories"]["activations"] for s in memory(prof)["steps"]] == truths
+    assert own_weights_out == truths[-1] + 500 * 64 * 4 + 64 * 64 * 4  # + the proxies, + the tower's last weight
+
+
+def test_a_check_with_gradients_on_after_the_last_step_is_no_step():
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10))
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            nn.functional.cross_entropy(model(torch.randn(16, 32)), torch.randint(0, 10, (16,))).backward()
+            opt.step()
+            opt.zero_grad()
+        print(round(model(torch.randn(64, 32)).mean().item(), 4))  # a quick look, no torch.no_grad()
+    mem = memory(prof)
+    assert [(s["index"], s["complete"], s["input_shape"]) for s in mem["steps"]] == [(1, True, [16, 32]), (2, True, [16, 32])]
+    assert any("1 forward(s) with gradients on but no backward" in n for n in mem["notes"])
+
+
+def test_a_graph_retained_for_a_second_loss_is_two_backward_passes():
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 20))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            out = model(torch.randn(16, 32))
+            l1 = nn.functional.cross_entropy(out[:, :10], torch.randint(0, 10, (16,)))
+            l2 = nn.functional.cross_entropy(out[:, 10:], torch.randint(0, 10, (16,)))
+            truth = graph_saved_bytes(l1 + l2, model)
+            l1.backward(retain_graph=True)
+            l2.backward()
+            opt.step()
+            opt.zero_grad()
+    steps = memory(prof)["steps"]
+    assert [(s["forwards"], s["backwards"], len(s["phase_spans"]["backward"])) for s in steps] == [(1, 2, 2)] * 2
+    assert steps[-1]["categories"]["activations"] == truth

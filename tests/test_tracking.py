@@ -610,9 +610,10 @@ def test_two_models_in_one_forward_each_count_their_own_saves():
             opt.zero_grad()
     enc_rows = {r["path"]: r["bytes"] for r in memory(pe)["activations_by_module"]}
     head_rows = {r["path"]: r["bytes"] for r in memory(ph)["activations_by_module"]}
-    # enc: Linear's input (4x8 fp32), Tanh's output (4x32); the loss after both models saves the head's output.
-    assert enc_rows == {"0": 4 * 8 * 4, "1": 4 * 32 * 4, "(outside the model)": 4 * 1 * 4}
-    assert set(head_rows) == {"0", "1"} and head_rows["1"] == 4 * 32 * 4
+    # enc: Linear's input (4x8 fp32), Tanh's output (4x32). The loss after both
+    # models saves the head's output: the head's, whose pair is innermost.
+    assert enc_rows == {"0": 4 * 8 * 4, "1": 4 * 32 * 4}
+    assert head_rows == {"0": 4 * 32 * 4, "1": 4 * 32 * 4, "(outside the model)": 4 * 1 * 4}  # (the last Linear saves Tanh's output)
 
 
 def test_phases_tile_the_step():
