@@ -182,16 +182,20 @@ def test_what_compiled_graphs_save_is_measured_and_planned_on():
         assert "n/a" not in next(line for line in compiled.render().splitlines() if line.startswith("activations"))
 
 
-def test_a_transformer_compiled_whole_is_measured_in_total_and_blocks_compiled_per_block():
+def _tiny_gpt_and_its_saves():
+    """A tiny GPT, a batch, and what its eager forward and loss save (the independent walk)."""
     from autograd_walk import graph_saved_bytes
 
+    torch.manual_seed(0)
+    model = tiny_gpt(dropout=0.0)
+    x, y = batch(4, 16)
+    _, loss = model(x, y)
+    return model, x, y, graph_saved_bytes(loss, model)
+
+
+def test_a_transformer_compiled_whole_is_measured_in_total_and_blocks_compiled_per_block():
     def run(compile_as: str | None):
-        torch.manual_seed(0)
-        model = tiny_gpt(dropout=0.0)
-        x, y = batch(4, 16)
-        _, loss = model(x, y)
-        truth = graph_saved_bytes(loss, model)
-        del loss
+        model, x, y, truth = _tiny_gpt_and_its_saves()
         if compile_as == "blocks":
             for block in model.transformer.h:
                 block.compile(backend="aot_eager")
@@ -223,15 +227,8 @@ def test_a_transformer_compiled_whole_is_measured_in_total_and_blocks_compiled_p
 def test_profile_of_a_model_trained_through_its_compile_wrapper_measures_the_steps(tmp_path):
     # with profile(model): ... torch.compile(model)(x): the model's own hooks run
     # only inside compiled code, where ours do nothing: no step was seen at all.
-    from autograd_walk import graph_saved_bytes
-
     for made in ("before the block", "inside the block"):
-        torch.manual_seed(0)
-        model = tiny_gpt(dropout=0.0)
-        x, y = batch(4, 16)
-        _, loss = model(x, y)
-        truth = graph_saved_bytes(loss, model)
-        del loss
+        model, x, y, truth = _tiny_gpt_and_its_saves()
         opt = torch.optim.AdamW(model.parameters())
         compiled = torch.compile(model, backend="aot_eager") if made == "before the block" else None
         with profile(model, sample_interval=None) as prof:
