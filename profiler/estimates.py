@@ -72,6 +72,7 @@ class ModelShape:
     batch: int | None
     seq: int | None
     reasons: tuple[str, ...] = ()
+    seq_source: str | None = None  # said when the sequence length is not the token ids' length
 
     @property
     def transformer(self) -> bool:
@@ -152,16 +153,24 @@ def model_shape(model_report: ModelReport, traits: ModelTraits | None = None, st
     if heads is None:
         reasons.append("number of attention heads unknown (no config attribute or module attribute)")
     batch = seq = None
+    source = None
     if step is not None and step.get("input_shape"):
         shape = step["input_shape"]
         batch = shape[0]
+        trunk = step.get("trunk_input_shape") or []
         if step.get("input_is_tokens") and len(shape) >= 2:
             seq = shape[1]
+        elif len(trunk) == 3 and trunk[0] == batch and (hidden is None or trunk[2] == hidden):
+            # Not token ids (a ViT's pixels): the blocks' input is (batch, sequence, hidden).
+            seq, hidden = trunk[1], hidden or trunk[2]
+            source = "from the first block's input"
+            reasons = [r for r in reasons if not r.startswith("hidden size unknown")]
         else:
-            reasons.append("the model's input is not a batch of token ids, so there is no sequence length")
+            reasons.append("the model's input is not a batch of token ids, and its blocks' input is not "
+                           "(batch, sequence, hidden), so there is no sequence length")
     else:
         reasons.append("no measured step with a batch input")
-    return ModelShape(layers, hidden, heads, vocab, batch, seq, tuple(reasons))
+    return ModelShape(layers, hidden, heads, vocab, batch, seq, tuple(reasons), source)
 
 
 # ------------------------------------------------------------------------ formulas
@@ -330,7 +339,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
                 [_row("block activations", None, None)],
                 [],
                 applicable=False,
-                reason="not a transformer trunk as far as the structure shows: " + "; ".join(shape.reasons),
+                reason="; ".join(shape.reasons),
             )
         )
     return {
@@ -338,7 +347,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
         "step": step["index"],
         "shape": {
             "layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads, "vocab": shape.vocab,
-            "batch": shape.batch, "seq": shape.seq,
+            "batch": shape.batch, "seq": shape.seq, "seq_source": shape.seq_source,
         },
         "mixed_precision": amp,
         "formulas": formulas,

@@ -71,6 +71,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "seconds": step.seconds,
         "input_shape": list(step.input_shape) if step.input_shape is not None else None,
         "input_is_tokens": step.input_is_tokens,
+        "trunk_input_shape": list(step.trunk_input_shape) if step.trunk_input_shape is not None else None,
         "forwards": step.forwards,
         # Forwards whose output no backward of the step reached (a probe the script kept): not part of it.
         "forwards_left_out": step.forwards_left_out,

@@ -393,8 +393,8 @@ def render_estimates(est: dict[str, Any]) -> list[str]:
         return [f"Estimates: {est.get('reason')}"]
     shape = est["shape"]
     head = (
-        f"Textbook estimates beside the measurement (step {est['step']}; batch {_known(shape['batch'])}, seq {_known(shape['seq'])}, "
-        f"{_known(shape['layers'])} layers, hidden {_known(shape['hidden'])}, {_known(shape['heads'])} heads; "
+        f"Textbook estimates beside the measurement (step {est['step']}; batch {_known(shape['batch'])}, seq {_known(shape['seq'])}"
+        f"{' (' + shape['seq_source'] + ')' if shape.get('seq_source') else ''}, {_known(shape['layers'])} layers, hidden {_known(shape['hidden'])}, {_known(shape['heads'])} heads; "
         f"{'mixed precision' if est['mixed_precision'] else 'no autocast'})"
     )
     rows = []

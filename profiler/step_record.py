@@ -94,6 +94,7 @@ class StepRecord:
     activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input (of those kept, see fold)
     input_is_tokens: bool = False
+    trunk_input_shape: tuple[int, ...] | None = None  # of the first trunk block's first tensor input, once a step
     checkpointing: bool = False  # checkpointed blocks or model: what they save is dropped and recomputed in backward
     saves_after_forward_unseen: bool = False  # the script's own saved-tensor hooks hid what the loss saved
     _t0: float = 0.0

@@ -971,6 +971,11 @@ class StepTracker:
         if id(module) in self._block_modules:
             self._trunk_state = "in"
             step = self._step
+            if step is not None and step.trunk_input_shape is None and self._step_state == "forward":
+                # (batch, sequence, hidden) where the input is not token ids: a ViT's patches
+                tensors = tensors_in(args)
+                if tensors:
+                    step.trunk_input_shape = tuple(int(d) for d in tensors[0].shape)
             if step is not None and not step.checkpointing and self._step_state == "forward":
                 # A checkpointed block runs its forward without saving: reentrant
                 # checkpointing under no_grad, the other kind under its own

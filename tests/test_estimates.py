@@ -48,7 +48,7 @@ def test_formulas_use_the_observed_shape_and_report_errors():
     entry = measured(model, opt, b=4, t=16)
     est = entry.estimates
     assert est["available"]
-    assert est["shape"] == {"layers": 3, "hidden": 32, "heads": 2, "vocab": 64, "batch": 4, "seq": 16}
+    assert est["shape"] == {"layers": 3, "hidden": 32, "heads": 2, "vocab": 64, "batch": 4, "seq": 16, "seq_source": None}
     by_name = {f["name"]: f for f in est["formulas"]}
     n = entry.inventory.total
     tut = by_name["tutorial"]
@@ -103,7 +103,7 @@ def test_non_transformer_gets_a_statement_not_a_number():
         opt.step()
     est = prof.report.models[0].estimates
     kort = next(f for f in est["formulas"] if f["name"].startswith("korthikanti"))
-    assert kort["applicable"] is False and "not a transformer" in kort["reason"]
+    assert kort["applicable"] is False and "no repeated trunk of blocks was found" in kort["reason"]
     assert kort["measured"] is None  # no trunk: no block bucket to compare with, not "0 B"
     tutorial = next(f for f in est["formulas"] if f["name"] == "tutorial")
     assert tutorial["applicable"] is False and tutorial["estimate"] is None

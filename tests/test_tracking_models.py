@@ -688,3 +688,28 @@ def test_tensors_a_custom_function_keeps_on_ctx_are_activations():
     assert step["categories"]["activations"] == truth
     rows = {r["path"]: r["bytes"] for r in prof.report.models[0].memory["activations_by_module"]}
     assert rows[CTX_PATH] == 8 * 32  # the bool mask
+
+
+def test_a_vision_transformer_gets_its_sequence_length_from_its_blocks_input():
+    # Pixels in, no token ids: the blocks' (batch, patches + 1, hidden) input says what the formula needs.
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, num_labels=10,
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config)
+    opt = torch.optim.AdamW(model.parameters())
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            logits = model(pixel_values=torch.randn(B, 3, 32, 32)).logits
+            nn.functional.cross_entropy(logits, torch.randint(0, 10, (B,))).backward()
+            opt.step()
+            opt.zero_grad()
+    entry = prof.report.models[0]
+    assert entry.memory["steps"][-1]["trunk_input_shape"] == [B, (32 // 8) ** 2 + 1, 32]
+    shape = entry.estimates["shape"]
+    assert (shape["batch"], shape["seq"], shape["hidden"], shape["layers"], shape["heads"]) == (B, 17, 32, 2, 4)
+    assert shape["seq_source"] == "from the first block's input"
+    flash = next(f for f in entry.estimates["formulas"] if f["name"] == "korthikanti-flash")
+    assert flash["applicable"] and flash["measured"] > 0
+    assert "seq 17 (from the first block's input)" in prof.render()
