@@ -68,6 +68,10 @@ _CHECKPOINT_FUNCTION = getattr(torch_checkpoint, "CheckpointFunction", None)
 # A GradScaler halves its scale at every skipped step: 16 skips take the default
 # initial scale of 2**16 down to 1, past which overflow is not the scale's doing.
 SKIPPED_STEPS_LIMIT = 16
+# Forwards of one open step with no backward, each keeping its graph alive (an
+# EMA copy's evaluation loss kept in a variable): after this many the model is
+# taken for one that is only run, and its forwards are let go of.
+FORWARDS_WITHOUT_BACKWARD_LIMIT = 32
 
 
 # Handles of optimizer post-hooks retired while torch was iterating their dict
@@ -1083,7 +1087,11 @@ class StepTracker:
                     self._grad_scaler_alive = grad_scaler_alive()
                 self._step.optimizer_skipped = self._grad_scaler_alive
                 self._finish_step()
-        if self._open_step_unused():
+        step = self._step
+        if self._open_step_unused() or (
+            step is not None and self._step_state == "after_forward" and not step.backwards
+            and not self._in_optimizer_step and step.forwards >= FORWARDS_WITHOUT_BACKWARD_LIMIT
+        ):
             # The forward before had no backward and its graph is gone: a shape
             # check, a summary or a loss printed with gradients on. Not part of a
             # training step (its batch is often another size): measured afresh.

@@ -731,3 +731,18 @@ def test_a_graph_retained_for_a_second_loss_is_two_backward_passes():
     steps = memory(prof)["steps"]
     assert [(s["forwards"], s["backwards"], len(s["phase_spans"]["backward"])) for s in steps] == [(1, 2, 2)] * 2
     assert steps[-1]["categories"]["activations"] == truth
+
+
+def test_a_model_only_evaluated_with_its_loss_kept_holds_a_bounded_record():
+    # An EMA copy evaluated with gradients on, its loss kept in a variable: each
+    # forward's graph is alive when the next begins, as two views' would be.
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with profile(model, sample_interval=None) as prof:
+        held = []
+        for _ in range(100):
+            kept = model(torch.randn(4, 8)).pow(2).mean()
+            held.append(prof.tracker._step.forwards)
+    assert max(held) <= 32
+    mem = memory(prof)
+    assert mem["steps"] == [] and kept.grad_fn is not None
+    assert any("100 forward(s) with gradients on but no backward" in n for n in mem["notes"])
