@@ -160,9 +160,14 @@ def model_shape(model_report: ModelReport, traits: ModelTraits | None = None, st
         trunk = step.get("trunk_input_shape") or []
         if step.get("input_is_tokens") and len(shape) >= 2:
             seq = shape[1]
-        elif len(trunk) == 3 and trunk[0] == batch and (hidden is None or trunk[2] == hidden):
-            # Not token ids (a ViT's pixels): the blocks' input is (batch, sequence, hidden).
-            seq, hidden = trunk[1], hidden or trunk[2]
+        elif (
+            len(trunk) == 3 and trunk[0] == batch and (traits.hidden or trunk[2]) == trunk[2]
+            and _block_has_width(model_report, trunk[2])
+        ):
+            # Not token ids (a ViT's pixels): the blocks' input is (batch, sequence,
+            # hidden), hidden being a width of the block's own weights (a norm's,
+            # a projection's), not a Conv1d's (batch, channels, length).
+            seq, hidden = trunk[1], trunk[2]
             source = "from the first block's input"
             reasons = [r for r in reasons if not r.startswith("hidden size unknown")]
         else:
@@ -171,6 +176,16 @@ def model_shape(model_report: ModelReport, traits: ModelTraits | None = None, st
     else:
         reasons.append("no measured step with a batch input")
     return ModelShape(layers, hidden, heads, vocab, batch, seq, tuple(reasons), source)
+
+
+def _block_has_width(model_report: ModelReport, width: int) -> bool:
+    """Whether the first trunk block has a norm of ``width`` or a matrix taking ``width`` inputs."""
+    trunks = model_report.buckets.trunks
+    if not trunks or not trunks[0].block_paths:
+        return False
+    prefix = trunks[0].block_paths[0] + "."
+    shapes = [tuple(p.shape) for p in model_report.inventory.parameters if p.name.startswith(prefix)]
+    return any(s == (width,) for s in shapes) or any(len(s) == 2 and s[1] == width for s in shapes)
 
 
 # ------------------------------------------------------------------------ formulas

@@ -33,6 +33,9 @@ class ForwardSaves:
     reached_by: int | None = None  # the step's backward pass (1-based) that first reached its output
     watched: bool = False  # its output had autograd nodes to watch (else reaching it cannot be seen)
     graph: list[Any] = field(default_factory=list)  # weak references that die with its output's nodes
+    holders: dict[int, int] = field(default_factory=dict)  # storage ptr -> saved tensors autograd still holds
+    # storage ptr -> (backward passes begun, autograd's graph task) when autograd let go of it
+    freed: dict[int, tuple[int, int]] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None  # of its batch input
     input_is_tokens: bool = False
 
@@ -45,6 +48,21 @@ class ForwardSaves:
     def consumed_by(self) -> int:
         """The backward pass that frees it: the one that reached it, or (not watched) the next one."""
         return self.reached_by if self.reached_by is not None else self.backwards_before + 1
+
+    def alive_at(self, ptr: int, k: int, pass_of_task: dict[int, int]) -> bool:
+        """Whether its saved storage ``ptr`` was held when the step's backward pass ``k`` began.
+
+        A storage seen saved through our hook is alive until autograd let go of
+        it (freed by an earlier pass, or dropped unused: a retained graph stays);
+        one found otherwise (on a custom Function's ctx) until the pass that
+        reached this forward.
+        """
+        if k <= self.backwards_before:
+            return False
+        if ptr in self.freed:
+            begun, task = self.freed[ptr]
+            return pass_of_task.get(task, begun) >= k  # freed by the backward call that became pass k: alive at it
+        return ptr in self.holders or k <= self.consumed_by
 
 
 @dataclass
@@ -106,6 +124,7 @@ class StepRecord:
     activations_left_out: int = 0  # what they saved (alive while the script holds their output)
     _current: ForwardSaves = field(default_factory=ForwardSaves)  # the forward running or just run
     _forwards: list[ForwardSaves] = field(default_factory=list)  # forwards not yet folded
+    pass_of_task: dict[int, int] = field(default_factory=dict)  # autograd graph task -> the backward pass it was
 
     def begin_forward(self) -> ForwardSaves:
         """A root forward of this step begins: its saves are kept apart until ``fold``."""
@@ -137,18 +156,19 @@ class StepRecord:
         if any(f.reached_by is not None for f in forwards):
             left_out = [f for f in forwards if f.watched and f.reached_by is None]
             kept = [f for f in forwards if not (f.watched and f.reached_by is None)]
-            passes = range(1, max(f.consumed_by for f in kept) + 1)
-            groups = [[f for f in kept if f.backwards_before < k <= f.consumed_by] for k in passes]
+            passes = range(1, max([self.backwards] + [f.consumed_by for f in kept]) + 1)
+            groups = [(k, [f for f in kept if f.backwards_before < k]) for k in passes]
         else:
             left_out, kept = [], forwards
-            groups = [[f] for f in forwards]
-        for group in groups:
+            groups = [(None, [f]) for f in forwards]
+        for k, group in groups:
             saved: dict[int, ForwardSaves] = {}
             copies: dict[int, int] = {}
             for f in group:
                 for ptr in f.saved:
-                    saved.setdefault(ptr, f)
-                copies.update(f.copies)
+                    if k is None or f.alive_at(ptr, k, self.pass_of_task):
+                        saved.setdefault(ptr, f)
+                copies.update((ptr, n) for ptr, n in f.copies.items() if k is None or f.alive_at(ptr, k, self.pass_of_task))
             total = sum(f.saved[ptr] for ptr, f in saved.items())
             if total >= self.activations:
                 by_module: dict[tuple[str, str], int] = {}
@@ -161,7 +181,7 @@ class StepRecord:
                 self.activations_by_module, self.activations_by_bucket = by_module, by_bucket
                 self.activations_inside_compiled = sum(f.saved[ptr] for ptr, f in saved.items() if ptr in f.compiled)
             self.autocast_copies = max(self.autocast_copies, sum(copies.values()))
-            self.activations_offloaded = max(self.activations_offloaded, sum(f.offloaded for f in group))
+            self.activations_offloaded = max(self.activations_offloaded, sum(f.offloaded for f in group if k is None or k <= f.consumed_by))
         for f in kept:
             self.events.extend(f.events)
             if self.input_shape is None and f.input_shape is not None:

@@ -206,6 +206,8 @@ class StepTracker:
         self._saved_hooks_balanced = False
         self._pushed_in_backward = False  # our pair was pushed while backward ran (see _push_saved_hooks)
         self._outer_hooks: tuple[Callable, Callable] | None = None  # the script's pair below ours
+        self._below: tuple[Callable, Callable] | None = None  # the pair right below ours when it was pushed
+        self._not_ours = False  # set by _observe_saved: the save is another model's (see _pack)
         self._peers: list[StepTracker] = []  # trackers of this model whose pair is below ours
         self._live: dict[int, tuple[str, int, ForwardSaves]] = {}  # saved storages not yet freed by backward: (category, bytes, forward)
         self._grads_seen: dict[int, int] = {}  # gradient storages on the step's timeline -> bytes
@@ -468,9 +470,11 @@ class StepTracker:
         self._running = False
         step = self._step
         if self._open_step_unused() or (
-            # Several forwards and never a backward: a model evaluated with
-            # gradients on, a graph the script keeps (its last loss) alive.
-            step is not None and step.forwards > 1 and self._step_state == "after_forward" and not self.trained
+            # Forwards with no backward after training steps (an evaluation kept
+            # in a variable), or several and never a backward: a model evaluated
+            # with gradients on whose last loss the script keeps alive.
+            step is not None and self._step_state == "after_forward" and not step.backwards
+            and not step.optimizer_steps and (step.forwards > 1 or self.trained)
         ):
             self._drop_unused_step()  # (a check after the last step, say: print(model(x).mean().item()))
         if self.forwards_without_backward:
@@ -701,6 +705,20 @@ class StepTracker:
     def _push_saved_hooks(self) -> None:
         if self._saved_hooks_pushed:
             top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            # Pairs of other models' trackers above ours that see nothing now
+            # (between their steps' forwards: a GAN's discriminator after its
+            # backward) are taken off, so this forward's saves come to us; they
+            # push theirs again at their next forward.
+            while top is not None and top[0] is not self._pair[0]:
+                other = _tracker_of(top[0])
+                if (
+                    other is None or other is self or other._thread != self._thread or top[0] is not other._pair[0]
+                    or other._step_state in ("forward", "after_forward")
+                ):
+                    break
+                torch._C._autograd._pop_saved_tensors_default_hooks()
+                other._saved_hooks_pushed = False
+                top = torch._C._autograd._top_saved_tensors_default_hooks(False)
             if not (self._pushed_in_backward and (top is None or top[0] is not self._pair[0])):
                 return
             # Pushed while backward ran (a reentrant checkpoint's recomputation): the
@@ -731,6 +749,7 @@ class StepTracker:
         # ends; another model's tracker pops its pair only when it is on top,
         # so above one of those ours stays for the loss (it is this model's).
         self._saved_hooks_balanced = outer is not None
+        self._below = top
         pack, unpack = self._hook_pair()
         torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
         self._saved_hooks_pushed = True
@@ -791,7 +810,22 @@ class StepTracker:
             packed = outer[0](t)
             saved = SavedTensor(packed, None, outer[1], self._observe_saved(t, packed))
         else:
-            saved = SavedTensor(t.detach(), t._version, None, self._observe_saved(t))
+            ptr = self._observe_saved(t)
+            below = self._below
+            if self._not_ours and below is not None and _tracker_of(below[0]) is not None:
+                # Our forward's graph is gone: what is saved now is the loss of a
+                # model whose pair is below ours (a teacher run with gradients on
+                # inside a student's step). Ours is popped; this one is its.
+                self._not_ours = False
+                return below[0](t)
+            saved = SavedTensor(t.detach(), t._version, None, ptr)
+        self._not_ours = False
+        if saved.ptr is not None:
+            # Told when autograd lets go of it (SavedTensor.__del__): used by
+            # backward, or its graph dropped unused before any backward.
+            forward = self._step._current
+            forward.holders[saved.ptr] = forward.holders.get(saved.ptr, 0) + 1
+            saved.forward, saved.tracker = forward, self
         if self._peers:
             saved.peers = tuple((peer, peer._observe_saved(t, packed)) for peer in self._peers)
         return saved
@@ -836,6 +870,7 @@ class StepTracker:
             # another model's forward, or a loss of its own, under our pair.
             if self._open_step_unused():
                 self._drop_unused_step()
+            self._not_ours = True
             return None
         step.saved_tensors += 1
         key = storage_key(t)
@@ -855,9 +890,10 @@ class StepTracker:
                 for x, k in held:
                     self._count_saved(step, x, *k)
                 ptr = held[0][1][0]
-                return ptr if ptr in self._live else None
+                return ptr if ptr in step._current.saved or ptr in step._current.copies else None
         self._count_saved(step, t, *key)
-        return key[0] if key[0] in self._live else None
+        f = step._current
+        return key[0] if key[0] in f.saved or key[0] in f.copies else None
 
     def _count_saved(self, step: StepRecord, t: torch.Tensor, ptr: int, nbytes: int, path: str | None = None) -> None:
         """Charge a saved storage, once, to the autocast copies or to the running module's activations (or ``path``'s)."""
@@ -889,6 +925,25 @@ class StepTracker:
             path = self._paths.get(self._stack[-1], OUTSIDE) if self._stack else OUTSIDE
             bucket = self._bucket_of(path, self._trunk_state)
         f.where[ptr] = (path, bucket)
+
+    def saved_freed(self, forward: ForwardSaves, ptr: int) -> None:
+        """Autograd let go of a saved tensor of ``forward`` (see ``SavedTensor.__del__``): the storage's last one frees it.
+
+        Freed while no backward pass of the step has begun, it was never alive
+        at one (another model's forward whose graph was dropped, or freed by its
+        own backward): ``StepRecord.fold`` leaves it out of what that pass held.
+        """
+        left = forward.holders.get(ptr, 0) - 1
+        if left > 0:
+            forward.holders[ptr] = left
+            return
+        forward.holders.pop(ptr, None)
+        step = self._step
+        if step is not None and self._running and ptr not in forward.freed:
+            # (during backward pass k: k, alive when it began; a backward call frees
+            # the loss's saves before it reaches the model's output: its task says
+            # which pass it turns out to be, see StepRecord.fold)
+            forward.freed[ptr] = (step.backwards, torch._C._current_graph_task_id())
 
     @_guarded
     def _observe_unpacked(self, ptr: int) -> None:
@@ -1021,7 +1076,9 @@ class StepTracker:
             return
         tensors = tensors_in(args) + tensors_in(dict(kwargs or {}))
         if tensors:
-            ids = [t for t in tensors if not t.is_floating_point() and t.dim() >= 1]
+            # Token ids are (batch, sequence) integers; 1-D class labels or a
+            # segmentation mask passed beside the pixels are not.
+            ids = [t for t in tensors if not t.is_floating_point() and not t.is_complex() and t.dim() == 2]
             step._current.input_shape = tuple(int(d) for d in (ids or tensors)[0].shape)
             step._current.input_is_tokens = bool(ids)
 
@@ -1213,6 +1270,7 @@ class StepTracker:
             # view, or another loss on a graph an earlier call retained.
             self._backward_task = task
             self._backward_begin()
+            step.pass_of_task[task] = step.backwards
             if forward.reached_by is None:
                 forward.reached_by = step.backwards
 

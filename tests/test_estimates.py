@@ -190,3 +190,50 @@ def test_estimates_and_fit_in_json():
     assert d["estimates"]["formulas"] and d["fit"]["cards"]
     text = entry.render()
     assert "Textbook estimates" in text and "Will it fit?" in text
+
+
+def test_a_conv1d_trunk_gets_no_sequence_length_from_its_channels():
+    # (batch, channels, length) into Conv1d blocks is not (batch, sequence, hidden).
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(16, 16, 5, padding=2)
+            self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            x = x + self.conv(x)
+            t = x.transpose(1, 2)
+            return x + self.attn(t, t, t, need_weights=False)[0].transpose(1, 2)
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 16, 3, padding=1), *[Block() for _ in range(3)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            model(torch.randn(4, 2, 40)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    entry = prof.report.models[0]
+    assert entry.memory["steps"][-1]["trunk_input_shape"] == [4, 16, 40]
+    assert entry.estimates["shape"]["seq"] is None
+    kort = next(f for f in entry.estimates["formulas"] if f["name"].startswith("korthikanti"))
+    assert kort["applicable"] is False and "no sequence length" in kort["reason"]
+
+
+def test_class_labels_beside_the_input_are_not_token_ids():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class WithLabels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, labels):
+            return torch.nn.functional.cross_entropy(self.net(x), labels)
+
+    wrapped = WithLabels()
+    with profile(wrapped, sample_interval=None) as prof:
+        wrapped(torch.randn(6, 8), torch.randint(0, 4, (6,))).backward()
+        opt.step()
+    step = prof.report.models[0].memory["steps"][0]
+    assert step["input_shape"] == [6, 8] and step["input_is_tokens"] is False

@@ -15,7 +15,7 @@ from autograd_walk import graph_saved_bytes
 from profiler.memory import categories_live_peak
 from profiler.profiling import profile
 from profiler.report import updating_steps
-from profiler.tracking import StepTracker
+from profiler.tracking import OUTSIDE, StepTracker
 from test_tracking import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, unique_param_bytes
 
 
@@ -746,3 +746,66 @@ def test_a_model_only_evaluated_with_its_loss_kept_holds_a_bounded_record():
     mem = memory(prof)
     assert mem["steps"] == [] and kept.grad_fn is not None
     assert any("100 forward(s) with gradients on but no backward" in n for n in mem["notes"])
+
+
+def test_saves_freed_before_the_backward_are_not_what_it_held():
+    # A teacher put in .eval() but run with gradients on: its output is
+    # detached, its graph (saved under the student's hooks) freed at once.
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    teacher = nn.Sequential(nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    opt = torch.optim.AdamW(student.parameters())
+    truths = []
+    with profile(student, sample_interval=None) as prof:
+        for _ in range(2):
+            x = torch.randn(16, 32)
+            s = student(x)
+            t = teacher(x).detach()
+            loss = nn.functional.kl_div(nn.functional.log_softmax(s, -1), nn.functional.softmax(t, -1), reduction="batchmean")
+            truths.append(graph_saved_bytes(loss, student))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert [s["categories"]["activations"] for s in memory(prof)["steps"]] == truths
+
+
+def test_a_graph_retained_then_a_second_forward_holds_both():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(model, sample_interval=None) as prof:
+        for _ in range(2):
+            out = model(torch.randn(16, 64))
+            out.sum().backward(retain_graph=True)
+            out2 = model(torch.randn(16, 64))
+            loss = (out * out2).sum()
+            truth = graph_saved_bytes(loss, model)  # both graphs: the first was retained
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    steps = memory(prof)["steps"]
+    assert [(s["forwards"], s["backwards"]) for s in steps] == [(2, 2)] * 2
+    assert steps[-1]["categories"]["activations"] == truth
+
+
+def test_a_gans_generator_keeps_its_activations_in_every_step():
+    # Both models measured: the discriminator's pair, pushed after the
+    # generator's, stayed on top between its steps and took the generator's saves.
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 16))
+    D = nn.Sequential(nn.Linear(16, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    bce = nn.BCEWithLogitsLoss()
+    with profile(G, sample_interval=None) as pg, profile(D, sample_interval=None):
+        for _ in range(3):
+            fake = G(torch.randn(4, 8))
+            loss_d = bce(D(torch.randn(4, 16)), torch.ones(4, 1)) + bce(D(fake.detach()), torch.zeros(4, 1))
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            loss_g = bce(D(fake), torch.ones(4, 1))
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+    own = [sum(r for (path, _), r in s.activations_by_module.items() if path != OUTSIDE) for s in pg.tracker.steps]
+    assert own == [4 * 8 * 4 + 4 * 64 * 4] * 3  # Linear's input, ReLU's output (also the next Linear's input)
