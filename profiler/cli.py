@@ -234,6 +234,14 @@ def main(argv: Sequence[str] | None = None, *, reraise_interrupt: bool = False) 
         for note in batch_notes:  # said even with -q: a planning point is missing
             _print_report(f"{PROG}: warning: {note}")
     report = session.report(result.globals, fallback, extra_points)
+    if isinstance(result.exception, StopAfterSteps):
+        waiting = [m.name for m in report.models if m.memory is not None and not m.memory.get("steps") and m.inventory.trainable]
+        if waiting:
+            report.notes.append(
+                f"{', '.join(waiting)} had no training step before the stop: a model whose training begins later "
+                "(a GAN's generator after several discriminator steps) is not waited for; run without "
+                "--stop-after-steps, or with more --steps, to measure it"
+            )
     unfinished = session.unfinished()  # after report(): by the names the report gives them
     if opts.stop_after_steps and not isinstance(result.exception, StopAfterSteps) and unfinished:
         report.notes.append(

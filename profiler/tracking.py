@@ -188,6 +188,7 @@ class StepTracker:
         self._lazy_left = any(is_lazy(p) for p in model.parameters())
         self._grad_hooked: set[int] = set()
         self._backward_task = -1  # autograd's id of the backward call running the step's backward pass
+        self._pass_accumulated = False  # the last backward pass accumulated a parameter's .grad
         self.forwards_without_backward = 0  # forwards left out of the steps: no backward went through them
         self._seq_floor = -1  # the highest autograd node number among the running root forward's inputs
         self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed (see _install)
@@ -958,6 +959,7 @@ class StepTracker:
         step = self._step
         if step is None or param.grad is None:
             return
+        self._pass_accumulated = True
         ident, nbytes = memory_of(param.grad)
         if ident not in self._grads_seen:
             self._grads_seen[ident] = nbytes
@@ -1126,7 +1128,12 @@ class StepTracker:
             return  # a frozen model (a teacher) run with gradients on: nothing of it trains
         # A forward inside optimizer.step() is a closure (LBFGS re-evaluating
         # the loss): part of this step, like a gradient-accumulation micro-batch.
-        if self._step is not None and self._step_state == "after_backward" and not self._in_optimizer_step:
+        if (
+            self._step is not None and self._step_state == "after_backward" and not self._in_optimizer_step
+            # (a pass that accumulated no .grad was torch.autograd.grad, a gradient
+            # penalty's: the step goes on, the next forward is one more of it)
+            and self._pass_accumulated
+        ):
             if self.optimizer is None and not self._looked_for_optimizer:
                 # A step ended without an optimizer step: weights updated by hand,
                 # or a GradScaler that skipped step() while its scale settles.
@@ -1277,6 +1284,7 @@ class StepTracker:
     def _backward_begin(self) -> None:
         step = self._step
         self._step_state = "backward"
+        self._pass_accumulated = False
         step.backwards += 1
         self._release_cleared_gradients()
         self._phase_begin("backward")

@@ -689,3 +689,33 @@ def test_stop_after_one_step_waits_for_the_other_model_of_a_gan(tmp_path):
     for name in ("G", "D"):
         (step,) = models[name]["memory"]["steps"]
         assert step["complete"] and step["optimizer_steps"] == 1, name
+
+
+N_CRITIC = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+G = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16))
+D = nn.Sequential(nn.Linear(16, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+for step in range(20):
+    for _ in range(2):  # two critic steps per generator step
+        with torch.no_grad():
+            fake = G(torch.randn(4, 8))
+        loss_d = D(fake).mean() - D(torch.randn(4, 16)).mean()
+        opt_d.zero_grad(); loss_d.backward(); opt_d.step()
+    loss_g = -D(G(torch.randn(4, 8))).mean()
+    opt_g.zero_grad(); loss_g.backward(); opt_g.step()
+    print(step)
+"""
+
+
+def test_a_model_that_trains_only_after_the_stop_is_named(tmp_path):
+    # The critic's one step is done before the generator has trained at all: the
+    # stop does not wait for it (it cannot know it will), and the report says so.
+    script = tmp_path / "n_critic.py"
+    script.write_text(N_CRITIC)
+    out = tmp_path / "r.json"
+    proc = run_profiler(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert any("G had no training step before the stop" in n for n in _report(out)["notes"])

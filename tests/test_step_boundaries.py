@@ -809,3 +809,26 @@ def test_a_gans_generator_keeps_its_activations_in_every_step():
             opt_g.step()
     own = [sum(r for (path, _), r in s.activations_by_module.items() if path != OUTSIDE) for s in pg.tracker.steps]
     assert own == [4 * 8 * 4 + 4 * 64 * 4] * 3  # Linear's input, ReLU's output (also the next Linear's input)
+
+
+def test_a_gradient_penalty_is_part_of_the_critics_step():
+    # WGAN-GP: torch.autograd.grad(..., create_graph=True) reaches the critic's
+    # output but accumulates no .grad: the step goes on to the loss's backward.
+    torch.manual_seed(0)
+    D = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(D.parameters())
+    with profile(D, sample_interval=None) as prof:
+        for _ in range(3):
+            real, fake = torch.randn(8, 16), torch.randn(8, 16)
+            x = ((real + fake) / 2).requires_grad_()
+            (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+            loss = D(fake).mean() - D(real).mean() + 10 * ((g.norm(dim=1) - 1) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    steps = memory(prof)["steps"]
+    assert [(s["kind"], s["forwards"], s["backwards"], s["optimizer_steps"]) for s in steps] == [
+        ("first", 3, 2, 1), ("steady", 3, 2, 1), ("steady", 3, 2, 1)
+    ]
+    # The penalty's forward is retained (create_graph) and alive with the other two at the loss's backward.
+    assert steps[-1]["categories"]["activations"] >= 3 * (8 * 16 + 8 * 64) * 4
