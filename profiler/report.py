@@ -296,10 +296,14 @@ def updating_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     What the tables, the estimates and the fit planner describe: an iteration
     whose optimizer step a GradScaler skipped, or whose ``step()`` raised, has
-    no (whole) optimizer phase and is not the step the user asks about.
+    no (whole) optimizer phase and is not the step the user asks about; nor
+    has a backward with no optimizer step after it where other steps have one
+    (a GAN's discriminator backpropagated through by the generator's loss as
+    the measuring ends).
     """
     complete = [s for s in steps if s.get("complete")]
-    return [s for s in complete if not (s.get("optimizer_skipped") or s.get("optimizer_failed"))] or complete or steps
+    updated = [s for s in complete if not (s.get("optimizer_skipped") or s.get("optimizer_failed"))]
+    return [s for s in updated if s.get("optimizer_steps")] or updated or complete or steps
 
 
 def _shown_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:

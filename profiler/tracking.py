@@ -899,7 +899,16 @@ class StepTracker:
     def _count_saved(self, step: StepRecord, t: torch.Tensor, ptr: int, nbytes: int, path: str | None = None) -> None:
         """Charge a saved storage, once, to the autocast copies or to the running module's activations (or ``path``'s)."""
         f = step._current
-        if ptr in self._param_storages or ptr in f.saved or ptr in f.copies or _is_parameter(t):
+        if ptr in self._param_storages or _is_parameter(t):
+            return
+        if ptr in f.freed:
+            # Saved again after autograd let go of it: the same storage (a
+            # detached output saved anew) or a new one at its address. Alive
+            # again, counted afresh.
+            del f.freed[ptr]
+            f.saved.pop(ptr, None)
+            f.copies.pop(ptr, None)
+        elif ptr in f.saved or ptr in f.copies:
             return
         # A storage an earlier forward of this step saved and backward has not
         # freed (the same batch through the model twice) is alive once: its

@@ -832,3 +832,50 @@ def test_a_gradient_penalty_is_part_of_the_critics_step():
     ]
     # The penalty's forward is retained (create_graph) and alive with the other two at the loss's backward.
     assert steps[-1]["categories"]["activations"] >= 3 * (8 * 16 + 8 * 64) * 4
+
+
+def test_a_storage_saved_again_after_autograd_let_go_of_it_is_alive_again():
+    # profile(G) alone: the discriminator saves fake.detach() (the storage of G's
+    # output), its backward lets go of it, then D(fake) saves the same storage
+    # for G's backward. It was left out as freed (a third of the truth).
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 256))
+    D = nn.Linear(256, 1)
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.01)
+    every_weight = nn.ParameterList([*G.parameters(), *D.parameters()])
+    truths = []
+    with profile(G, sample_interval=None) as prof:
+        for _ in range(3):
+            fake = G(torch.randn(8, 16))
+            loss_d = D(fake.detach()).mean()
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            loss_g = -D(fake).mean()
+            truths.append(graph_saved_bytes(loss_g, every_weight))
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+    assert [s["categories"]["activations"] for s in memory(prof)["steps"]] == truths
+
+
+def test_a_backward_with_no_optimizer_step_after_it_is_not_the_steady_step():
+    # The discriminator measured alone: the generator's last backward goes
+    # through it as the block ends, with no step of its optimizer after it.
+    torch.manual_seed(0)
+    G, D = nn.Linear(8, 16), nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.01)
+    with profile(D, sample_interval=None) as prof:
+        for _ in range(2):
+            fake = G(torch.randn(4, 8))
+            loss_d = D(fake.detach()).mean() - D(torch.randn(4, 16)).mean()
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (-D(fake).mean()).backward()
+            opt_g.step()
+    entry = prof.report.models[0]
+    steps = entry.memory["steps"]
+    assert steps[-1]["optimizer_steps"] == 0 and steps[-1]["complete"]
+    assert entry.estimates["step"] == max(s["index"] for s in steps if s["optimizer_steps"])
