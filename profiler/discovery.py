@@ -80,23 +80,20 @@ class ModelWatcher:
         self._raise_at_next_call = exc
         self._stop_when = when
 
-    def _stop_now(self) -> bool:
-        """Whether the stop asked for is raised from this call (see ``stop_script_at_next_call``)."""
-        when = self._stop_when
+    def _stop_now(self) -> BaseException | None:
+        """The exception to raise from this call, if the stop asked for comes now (see ``stop_script_at_next_call``)."""
+        exc, when = self._raise_at_next_call, self._stop_when
         decided = True if when is None else when()
-        if decided is None:
+        if decided is not False:  # raised now, or called off
             self._raise_at_next_call, self._stop_when = None, None
-        return bool(decided)
+        return exc if decided else None
 
     def _pre(self, module: nn.Module, args: object, kwargs: dict | None = None) -> None:
         # Called at every module call of the script: the common path is kept to a few lookups.
         if PROCESS.forks != self._forks or torch.compiler.is_compiling():
             return
-        if self._raise_at_next_call is not None:
-            exc = self._raise_at_next_call
-            if self._stop_now():
-                self._raise_at_next_call, self._stop_when = None, None
-                raise exc
+        if self._raise_at_next_call is not None and (exc := self._stop_now()) is not None:
+            raise exc
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
         listeners = self._listeners  # as before this call: a tracker started by it began the call itself

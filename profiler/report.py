@@ -322,7 +322,6 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
         return parts
     shown = _shown_steps(steps)
     headers = ["measured on " + memory["device"]] + [f"step {s['index']} ({s['kind']})" for s in shown]
-    # A compiled model's saved tensors are hidden from the hooks: its 0 is no measurement.
     rows = [[label] + [format_bytes(s["categories"][key]) for s in shown] for key, label in _CATEGORY_LABELS]
     rows += [
         [label] + [format_bytes(s.get(key)) for s in shown]

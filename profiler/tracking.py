@@ -710,16 +710,10 @@ class StepTracker:
             # (between their steps' forwards: a GAN's discriminator after its
             # backward) are taken off, so this forward's saves come to us; they
             # push theirs again at their next forward.
-            while top is not None and top[0] is not self._pair[0]:
-                other = _tracker_of(top[0])
-                if (
-                    other is None or other is self or other._thread != self._thread or top[0] is not other._pair[0]
-                    or other._step_state in ("forward", "after_forward")
-                ):
-                    break
-                torch._C._autograd._pop_saved_tensors_default_hooks()
-                other._saved_hooks_pushed = False
-                top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            _pop_tracker_pairs(
+                self._thread, lambda other: other is not self and other._step_state not in ("forward", "after_forward")
+            )
+            top = torch._C._autograd._top_saved_tensors_default_hooks(False)
             if not (self._pushed_in_backward and (top is None or top[0] is not self._pair[0])):
                 return
             # Pushed while backward ran (a reentrant checkpoint's recomputation): the
@@ -786,12 +780,7 @@ class StepTracker:
             self._saved_hooks_pushed = False
             # A pair of another model's tracker under ours that stopped meanwhile
             # (it could not pop it from beneath ours) goes with ours.
-            while (top := torch._C._autograd._top_saved_tensors_default_hooks(False)) is not None:
-                other = _tracker_of(top[0])
-                if other is None or other._running or other._thread != self._thread or top[0] is not other._pair[0]:
-                    break
-                torch._C._autograd._pop_saved_tensors_default_hooks()
-                other._saved_hooks_pushed = False
+            _pop_tracker_pairs(self._thread, lambda other: not other._running)
 
     def _pack(self, t: torch.Tensor) -> "SavedTensor":
         """Autograd saves ``t`` for backward: note it, then save it as autograd would have.
@@ -852,7 +841,10 @@ class StepTracker:
 
     @_guarded
     def _observe_saved(self, t: torch.Tensor, packed: Any = NOT_PACKED) -> int | None:
-        """Count a saved tensor; its storage pointer if the timeline holds it until unpack.
+        """Count a saved tensor; the storage pointer counted for it in this forward, if any.
+
+        (Unpacking it releases it on the timeline; its holder tells
+        ``saved_freed`` when autograd lets go of it.)
 
         ``packed`` is what the script's own pack hook made of ``t``: what backward
         then holds on the device is the tensors in it there (a copy, a
@@ -986,6 +978,7 @@ class StepTracker:
             return
         if id(module) not in self._hooked:
             if self._wraps_the_model(module):  # torch.compile(model): its call is the model's, compiled whole
+                self._measure_as_compiled_whole()
                 self._module_pre(self.model, args)
                 step = self._step
                 if step is not None and step._current.input_shape is None:
@@ -1016,18 +1009,19 @@ class StepTracker:
         the block): the model's own hooks then run only inside the compiled
         code, where ours do nothing, but the wrapper's run in eager Python.
         What the compiled graphs save is measured as for a model compiled
-        whole. (Under the runner the wrapper is found as a model of its own.)
+        whole (``_measure_as_compiled_whole``). (Under the runner the wrapper is
+        found as a model of its own.)
         """
         if type(module).__name__ != "OptimizedModule" or self._hooks_host is not None or self.model is None:
             return False
-        model = self.model
-        if getattr(module, "_orig_mod", None) is not model:
-            return False
-        if id(model) not in self._compiled_mixed and self._bucket_of("", "before") != self._bucket_of("", "after"):
-            self._compiled_mixed.add(id(model))  # no module hook runs inside: which block saves what is not seen
+        return getattr(module, "_orig_mod", None) is self.model
+
+    def _measure_as_compiled_whole(self) -> None:
+        """The model runs compiled whole: no module hook inside says which block saves what; said in a note."""
+        if self._bucket_of("", "before") != self._bucket_of("", "after"):
+            self._compiled_mixed.add(id(self.model))
         if COMPILED_NOTE not in self.notes:
             self.notes.append(COMPILED_NOTE)
-        return True
 
     @_guarded
     def _module_pre(self, module: nn.Module, args: Any) -> None:
@@ -1448,6 +1442,20 @@ def _tracker_of(hook: Callable) -> "StepTracker | None":
     """The tracker whose pack hook ``hook`` is (itself, or wrapped by ``torch._dynamo.disable``)."""
     owner = getattr(getattr(hook, "__wrapped__", hook), "__self__", None)
     return owner if isinstance(owner, StepTracker) else None
+
+
+def _pop_tracker_pairs(thread: int, may_go: Callable[["StepTracker"], bool]) -> None:
+    """Pop trackers' pairs off the top of this thread's saved-tensor hook stack while ``may_go(tracker)``.
+
+    Stops at the first pair that is not a tracker's own (the script's), or
+    whose tracker is of another thread or must stay.
+    """
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(False)) is not None:
+        other = _tracker_of(top[0])
+        if other is None or other._thread != thread or top[0] is not other._pair[0] or not may_go(other):
+            break
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+        other._saved_hooks_pushed = False
 
 
 def _parameters(model: nn.Module | None) -> list[nn.Parameter]:
