@@ -274,7 +274,7 @@ def cuda_independent(step: common.TrainStep, last_row: dict[str, Any] | None) ->
     except Exception as exc:  # noqa: BLE001
         out["unprofiled_step_error"] = f"{type(exc).__name__}: {exc}"
     try:
-        from profiler.sampler import MemorySampler  # noqa: PLC0415
+        from profiler.tracking.sampler import MemorySampler  # noqa: PLC0415
 
         s = MemorySampler(device=dev, interval=0.05)
         s.start()

@@ -331,7 +331,7 @@ def fit_check(preset: str, device: torch.device, *, amp: str | None, fit_batches
     import gc
 
     from profiler import profile
-    from profiler.estimates import fit_points, plan_fit, predict_required
+    from profiler.results.fit import fit_points, plan_fit, predict_required
 
     def measure(batch: int) -> dict[str, Any]:
         step, desc = nanogpt_step(preset, device, amp=amp, batch=batch, seq=seq)

@@ -326,7 +326,7 @@ def section_loss_outside(ctx: Ctx) -> dict[str, Any]:
 
 
 def section_nvml_vs_smi(ctx: Ctx) -> dict[str, Any]:
-    from profiler.sampler import MemorySampler  # noqa: PLC0415
+    from profiler.tracking.sampler import MemorySampler  # noqa: PLC0415
 
     dev = ctx.device
     out: dict[str, Any] = {}

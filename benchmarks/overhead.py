@@ -88,7 +88,7 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
     elif mode == "watch":
         # What the runner leaves on after its measured steps: the two global
         # module hooks that notice models created later.
-        from profiler.discovery import ModelWatcher  # noqa: PLC0415
+        from profiler.script.watcher import ModelWatcher  # noqa: PLC0415
 
         with ModelWatcher():
             t1 = time.perf_counter()

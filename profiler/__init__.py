@@ -3,14 +3,18 @@
 Public API:
     analyze(model)            static inventory: parameters, bytes, ties, buckets
     profile(model)            context manager: measured memory of the training steps inside
-    Report                    the result; ``render()``, ``to_dict()``, ``to_json(path)``
+    Report                    the result; ``render()``, ``to_dict()``, ``to_json(path)``, ``plot(path)``
     ProfilerError             bad input, explained in one line
+    SCHEMA                    the version of the JSON report
+
+The package, by job: ``script`` runs a user's script (``python -m profiler``),
+``model`` counts a module statically, ``tracking`` measures its training
+steps, ``results`` turns measurements into the report, its JSON, text and plot.
 """
 
-from .analysis import analyze
+from .api import analyze, profile
 from .errors import ProfilerError
-from .profiling import profile
-from .report import SCHEMA, Report
+from .results import SCHEMA, Report
 
 __all__ = ["analyze", "profile", "Report", "ProfilerError", "SCHEMA"]
 __version__ = "0.1.0"

@@ -5,4 +5,4 @@ import sys
 from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(reraise_interrupt=True))
+    sys.exit(main(end_like_python=True))

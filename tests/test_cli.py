@@ -15,47 +15,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from support import EXAMPLES, ROOT, env, finish, run_both, run_profiler, start
+
 PROFILER_DIR = ROOT / "profiler"
-EXAMPLES = ROOT / "examples"
 PREFIX = "python -m profiler: error:"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env.pop("PYTHONSAFEPATH", None)
-    env.pop("PYTHONSTARTUP", None)
-    return env
-
-
-def _start(cmd, cwd) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, *map(str, cmd)], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def run_profiler(args, cwd, timeout: float = 180) -> subprocess.CompletedProcess:
-    return _finish(_start(["-m", "profiler", *args], cwd), timeout)
-
-
-def run_both(profiler_args, python_args, cwd, timeout: float = 180):
-    """``python -m profiler ...`` and plain ``python ...`` side by side (two cores, half the wait)."""
-    procs = [_start(["-m", "profiler", *profiler_args], cwd), _start(python_args, cwd)]
-    got, expected = (_finish(p, timeout) for p in procs)
-    return got, expected
 
 
 def write(path: Path, source: str) -> Path:
@@ -303,6 +266,22 @@ def _error_case(tmp_path: Path, case: str) -> list[str]:
         return ["--plot", "p.png", "--steps", "0", "ok.py"]
     if case == "fit with no steps":
         return ["--fit", "T4", "--steps", "0", "ok.py"]
+    if case == "stop after no steps":
+        return ["--stop-after-steps", "--steps", "0", "ok.py"]
+    if case == "unknown module":
+        return ["-m", "no_such_module_here"]
+    if case == "package without __main__":
+        write(tmp_path / "pkg_without_main" / "__init__.py", "")
+        return ["-m", "pkg_without_main"]
+    if case == "batch flag the script lacks":
+        write(tmp_path / "bs.py", """
+            import argparse
+            parser = argparse.ArgumentParser()
+            parser.add_argument("--bs", type=int, default=4)
+            parser.add_argument("--lr", type=float, default=0.1)
+            print("the script ran", parser.parse_args())
+        """)
+        return ["--fit-batches", "8", "bs.py"]
     if case == "json dir unwritable":
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -329,6 +308,10 @@ ERROR_CASES = [
     pytest.param("json where nobody may write", marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")),
     "plot with no steps",
     "fit with no steps",
+    "stop after no steps",
+    "unknown module",
+    "package without __main__",
+    "batch flag the script lacks",
     pytest.param(
         "json dir unwritable",
         marks=pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere"),
@@ -336,37 +319,60 @@ ERROR_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def error_runs(tmp_path_factory):
-    """Every error case at once (each is a fresh interpreter that imports torch)."""
-    cases = [c if isinstance(c, str) else c.values[0] for c in ERROR_CASES]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cases.remove("json dir unwritable")
-    if not os.path.isdir("/proc/self"):
-        cases.remove("json where nobody may write")
-    started = {}
-    for case in cases:
-        tmp = tmp_path_factory.mktemp("error")
-        started[case] = (tmp, _start(["-m", "profiler", *_error_case(tmp, case)], tmp))
-    return {case: (tmp, _finish(proc)) for case, (tmp, proc) in started.items()}
+def run_in_process(argv, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
+    """``cli.main(argv)`` in this interpreter, from ``cwd``: (exit status, stdout, stderr)."""
+    from profiler import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend(str(cwd))  # as `python -m` puts the working directory first
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)
-def test_user_errors_are_one_line_exit_2(error_runs, case):
-    tmp_path, got = error_runs[case]
-    err = got.stderr.decode()
-    assert got.returncode == 2, err
+def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, case):
+    code, out, err = run_in_process(_error_case(tmp_path, case), tmp_path, monkeypatch, capsys)
+    assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(PREFIX), err
     assert "Traceback" not in err
-    assert got.stdout == b""  # found before the script ran
+    assert out == ""  # found before the script ran
     assert not list(tmp_path.rglob("out.json"))
 
 
-def test_syntax_error_names_file_and_line(error_runs):
-    line = error_runs["syntax error"][1].stderr.decode().strip()
-    assert "bad.py" in line and ":2" in line
+@pytest.mark.parametrize("case", ["missing script", "unknown option"])
+def test_user_errors_in_a_fresh_interpreter(tmp_path, case):
+    # Smoke test of the real command: the same one line and status from `python -m profiler`.
+    got = run_profiler(_error_case(tmp_path, case), tmp_path)
+    err = got.stderr.decode()
+    assert got.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(PREFIX), err
+    assert got.stdout == b""
+
+
+def test_syntax_error_names_file_and_line(tmp_path, monkeypatch, capsys):
+    _, _, err = run_in_process(_error_case(tmp_path, "syntax error"), tmp_path, monkeypatch, capsys)
+    assert "bad.py" in err and ":2" in err
+
+
+def test_a_batch_flag_the_script_lacks_names_the_ones_it_has(tmp_path, monkeypatch, capsys):
+    _, _, err = run_in_process(_error_case(tmp_path, "batch flag the script lacks"), tmp_path, monkeypatch, capsys)
+    assert "--batch-size" in err and "--bs" in err and "--batch-arg" in err
+
+
+def test_a_batch_flag_is_not_judged_where_the_script_does_not_define_its_options(tmp_path):
+    from profiler.script.batch_sweep import check_batch_flag
+
+    check_batch_flag("from config import parser\nargs = parser.parse_args()\n", "--batch-size", [])  # defined elsewhere
+    check_batch_flag("p = argparse.ArgumentParser(parents=[base])\np.add_argument('--lr')\n", "--batch-size", [])
+    check_batch_flag("p.add_argument(*names)\np.add_argument('--lr')\n", "--batch-size", [])
+    check_batch_flag("p.add_argument('--batch-size-per-device')\n", "--batch-size", [])  # a unique prefix
+    check_batch_flag("p.add_argument('--lr')\n", "--batch-size", ["--batch-size", "8"])  # the user passes it
 
 
 # --------------------------------------------------------------------------- which models are found
@@ -550,8 +556,7 @@ def test_a_scripts_own_profiler_module_is_said_to_be_hidden(tmp_path):
 def test_a_failure_writing_the_json_still_prints_the_report(tmp_path, monkeypatch, capsys):
     # Our own error while writing a file (not an OSError): one line and a
     # non-zero exit, and the report is still printed.
-    from profiler import cli
-    from profiler.report import Report
+    from profiler import Report, cli
 
     script = write_sgd_script(tmp_path / "train.py", 2)
 
@@ -598,17 +603,17 @@ def test_stop_after_steps_lets_the_last_iteration_finish(tmp_path):
 
 def test_an_error_of_ours_never_stops_the_script_under_stop_after_steps(tmp_path, monkeypatch, capsys):
     from profiler import cli
-    from profiler.tracking import StepTracker
+    from profiler.tracking.phases import PhaseClock
 
     script = write_sgd_script(tmp_path / "five.py", 5, after_step='print("iteration", i)')
-    phase_begin = StepTracker._phase_begin
+    phase_begin = PhaseClock.begin
 
-    def broken(self, name):
+    def broken(self, step, name):
         if name == "optimizer":
             raise RuntimeError("simulated bug")
-        phase_begin(self, name)
+        phase_begin(self, step, name)
 
-    monkeypatch.setattr(StepTracker, "_phase_begin", broken)
+    monkeypatch.setattr(PhaseClock, "begin", broken)
     code = cli.main(["-q", "--no-sampler", "--steps", "3", "--stop-after-steps", "--json", str(tmp_path / "r.json"), str(script)])
     assert code == 0
     assert capsys.readouterr().out.splitlines() == [f"iteration {i}" for i in range(5)]
@@ -617,8 +622,7 @@ def test_an_error_of_ours_never_stops_the_script_under_stop_after_steps(tmp_path
 
 
 def test_a_failure_rendering_the_report_is_said_once(tmp_path, monkeypatch, capsys):
-    from profiler import cli
-    from profiler.report import Report
+    from profiler import Report, cli
 
     script = write(tmp_path / "one.py", """
         import torch

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from profiler.discovery import ModelWatcher
-from profiler.profiling import profile
-from test_runner_memory import _report, run_profiler
-from test_tracking import assert_no_hooks, batch, memory, tiny_gpt, unique_param_bytes
+from profiler import profile
+from profiler.script.watcher import ModelWatcher
+from support import assert_no_hooks, batch, memory, read_json, tiny_gpt, unique_param_bytes
+from support import run_profiler_text as run_profiler
 
 
 def _graphs_of_three_steps(watch: bool) -> tuple[dict, int]:
@@ -92,7 +92,7 @@ def test_the_runner_measures_a_model_compiled_in_place(tmp_path):
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Dynamo" not in proc.stderr and "Traceback" not in proc.stderr
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     steps = model["memory"]["steps"]
     assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["complete"]) for s in steps] == [(1, 1, 1, True)] * 2
     trained = 8 * 64 + 64 + 64 + 1
@@ -128,7 +128,7 @@ def test_a_model_compiled_in_place_and_dropped_is_freed_under_the_runner(tmp_pat
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "compiled model alive: False"
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     assert len(model["memory"]["steps"]) == 2
 
 
@@ -276,5 +276,5 @@ def test_the_runner_compiles_a_model_no_more_often_than_a_plain_run(tmp_path):
     proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == plain.stdout == "graphs 1 breaks 0\n"
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     assert [s["categories"]["activations"] for s in model["memory"]["steps"]] == [4 * 8 * 4 + 4 * 32 * 4] * 2

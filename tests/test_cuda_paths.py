@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from profiler.estimates import fit_points, plan_fit, predict_required
-from profiler.report import render_memory
+from profiler.results.fit import fit_points, plan_fit, predict_required
+from profiler.results.render import render_memory
 
 MiB = 1024**2
 
@@ -53,7 +53,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 def test_real_cuda_step_reconciles_with_the_allocator():
     from profiler import profile
-    from test_tracking import tiny_gpt
+    from support import tiny_gpt
 
     model = tiny_gpt(n_layer=2, n_embd=64, block_size=64).cuda()
     opt = torch.optim.AdamW(model.parameters())
@@ -83,7 +83,7 @@ class StandInAllocator:
     """
 
     def __init__(self, baseline: int) -> None:
-        from profiler.live import LiveTensorCounter
+        from profiler.tracking.live_tensors import LiveTensorCounter
 
         self.baseline = baseline
         self.counter = LiveTensorCounter()
@@ -121,9 +121,9 @@ class StandInAllocator:
 
 
 def test_tracker_cuda_code_paths_with_a_stand_in_allocator(monkeypatch):
+    import profiler.tracking.tracker as tracker_module
     from profiler import profile
-    from profiler.tracking import StepTracker
-    from test_tracking import tiny_gpt, train
+    from support import tiny_gpt, train
 
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
@@ -132,7 +132,7 @@ def test_tracker_cuda_code_paths_with_a_stand_in_allocator(monkeypatch):
     alive_before += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values())
     allocator = StandInAllocator(alive_before)
     allocator.install(monkeypatch)
-    monkeypatch.setattr(StepTracker, "_model_device", lambda self: torch.device("cuda", 0))
+    monkeypatch.setattr(tracker_module, "model_device", lambda parameters: torch.device("cuda", 0))
     with allocator.counter:
         with profile(model, opt) as prof:
             train(model, opt, steps=2)
@@ -159,7 +159,7 @@ def test_capture_is_checked_on_the_models_device_not_the_current_one(monkeypatch
     # recording a timing event there would break the capture.
     import contextlib
 
-    from profiler.device_clock import DeviceClock
+    from profiler.tracking.phases import DeviceClock
 
     current = [0]
 
@@ -186,7 +186,7 @@ def test_capture_is_checked_on_the_models_device_not_the_current_one(monkeypatch
 def test_span_seconds_waits_for_both_events():
     # Phases begun and ended on different streams complete in any order: the
     # start event is waited for too, not only the end.
-    from profiler.device_clock import span_seconds
+    from profiler.tracking.phases import span_seconds
 
     waited = []
 

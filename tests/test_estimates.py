@@ -6,20 +6,12 @@ import pytest
 import torch
 
 from profiler import ProfilerError, profile
-from profiler.estimates import (
-    CARDS,
-    ModelTraits,
-    estimates_section,
-    fit_points,
-    model_traits,
-    parse_batches,
-    parse_cards,
-    plan_fit,
-    predict_required,
-    resolve_card,
-)
+from profiler.model.traits import ModelTraits, model_traits
+from profiler.results.estimates import estimates_section
+from profiler.results.fit import CARDS, fit_points, plan_fit, predict_required, resolve_card
+from profiler.script.options import parse_batches, parse_cards
 
-from test_tracking import tiny_gpt
+from support import tiny_gpt
 
 
 def measured(model, opt, b, t=16, steps=2, autocast=False):

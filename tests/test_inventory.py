@@ -293,9 +293,23 @@ def test_analyze_non_module_raises_one_line(bad):
 @pytest.mark.parametrize(
     "empty", [nn.ReLU(), nn.Sequential(), nn.Sequential(nn.ReLU(), nn.Dropout()), WithBuffers().inner]
 )
-def test_analyze_module_without_parameters_raises(empty):
+def test_a_module_without_parameters_counts_zero(empty):
+    # A static count of nn.ReLU() or an empty Sequential is zero parameters, not an error.
+    report = analyze(empty)
+    (entry,) = report.models
+    params = report.to_dict()["models"][0]["parameters"]
+    assert params["total"] == params["bytes"] == params["trainable"] == entry.inventory.total == 0
+    assert params["buckets"] == {"embedding": 0, "block": 0, "head": 0, "other": 0}
+    assert params["tied"] == [] and params["trunks"] == []
+    buffers = sum(b.numel() for b in empty.buffers())
+    assert report.to_dict()["models"][0]["buffers"]["total"] == buffers
+    text = report.render()
+    assert "parameters (unique)" in text and "Tied parameters: none" in text
+
+
+def test_analyze_of_something_not_a_module_is_one_line():
     with pytest.raises(ProfilerError) as info:
-        analyze(empty)
+        analyze(torch.zeros(3))
     assert str(info.value) and "\n" not in str(info.value)
 
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
 import torch
 
 from profiler import ProfilerError, analyze, profile
-from profiler import plot
-from profiler.plot import matplotlib_available, plot_report, plot_step
+from profiler.results import plot
+from profiler.results.plot import matplotlib_available, plot_report, plot_step
 
 # Everything but the missing-matplotlib test needs the optional extra.
 needs_matplotlib = pytest.mark.skipif(not matplotlib_available(), reason="matplotlib (profiler[plot]) not installed")
@@ -155,3 +156,43 @@ def test_plotting_leaves_pyplot_alone(report, tmp_path):
     before = plt.get_fignums()
     plot_report(report, tmp_path / "x.png")
     assert plt.get_fignums() == before
+
+
+def _peak_marker(memory: dict, step: dict):
+    """The drawn timeline's peak marker: (its x in seconds since the step began, the phase its legend names)."""
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    handles = plot._draw_timeline(ax, memory, step)
+    marker = next(h for h in handles if h.get_label().startswith("peak of the stack"))
+    times, _, _ = plot._series(step)
+    scale, _ = plot._time_scale(times[-1])
+    phase = re.search(r"\(([a-z ]+)\)$", marker.get_label()).group(1)
+    return marker.get_xdata()[0] / scale, phase
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_peak_marker_sits_in_the_phase_its_legend_names(nanogpt, autocast):
+    memory = _train(nanogpt, steps=3, autocast=autocast)["models"][0]["memory"]
+    for step in memory["steps"]:
+        x, phase = _peak_marker(memory, step)
+        spans = step["phase_spans"]
+        if phase == "end of step":
+            assert x >= step["seconds"] * 0.999
+        elif phase.startswith("after "):  # between the phases' end and the step's
+            assert x >= max(b for a, b in spans[phase[len("after "):]]), (phase, x, spans)
+        else:
+            assert any(a <= x <= b for a, b in spans[phase]), (phase, x, spans)
+
+
+@needs_matplotlib
+def test_the_default_plot_draws_the_step_the_tables_describe(report, tmp_path):
+    from profiler.results.steps import described_step
+
+    memory = report["models"][0]["memory"]
+    # The last complete step is one whose optimizer step a GradScaler skipped: the tables leave it out.
+    steps = [dict(s) for s in memory["steps"]] + [dict(memory["steps"][-1], index=99, optimizer_skipped=True)]
+    memory = dict(memory, steps=steps)
+    assert plot._pick_step(memory, None) is described_step(steps)
+    assert plot._pick_step(memory, None)["index"] == memory["activations_step"] != 99

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from profiler import ProfilerError, analyze
+from profiler import analyze
 
 BUCKETS = ("embedding", "block", "head", "other")
 
@@ -135,11 +135,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 @given(spec=trees, operations=ops)
 def test_inventory_properties(spec, operations):
     model = make(spec, operations)
-    unique = _unique(model)
-    if not unique:
-        with pytest.raises(ProfilerError):
-            analyze(model)
-        return
+    unique = _unique(model)  # may be empty: a module without parameters counts zero
     report = analyze(model)
     entry = report.models[0]
     inv, b = entry.inventory, entry.buckets
@@ -210,10 +206,6 @@ def test_meta_device_gives_the_same_counts(spec, operations):
     assert [n for n, _ in cpu.named_parameters(remove_duplicate=False)] == [
         n for n, _ in meta.named_parameters(remove_duplicate=False)
     ]
-    if not _unique(cpu):
-        with pytest.raises(ProfilerError):
-            analyze(meta)
-        return
     assert all(p.device.type == "meta" for p in meta.parameters())
     assert _summary(analyze(meta)) == _summary(analyze(cpu))
 

@@ -7,21 +7,10 @@ import textwrap
 
 import pytest
 
-from test_cli import EXAMPLES
-from test_cli import run_profiler as _run
-
-
-def run_profiler(args, cwd, timeout: float = 180):
-    """The shared runner, with stdout and stderr as text."""
-    proc = _run(args, cwd, timeout)
-    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
-    return proc
+from support import EXAMPLES, read_json
+from support import run_profiler_text as run_profiler
 
 TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--vocab_size", "64", "--block_size", "16", "--seq-len", "8"]
-
-
-def _report(path) -> dict:
-    return json.loads(path.read_text())
 
 
 def test_nanogpt_steps_are_measured_then_hooks_removed(tmp_path):
@@ -29,7 +18,7 @@ def test_nanogpt_steps_are_measured_then_hooks_removed(tmp_path):
     proc = run_profiler(["--steps", "2", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "5"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("step ") == 5  # the script ran all its steps after the measured two
-    model = _report(out)["models"][0]
+    model = read_json(out)["models"][0]
     mem = model["memory"]
     assert [s["index"] for s in mem["steps"]] == [1, 2]
     assert [s["kind"] for s in mem["steps"]] == ["first", "steady"]
@@ -48,7 +37,7 @@ def test_stop_after_steps_ends_the_script_with_exit_0(tmp_path):
     proc = run_profiler(["--steps", "1", "--stop-after-steps", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "50"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("step ") < 50
-    assert len(_report(out)["models"][0]["memory"]["steps"]) == 1
+    assert len(read_json(out)["models"][0]["memory"]["steps"]) == 1
 
 
 def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
@@ -72,7 +61,7 @@ def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
     proc = run_profiler(["--steps", "3", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "module hooks left: 0" in proc.stdout
-    mem = _report(out)["models"][0]["memory"]
+    mem = read_json(out)["models"][0]["memory"]
     assert len(mem["steps"]) == 3 and all(s["complete"] for s in mem["steps"])
     assert mem["optimizer"] is None
     assert all(s["categories"]["optimizer_state"] == 0 for s in mem["steps"])
@@ -97,7 +86,7 @@ def test_failing_script_still_gets_a_memory_report(tmp_path):
     proc = run_profiler(["--json", out, script], tmp_path)
     assert proc.returncode == 1
     assert "RuntimeError: diverged" in proc.stderr
-    report = _report(out)
+    report = read_json(out)
     assert len(report["models"][0]["memory"]["steps"]) == 3
     assert any("raised RuntimeError" in n for n in report["notes"])
 
@@ -106,7 +95,7 @@ def test_hf_trainer_steps_measured(tmp_path):
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--json", out, EXAMPLES / "hf_trainer.py"], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    model = _report(out)["models"][0]
+    model = read_json(out)["models"][0]
     assert model["class"] == "GPT2LMHeadModel"
     mem = model["memory"]
     assert mem["optimizer"] is not None
@@ -124,7 +113,7 @@ def test_fit_batches_reruns_the_script_and_fits_a_line(tmp_path):
         tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    fit = _report(out)["models"][0]["fit"]
+    fit = read_json(out)["models"][0]["fit"]
     assert fit["measured_batches"] == [2, 4]
     assert "linear fit" in fit["method"]
     assert [c["card"] for c in fit["cards"]] == ["T4"]
@@ -196,7 +185,7 @@ def test_a_real_world_mix_trains_identically_and_is_reported(tmp_path):
     (tmp_path / "link").mkdir()
     script = tmp_path / "link" / "train.py"
     script.symlink_to(pkg / "train.py")
-    from test_cli import run_both
+    from support import run_both
 
     out = tmp_path / "r.json"
     got, plain = run_both(["--json", out, script], [script], tmp_path)
@@ -204,7 +193,7 @@ def test_a_real_world_mix_trains_identically_and_is_reported(tmp_path):
     assert got.returncode == 0, got.stderr.decode()
     assert got.stdout == plain.stdout  # same losses, same hook calls
     assert b"Traceback" not in got.stderr
-    report = _report(out)
+    report = read_json(out)
     models = {m["name"]: m for m in report["models"]}
     assert {"enc", "head", "teacher", "scripted"} <= set(models)
     for name in ("enc", "head"):
@@ -248,7 +237,7 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold):
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["folds alive: 0"] * 3
-    models = _report(out)["models"]
+    models = read_json(out)["models"]
     assert [m["name"] for m in models] == ["Sequential", "Sequential#2", "Sequential#3"]
     assert all(len(m["memory"]["steps"]) == 2 and m["memory"]["optimizer"] == "AdamW" for m in models)
 
@@ -273,7 +262,7 @@ def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path):
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "module"
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     assert model["parameters"]["total"] == 8 * 16 + 16 + 16 + 1
     assert len(model["memory"]["steps"]) == 2
 
@@ -307,7 +296,7 @@ def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "2 lazy parameter(s) not initialised yet" in proc.stderr
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     trained = 8 * 16 + 16 + 16 + 1
     assert model["parameters"]["total"] == trained
     assert model["parameters"]["uninitialized"] == ["unused.weight", "unused.bias"]
@@ -341,7 +330,7 @@ def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     steps = model["memory"]["steps"]
     assert model["memory"]["optimizer"] == "LBFGS"
     assert [s["optimizer_steps"] for s in steps] == [1, 1]
@@ -369,7 +358,7 @@ def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_p
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     ours = [s["categories"]["activations"] for s in model["memory"]["steps"]]
     assert proc.stdout.strip() == str(ours)
     assert ours[0] > 0
@@ -401,7 +390,7 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["folds alive: 0"] * 2  # as in a plain run
     assert "Linear, Linear#2 completed fewer than 3 training step(s)" in proc.stderr
-    models = _report(out)["models"]
+    models = read_json(out)["models"]
     assert [len(m["memory"]["steps"]) for m in models] == [2, 2]
     assert all(m["memory"]["steps"][-1]["categories"]["gradients"] == 36 for m in models)
 
@@ -434,7 +423,7 @@ def test_a_model_can_be_copied_saved_and_scripted_while_it_is_measured(tmp_path)
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["copied True True"] * 2
-    models = {m["name"]: m for m in _report(out)["models"]}
+    models = {m["name"]: m for m in read_json(out)["models"]}
     assert len(models["model"]["memory"]["steps"]) == 2 and models["teacher"]["memory"]["steps"] == []
 
 
@@ -481,7 +470,7 @@ def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path):
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["alive: 0"] * 3 + ["trained alive: False"]
-    models = _report(out)["models"]
+    models = read_json(out)["models"]
     assert len(models) == 4
     assert all(m["memory"]["steps"] == [] for m in models[:3])
     trained = models[3]
@@ -520,7 +509,7 @@ def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     rows = {r["path"] for r in model["memory"]["activations_by_module"]}
     assert {"features.0", "features.1", "features.2", "classifier"} <= rows  # the features' saves are the model's
     # conv input 4x3x8x8, ReLU output 4x8x8x8 (saved by ReLU and the pool), pool indices (int64), classifier input.
@@ -552,7 +541,7 @@ def test_a_replaced_optimizer_is_freed_and_the_new_one_measured(tmp_path):
     proc = run_profiler(["--steps", "4", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "old optimizer alive: False"
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     trained = (32 * 32 + 32) * 4
     assert [s["categories"]["optimizer_state"] for s in model["memory"]["steps"]] == [0, 0, 2 * trained + 2 * 4, 2 * trained + 2 * 4]
     assert any("SGD, then AdamW" in n for n in model["memory"]["notes"])
@@ -578,7 +567,7 @@ def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path):
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    models = {m["name"]: m for m in _report(out)["models"]}
+    models = {m["name"]: m for m in read_json(out)["models"]}
     assert models["teacher"]["memory"]["steps"] == []
     steps = models["student"]["memory"]["steps"]
     # Linear input 8x16, ReLU output 8x8 (ReLU and Linear 2), and the loss's two 8x4 inputs.
@@ -607,7 +596,7 @@ def test_a_model_traced_while_it_is_measured_leaves_the_report_whole(tmp_path):
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "traced TopLevelTracedModule\n"
-    (model,) = _report(out)["models"]
+    (model,) = read_json(out)["models"]
     assert [(s["forwards"], s["input_shape"]) for s in model["memory"]["steps"]] == [(1, [3, 4])]
 
 
@@ -641,7 +630,7 @@ def test_models_run_with_gradients_on_but_never_trained_take_nothing_from_the_tr
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    models = {m["name"]: m for m in _report(out)["models"]}
+    models = {m["name"]: m for m in read_json(out)["models"]}
     # Linear input 8x16, ReLU output 8x64 (ReLU and Linear 2), the loss's log-softmax 8x500, its targets
     # (8 int64) and nll_loss's total weight (one fp32).
     expected = (8 * 16 + 8 * 64 + 8 * 500 + 1) * 4 + 8 * 8
@@ -685,7 +674,7 @@ def test_stop_after_one_step_waits_for_the_other_model_of_a_gan(tmp_path):
     proc = run_profiler(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0"]
-    models = {m["name"]: m for m in _report(out)["models"]}
+    models = {m["name"]: m for m in read_json(out)["models"]}
     for name in ("G", "D"):
         (step,) = models[name]["memory"]["steps"]
         assert step["complete"] and step["optimizer_steps"] == 1, name
@@ -718,4 +707,4 @@ def test_a_model_that_trains_only_after_the_stop_is_named(tmp_path):
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert any("G had no training step before the stop" in n for n in _report(out)["notes"])
+    assert any("G had no training step before the stop" in n for n in read_json(out)["notes"])

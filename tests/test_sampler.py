@@ -17,8 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profiler import sampler as sampler_mod
-from profiler.sampler import MemorySampler, Sample
+from profiler.tracking import sampler as sampler_mod
+from profiler.tracking.sampler import MemorySampler, Sample
 
 MiB = 1 << 20
 PID = os.getpid()

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from autograd_walk import graph_saved_bytes
-from profiler.memory import categories_live_peak
-from profiler.profiling import profile
-from profiler.report import updating_steps
+from profiler import profile
+from profiler.results.memory_section import categories_live_peak
+from profiler.results.steps import described_steps
 from profiler.tracking import OUTSIDE, StepTracker
-from test_tracking import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, unique_param_bytes
+from support import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, unique_param_bytes
 
 
 def gradients_at_end_of_timeline(step: dict) -> int:
@@ -56,7 +56,7 @@ def test_a_caught_optimizer_error_ends_that_iteration():
     notes = memory(prof)["notes"]
     assert any("optimizer.step() raised in step(s) 1" in n for n in notes)
     # The tables, estimates and fit describe the steps that updated the weights.
-    assert [s["index"] for s in updating_steps(steps)] == [2, 3]
+    assert [s["index"] for s in described_steps(steps)] == [2, 3]
     assert "(step 3;" in prof.report.render()
     assert_no_hooks(model)
 
@@ -208,14 +208,14 @@ def test_an_error_in_an_optimizer_hook_finishes_the_tracker(monkeypatch):
     finished = []
     tracker = StepTracker(model, opt, sample_interval=None, on_finished=finished.append)
 
-    phase_begin = tracker._phase_begin
+    phase_begin = tracker.phases.begin
 
-    def broken(name):
+    def broken(step, name):
         if name == "optimizer":
             raise RuntimeError("simulated bug")
-        phase_begin(name)
+        phase_begin(step, name)
 
-    monkeypatch.setattr(tracker, "_phase_begin", broken)
+    monkeypatch.setattr(tracker.phases, "begin", broken)
     tracker.start()
     try:
         for _ in range(2):
@@ -642,8 +642,7 @@ def test_a_model_gone_before_its_backward_still_has_its_gradients_counted():
     # its parameters live on in the graph and get gradients.
     import gc
 
-    from profiler.profiling import attach_measurements
-    from profiler.analysis import analyze_model
+    from profiler.results.assemble import analyze_model, attach_measurements
 
     model = nn.Linear(16, 4)
     tracker = StepTracker(model, sample_interval=None, hold_model=False).start()
@@ -741,7 +740,7 @@ def test_a_model_only_evaluated_with_its_loss_kept_holds_a_bounded_record():
         held = []
         for _ in range(100):
             kept = model(torch.randn(4, 8)).pow(2).mean()
-            held.append(prof.tracker._step.forwards)
+            held.append(prof.tracker.step.forwards)
     assert max(held) <= 32
     mem = memory(prof)
     assert mem["steps"] == [] and kept.grad_fn is not None

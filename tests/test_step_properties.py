@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from autograd_walk import graph_saved_bytes
-from profiler.profiling import profile
+from profiler import profile
 
 views = st.lists(st.integers(1, 8), min_size=1, max_size=3)  # batch size of each view
 micro_batch = st.tuples(views, st.booleans(), st.booleans())  # (views, same input for every view, one loss per view)

@@ -2,85 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autograd_walk import graph_saved_bytes
-from profiler.profiling import profile
+from profiler import profile
+from support import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, train, train_by_hand, unique_param_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_nanogpt():
-    spec = importlib.util.spec_from_file_location("nanogpt_for_tracking", ROOT / "examples" / "nanogpt.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
-
-
-NANOGPT = _load_nanogpt()
-
-
-def tiny_gpt(**overrides) -> nn.Module:
-    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True, tie_weights=True)
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    return NANOGPT.GPT(NANOGPT.GPTConfig(**cfg))
-
-
-def batch(b: int = 2, t: int = 8, vocab: int = 64):
-    x = torch.randint(0, vocab, (b, t))
-    return x, torch.roll(x, -1, 1)
-
-
-def unique_param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def train(model, opt, steps=3, **kw):
-    losses = []
-    for _ in range(steps):
-        x, y = batch(**kw)
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return losses
-
-
-def train_by_hand(model, steps, clear):
-    """SGD written out in the loop, no optimizer step; ``clear`` drops the gradients."""
-    for _ in range(steps):
-        x, y = batch()
-        _, loss = model(x, y)
-        loss.backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= 0.01 * p.grad
-        clear()
-
-
-def memory(prof) -> dict:
-    return prof.to_dict()["models"][0]["memory"]
-
-
-def assert_no_hooks(model: nn.Module) -> None:
-    from torch.nn.modules import module as m
-    from torch.optim import optimizer as o
-
-    for mod in model.modules():
-        assert not mod._forward_hooks and not mod._forward_pre_hooks
-    assert not m._global_forward_hooks and not m._global_forward_pre_hooks
-    assert not o._global_optimizer_pre_hooks and not o._global_optimizer_post_hooks
-    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
 def test_adamw_categories_are_exact():
@@ -302,7 +232,7 @@ def test_an_optimizer_that_never_steps_does_not_make_skipped_steps():
 
 
 def test_a_scaler_that_never_settles_ends_measuring():
-    from profiler.tracking import SKIPPED_STEPS_LIMIT
+    from profiler.tracking.tracker import SKIPPED_STEPS_LIMIT
 
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
@@ -523,24 +453,6 @@ def test_a_frozen_block_run_without_grad_is_not_checkpointing():
     assert memory(prof)["steps"][0]["gradient_checkpointing"] is False
 
 
-def profile_lbfgs(steps: int = 2):
-    """A tiny GPT trained ``steps`` LBFGS steps under profile(); the closure clears gradients first."""
-    model = tiny_gpt()
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
-    x, y = batch()
-
-    def closure():
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        return loss
-
-    with profile(model, sample_interval=None) as prof:
-        for _ in range(steps):
-            opt.step(closure)
-    return model, prof
-
-
 def test_lbfgs_closure_evaluations_are_one_step():
     _, prof = profile_lbfgs()
     steps = memory(prof)["steps"]
@@ -746,14 +658,14 @@ def test_steps_limit_removes_hooks_and_training_continues():
 
 
 def test_an_internal_error_never_stops_training(monkeypatch):
-    import profiler.tracking as tracking
+    import profiler.tracking.ledger as ledger
 
     def broken(t):
         raise RuntimeError("simulated bug")
 
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
-    monkeypatch.setattr(tracking, "storage_key", broken)
+    monkeypatch.setattr(ledger, "storage_key", broken)
     with profile(model, sample_interval=None) as prof:
         losses = train(model, opt, steps=3)  # must not raise
     assert len(losses) == 3

@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from profiler.profiling import profile  # noqa: E402
+from profiler import profile  # noqa: E402
 from profiler.tracking import OUTSIDE  # noqa: E402
 
 from autograd_walk import graph_saved, graph_saved_bytes  # noqa: E402
@@ -673,7 +673,7 @@ class _MaskedNet(nn.Module):
 
 def test_tensors_a_custom_function_keeps_on_ctx_are_activations():
     from autograd_walk import graph_saved_bytes
-    from profiler.tracking import CTX_PATH
+    from profiler.tracking.ledger import CTX_PATH
 
     model = _MaskedNet()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

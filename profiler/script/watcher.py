@@ -29,10 +29,10 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
 
-from .compiled import unwrap_compiled_call, wrap_compiled_call
-from .module_calls import PROCESS, hide_global_hook_warning, restore_warnings, running_call_kwargs
+from ..tracking.compiled import unwrap_compiled_call, wrap_compiled_call
+from ..tracking.module_calls import PROCESS, hide_global_hook_warning, restore_warnings, running_call_kwargs
 
-__all__ = ["ModelWatcher"]
+__all__ = ["Listening", "ModelWatcher", "outermost"]
 
 
 class ModelWatcher:
@@ -141,7 +141,8 @@ class ModelWatcher:
         self._listeners = self._listeners + [pair]  # copied, never changed in place: _pre iterates a snapshot
         return Listening(self, pair)
 
-    def _stop_listening(self, pair: tuple) -> None:
+    def stop_listening(self, pair: tuple) -> None:
+        """End what ``listen`` began (``Listening.remove`` calls this)."""
         self._listeners = [p for p in self._listeners if p is not pair]
 
     # Models compiled in place ------------------------------------------------
@@ -230,12 +231,7 @@ class Listening:
     def remove(self) -> None:
         watcher = self._watcher()
         if watcher is not None:
-            watcher._stop_listening(self._pair)
-
-    @staticmethod
-    def hooks_dict_ref() -> None:
-        """No hook dict of torch's holds it (what the tracker asks of every handle)."""
-        return None
+            watcher.stop_listening(self._pair)
 
 
 def outermost(candidates: list[nn.Module]) -> list[nn.Module]:

@@ -1,45 +1,23 @@
 """Turn a StepTracker's measurements into the Report's ``memory`` section.
 
 Kept apart from the tracker so the tracker only observes and this module only
-arranges: the JSON shape (a public contract) and the bucket labelling of
-activations live here.
+arranges: the JSON shape (a public contract, typed in ``schema``) and the
+notes that say what a figure means or why it is missing live here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .buckets import BUCKETS, Buckets
-from .device_clock import span_seconds
-from .report import updating_steps
-from .tracking import StepRecord, StepTracker
+from ..model.buckets import BUCKETS, Buckets
+from ..tracking import StepRecord, StepTracker
+from ..tracking.phases import span_seconds
+from .schema import MemoryJSON, StepJSON
+from .steps import described_step
 
-__all__ = ["bucket_resolver", "memory_section", "CPU_UNAVAILABLE"]
+__all__ = ["memory_section", "categories_live_peak", "CPU_UNAVAILABLE"]
 
 CPU_UNAVAILABLE = "allocator statistics unavailable on CPU (PyTorch's CPU allocator keeps no counters)"
-
-_STATE_BUCKET = {"before": "embedding", "in": "block", "after": "head"}
-
-
-def bucket_resolver(buckets: Buckets):
-    """Map (module path, where execution is relative to the trunk) to a bucket.
-
-    A module inside one bucket is that bucket. Work done by a container of the
-    trunk itself, or outside the model (a loss computed in the script), is
-    placed by when it ran: before the first block, among the blocks, or after.
-    """
-    module_bucket = buckets.module_bucket
-    has_trunk = bool(buckets.trunks)
-
-    def resolve(path: str, state: str) -> str:
-        bucket = module_bucket.get(path)
-        if bucket is not None and bucket != "mixed":
-            return bucket
-        if not has_trunk:
-            return "other"
-        return _STATE_BUCKET.get(state, "other")
-
-    return resolve
 
 
 def categories_live_peak(step: StepRecord) -> int:
@@ -57,14 +35,14 @@ def categories_live_peak(step: StepRecord) -> int:
     return peak
 
 
-def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
+def _step_dict(step: StepRecord, tracker: StepTracker) -> StepJSON:
     live_peak = categories_live_peak(step)
     # "other" is what the measured peak holds beyond the categories at their
     # largest simultaneous total: temporaries, workspace, allocator rounding.
     # Only against the allocator's peak: the live-tensor peak leaves out tensors
     # made before the step (the batch) that the categories may hold.
     other = None if step.peak_allocated is None else step.peak_allocated - live_peak
-    out: dict[str, Any] = {
+    out: StepJSON = {
         "index": step.index,
         "kind": "first" if step.first else "steady",
         "complete": step.complete,
@@ -101,7 +79,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "phases": {
             name: {
                 "seconds": ph.seconds,
-                "gpu_seconds": span_seconds(ph._device_spans),
+                "gpu_seconds": span_seconds(ph.device_spans),
                 "peak_allocated": ph.peak_allocated,
                 "allocated_end": ph.allocated_end,
                 "reserved_end": ph.reserved_end,
@@ -118,7 +96,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> dict[str, Any]:
         "nvml_device_used_peak": None,
         "host_rss_peak": None,
     }
-    t0 = step._t0
+    t0 = step.started_at
     out["baseline"] = {
         "parameters": step.parameters,
         "gradients": step.gradients_start,
@@ -182,24 +160,41 @@ def _per_block_module(by_module: list[dict[str, Any]], buckets: Buckets) -> list
     return sorted((groups[k] for k in order), key=lambda g: -g["bytes"])
 
 
-def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
+def memory_section(tracker: StepTracker, buckets: Buckets) -> MemoryJSON:
     """The JSON ``memory`` section for one model."""
     cuda = tracker.device.type == "cuda"
     steps = [_step_dict(s, tracker) for s in tracker.steps]
-    chosen = updating_steps(steps)
-    last = tracker.steps[steps.index(chosen[-1])] if chosen else None
+    chosen = described_step(steps)
+    last = tracker.steps[steps.index(chosen)] if chosen is not None else None
     by_module = []
     if last is not None:
         for (path, bucket), nbytes in sorted(last.activations_by_module.items(), key=lambda kv: -kv[1]):
             by_module.append({"path": path, "bucket": bucket, "bytes": nbytes})
-    by_layer = _per_block_module(by_module, buckets)
+    section: MemoryJSON = {
+        "device": str(tracker.device),
+        "allocator": "cuda caching allocator" if cuda else "unavailable: " + CPU_UNAVAILABLE,
+        "live_peak": tracker.live_peak,
+        "optimizer": tracker.optimizer_name,
+        "steps": steps,
+        "activations_by_module": by_module,
+        "activations_by_block_module": _per_block_module(by_module, buckets),
+        "activations_step": last.index if last is not None else None,
+        "notes": _measuring_notes(tracker) + _step_notes(tracker),
+    }
+    if tracker.sampler is not None:
+        section["sampler"] = tracker.sampler.to_dict()
+    return section
+
+
+def _measuring_notes(tracker: StepTracker) -> list[str]:
+    """What the tracker noted, and what this device and these options could not measure."""
     notes = list(tracker.notes)
-    if not cuda:
+    if tracker.device.type != "cuda":
         if tracker.live_peak:
             notes.append(CPU_UNAVAILABLE + "; the peak is the live-tensor counter's (opt-in dispatch tracking)")
         else:
             notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null (--live-peak measures a live-tensor peak)")
-    if cuda:
+    else:
         notes.append(
             "phase 'seconds' are host time (CUDA runs kernels asynchronously, so the host sees launches); "
             "'gpu_seconds' is the device's time between CUDA events recorded at the phase boundaries"
@@ -208,19 +203,26 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
         notes.append(tracker.device_clock.error)
     if not tracker.sample_interval:
         notes.append("no sampler thread (--no-sampler, or sample_interval=None): host RSS and NVML were not sampled, so their peaks are null")
-    if not tracker.steps:
+    return notes
+
+
+def _step_notes(tracker: StepTracker) -> list[str]:
+    """What the measured steps were, where they are not plain training steps."""
+    notes: list[str] = []
+    steps = tracker.steps
+    if not steps:
         if tracker.forwards_without_backward:
             notes.append("no training step was seen (no backward went through any of its forwards)")
-        elif (params := tracker._params()) and not any(p.requires_grad for p in params):
+        elif (params := tracker.parameters.shaped()) and not any(p.requires_grad for p in params):
             notes.append("no training step was seen (every parameter is frozen: requires_grad is False)")
         else:
             notes.append("no training step was seen (no forward with gradients enabled)")
-    elif not any(s.complete for s in tracker.steps):
+    elif not any(s.complete for s in steps):
         notes.append("no complete step (a forward and a backward that finished) was seen: did the script's forward or "
                      "backward raise, or was its loss computed from other tensors than the model's output (a hook's "
-                     "features)?" if any(s.forwards for s in tracker.steps) else
+                     "features)?" if any(s.forwards for s in steps) else
                      "no complete step (a forward and a backward that finished) was seen")
-    left_out = [s for s in tracker.steps if s.forwards_left_out]
+    left_out = [s for s in steps if s.forwards_left_out]
     if left_out:
         notes.append(
             f"{sum(s.forwards_left_out for s in left_out)} forward(s) with gradients on whose output no backward "
@@ -229,21 +231,21 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
             f"(up to {max(s.activations_left_out for s in left_out):,} bytes) stayed alive while the script held "
             "their output, and is not in 'activations' (activations_left_out)"
         )
-    if any(s.checkpointing for s in tracker.steps):
+    if any(s.checkpointing for s in steps):
         notes.append(
             "gradient checkpointing (of the trunk's blocks, or of the whole model): what is checkpointed keeps only "
             "its inputs and recomputes the rest in backward, so activations are far below a full forward's"
         )
-    skipped = sum(s.optimizer_skipped for s in tracker.steps)
+    skipped = sum(s.optimizer_skipped for s in steps)
     if skipped:
-        updated = any(s.optimizer_steps for s in tracker.steps)
+        updated = any(s.optimizer_steps for s in steps)
         notes.append(
             f"{skipped} iteration(s) ended without an optimizer step after their gradients were cleared "
             "(what a GradScaler does when fp16 gradients overflow): measured, marked optimizer_skipped, "
             + ("and left out of the tables, estimates and fit" if updated else
                "and shown as they are, since no measured step updated the weights (more --steps may reach one)")
         )
-    if any(s.saves_after_forward_unseen for s in tracker.steps):
+    if any(s.saves_after_forward_unseen for s in steps):
         notes.append(
             "saved-tensor hooks of the script's (save_on_cpu, a compressor, a checkpoint of the whole model) were active around the model: what "
             "was saved after its forward (a loss computed outside the model) went to them unseen and is not in "
@@ -254,34 +256,21 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> dict[str, Any]:
             "the script replaced the optimizer while steps were measured (" + ", then ".join(tracker.optimizer_history)
             + "): each step counts the state of the one that stepped it"
         )
-    failed = [s.index for s in tracker.steps if s.optimizer_failed]
+    failed = [s.index for s in steps if s.optimizer_failed]
     if failed:
         notes.append(
             f"optimizer.step() raised in step(s) {', '.join(map(str, failed))} (an out-of-memory error the script "
             "caught?): marked optimizer_failed, not counted toward the steps asked for, and left out of the "
             "tables, estimates and fit"
         )
-    offloaded = max((s.activations_offloaded for s in tracker.steps), default=0)
+    offloaded = max((s.activations_offloaded for s in steps), default=0)
     if offloaded:
         notes.append(
             f"the script's own saved-tensor hooks (save_on_cpu?) moved up to {offloaded:,} bytes of saved tensors "
             f"off {tracker.device}: they are in 'activations_offloaded', not in 'activations', which counts what "
             "backward holds on the device"
         )
-    if any(s.complete for s in tracker.steps) and not any(s.optimizer_steps or s.optimizer_skipped for s in tracker.steps):
+    if any(s.complete for s in steps) and not any(s.optimizer_steps or s.optimizer_skipped for s in steps):
         held = "not measured" if tracker.optimizer_name is None else f"{tracker.optimizer_name}'s, counted as it stood"
         notes.append(f"no optimizer step was seen (weights updated by hand?): optimizer state {held}")
-    section: dict[str, Any] = {
-        "device": str(tracker.device),
-        "allocator": "cuda caching allocator" if cuda else "unavailable: " + CPU_UNAVAILABLE,
-        "live_peak": tracker.live_peak,
-        "optimizer": tracker.optimizer_name,
-        "steps": steps,
-        "activations_by_module": by_module,
-        "activations_by_block_module": by_layer,
-        "activations_step": last.index if last is not None else None,
-        "notes": notes,
-    }
-    if tracker.sampler is not None:
-        section["sampler"] = tracker.sampler.to_dict()
-    return section
+    return notes

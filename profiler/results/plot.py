@@ -31,8 +31,10 @@ import os
 import pathlib
 from typing import Any
 
-from .errors import ProfilerError
-from .report import format_bytes
+from ..errors import ProfilerError
+from .render import format_bytes
+from .schema import MemoryJSON, StepJSON
+from .steps import described_step
 
 __all__ = ["plot_step", "plot_report", "matplotlib_available", "MISSING_MATPLOTLIB"]
 
@@ -80,18 +82,18 @@ def _import_matplotlib() -> tuple[Any, Any]:
 # --------------------------------------------------------------------- choosing
 
 
-def _pick_step(memory: dict[str, Any], step: int | None) -> dict[str, Any]:
+def _pick_step(memory: MemoryJSON, step: int | None) -> StepJSON:
     """The step to draw: ``step`` matches a step's ``index`` as the text report prints it.
 
-    By default the last complete step, which is the steady state a training
-    run repeats (the first step also creates the optimizer state).
+    By default the step the tables describe (``steps.described_step``): the
+    last one that updated the weights, the steady state a training run
+    repeats (the first step also creates the optimizer state).
     """
     steps = memory.get("steps") or []
     if not steps:
         raise ProfilerError("nothing to plot: no training step was measured")
     if step is None:
-        complete = [s for s in steps if s.get("complete")]
-        return (complete or steps)[-1]
+        return described_step(steps)
     for s in steps:
         if s.get("index") == step:
             return s
@@ -99,7 +101,7 @@ def _pick_step(memory: dict[str, Any], step: int | None) -> dict[str, Any]:
     raise ProfilerError(f"no step {step} to plot; the measured steps are: {known}")
 
 
-def _step_end(s: dict[str, Any], times: list[float]) -> float:
+def _step_end(s: StepJSON, times: list[float]) -> float:
     """When the step ended, in seconds since it began (never before its last event)."""
     end = float(s.get("seconds") or 0.0)
     for spans in (s.get("phase_spans") or {}).values():
@@ -110,7 +112,7 @@ def _step_end(s: dict[str, Any], times: list[float]) -> float:
     return end if end > 0 else 1e-6
 
 
-def _series(s: dict[str, Any]) -> tuple[list[float], dict[str, list[float]], float]:
+def _series(s: StepJSON) -> tuple[list[float], dict[str, list[float]], float]:
     """Times, each category's bytes held from that time on (step-post semantics), step end.
 
     Parameters are constant; optimizer state and gradients start at what was
@@ -156,7 +158,7 @@ def _series(s: dict[str, Any]) -> tuple[list[float], dict[str, list[float]], flo
     return times, series, step_end
 
 
-def _samples_in_step(memory: dict[str, Any], s: dict[str, Any], end: float) -> dict[str, tuple[list[float], list[float]]]:
+def _samples_in_step(memory: MemoryJSON, s: StepJSON, end: float) -> dict[str, tuple[list[float], list[float]]]:
     """Sampler readings taken during this step, on the step's clock, per column."""
     sampler = memory.get("sampler") or {}
     tl = sampler.get("timeline") or {}
@@ -207,7 +209,7 @@ def _phase_at(spans: dict[str, Any], t: float) -> str | None:
     return f"after {before[1]}" if before else None
 
 
-def _draw_timeline(ax: Any, memory: dict[str, Any], s: dict[str, Any]) -> list[Any]:
+def _draw_timeline(ax: Any, memory: MemoryJSON, s: StepJSON) -> list[Any]:
     """Draw the step's memory over time on ``ax``; return the handles for the legend."""
     import matplotlib.transforms as mtransforms
     import numpy as np
@@ -233,15 +235,14 @@ def _draw_timeline(ax: Any, memory: dict[str, Any], s: dict[str, Any]) -> list[A
     top = float(total.max()) if len(total) else 0.0
 
     # Where the stack is highest: the moment a smaller batch or checkpointing would have to lower.
+    # The marker sits where the label says, at the moment the peak is reached, in the phase it names
+    # (not in the middle of the plateau that follows, which may be the next phase).
     i = int(np.argmax(total))
-    # On a flat stretch the peak lasts until the next point; mark its middle.
-    t_peak = (times[i] + times[min(i + 1, len(times) - 1)]) / 2
     spans = s.get("phase_spans") or {}
-    # Name the phase of the moment the label gives (when the peak is reached).
     where = "end of step" if times[i] >= step_end else _phase_at(spans, times[i])
     label = f"peak of the stack: {format_bytes(int(round(total[i] * _MIB)))}, reached at {_fmt_time(times[i] * scale)} {unit}"
     above = mtransforms.offset_copy(ax.transData, fig=ax.figure, y=5, units="points")
-    (peak_marker,) = ax.plot([t_peak * scale], [total[i]], marker="v", color="black", markersize=7, linestyle="none",
+    (peak_marker,) = ax.plot([times[i] * scale], [total[i]], marker="v", color="black", markersize=7, linestyle="none",
                              transform=above, label=label + (f" ({where})" if where else ""))
     handles.append(peak_marker)
 
@@ -316,7 +317,7 @@ def _strip_patch(a: float, b: float, transform: Any, color: str) -> Any:
     return Rectangle((a, 1.0), b - a, 0.01, transform=transform, color=color, alpha=0.9, clip_on=False, linewidth=0)
 
 
-def _draw_buckets(ax: Any, s: dict[str, Any]) -> None:
+def _draw_buckets(ax: Any, s: StepJSON) -> None:
     by_bucket = s.get("activations_by_bucket") or {}
     names = list(by_bucket) or ["embedding", "block", "head", "other"]
     values = [float(by_bucket.get(n) or 0) / _MIB for n in names]
@@ -337,7 +338,7 @@ def _draw_buckets(ax: Any, s: dict[str, Any]) -> None:
                     textcoords="offset points", ha="center", va="bottom", fontsize=8)
 
 
-def _default_title(memory: dict[str, Any], s: dict[str, Any]) -> str:
+def _default_title(memory: MemoryJSON, s: StepJSON) -> str:
     """Which step, of what input, on which device and optimizer: what the numbers depend on."""
     kind = s.get("kind", "step") + ("" if s.get("complete", True) else ", incomplete")
     title = f"training step {s.get('index')} ({kind})"
@@ -352,7 +353,7 @@ def _default_title(memory: dict[str, Any], s: dict[str, Any]) -> str:
 
 
 def plot_step(
-    memory: dict[str, Any],
+    memory: MemoryJSON,
     path: str | os.PathLike[str],
     step: int | None = None,
     title: str | None = None,

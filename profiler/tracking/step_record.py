@@ -1,4 +1,10 @@
-"""The figures of one measured training step, as the tracker fills them in."""
+"""The figures of one measured training step, as the tracker fills them in.
+
+Plain records with public fields: the tracker and its parts write them, the
+results package reads them. ``StepRecord.fold`` and ``StepRecord.merge`` are
+the two operations on a step that need no hook: deciding which forwards of a
+step were alive together, and joining steps that turned out to be one.
+"""
 
 from __future__ import annotations
 
@@ -67,13 +73,15 @@ class ForwardSaves:
 
 @dataclass
 class PhaseRecord:
+    """One phase of a step: its host time, and on CUDA the allocator's figures at its end."""
+
     seconds: float = 0.0
     peak_allocated: int | None = None
     live_tensor_peak: int | None = None  # opt-in: baseline + peak of tensors created in the phase
     allocated_end: int | None = None
     reserved_end: int | None = None
-    _start: float | None = None
-    _device_spans: list[list[Any]] = field(default_factory=list)  # [start, end] CUDA events, see device_clock
+    started_at: float | None = None  # perf_counter when the phase opened; None while it is closed
+    device_spans: list[list[Any]] = field(default_factory=list)  # [start, end] CUDA events, see phases.DeviceClock
 
 
 @dataclass
@@ -115,23 +123,28 @@ class StepRecord:
     trunk_input_shape: tuple[int, ...] | None = None  # of the first trunk block's first tensor input, once a step
     checkpointing: bool = False  # checkpointed blocks or model: what they save is dropped and recomputed in backward
     saves_after_forward_unseen: bool = False  # the script's own saved-tensor hooks hid what the loss saved
-    _t0: float = 0.0
+    started_at: float = 0.0  # perf_counter when the step began: the timeline's zero
     gradients_start: int = 0  # gradient bytes alive when the step began (zero_grad without set_to_none)
     events: list[tuple[float, str, int]] = field(default_factory=list)  # (perf_counter, category, +/- bytes)
     phase_spans: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # perf_counter spans
     # Forwards whose output no backward of the step reached while another's was (see fold).
     forwards_left_out: int = 0
     activations_left_out: int = 0  # what they saved (alive while the script holds their output)
-    _current: ForwardSaves = field(default_factory=ForwardSaves)  # the forward running or just run
-    _forwards: list[ForwardSaves] = field(default_factory=list)  # forwards not yet folded
+    current_forward: ForwardSaves = field(default_factory=ForwardSaves)  # the forward running or just run
+    open_forwards: list[ForwardSaves] = field(default_factory=list)  # forwards not yet folded
     pass_of_task: dict[int, int] = field(default_factory=dict)  # autograd graph task -> the backward pass it was
 
     def begin_forward(self) -> ForwardSaves:
         """A root forward of this step begins: its saves are kept apart until ``fold``."""
         self.forwards += 1
-        self._current = ForwardSaves(backwards_before=self.backwards)
-        self._forwards.append(self._current)
-        return self._current
+        self.current_forward = ForwardSaves(backwards_before=self.backwards)
+        self.open_forwards.append(self.current_forward)
+        return self.current_forward
+
+    @property
+    def open_phases(self) -> list[str]:
+        """The phases begun and not yet ended (at most one: phases tile the step)."""
+        return [name for name, ph in self.phases.items() if ph.started_at is not None]
 
     def fold(self) -> None:
         """Fold the forwards measured since the last fold into the step's figures.
@@ -149,8 +162,8 @@ class StepRecord:
         reuses in the next micro-batch from being mistaken for one already
         counted.)
         """
-        forwards, self._forwards = self._forwards, []
-        self._current = ForwardSaves()
+        forwards, self.open_forwards = self.open_forwards, []
+        self.current_forward = ForwardSaves()
         if not forwards:
             return
         if any(f.reached_by is not None for f in forwards):
@@ -181,7 +194,8 @@ class StepRecord:
                 self.activations_by_module, self.activations_by_bucket = by_module, by_bucket
                 self.activations_inside_compiled = sum(f.saved[ptr] for ptr, f in saved.items() if ptr in f.compiled)
             self.autocast_copies = max(self.autocast_copies, sum(copies.values()))
-            self.activations_offloaded = max(self.activations_offloaded, sum(f.offloaded for f in group if k is None or k <= f.consumed_by))
+            offloaded = sum(f.offloaded for f in group if k is None or k <= f.consumed_by)
+            self.activations_offloaded = max(self.activations_offloaded, offloaded)
         for f in kept:
             self.events.extend(f.events)
             if self.input_shape is None and f.input_shape is not None:
@@ -190,6 +204,45 @@ class StepRecord:
             self.forwards -= len(left_out)
             self.forwards_left_out += len(left_out)
             self.activations_left_out += sum({ptr: n for f in left_out for ptr, n in f.saved.items()}.values())
+
+    def merge(self, earlier: list[StepRecord]) -> StepRecord:
+        """One step made of ``earlier`` steps and this one (all folded): the first of them, grown.
+
+        Until an optimizer steps, each backward followed by a new forward looks
+        like a step of its own (a hand-written update); the optimizer's first
+        ``step()`` shows they were micro-batches of one step. Activations are
+        the largest micro-batch's, as for accumulation seen from the start;
+        the optimizer phase is this step's, the one still open.
+        """
+        merged = earlier[0]
+        for s in earlier[1:] + [self]:
+            merged.forwards += s.forwards
+            merged.backwards += s.backwards
+            merged.saved_tensors += s.saved_tensors
+            merged.gradients = max(merged.gradients, s.gradients)
+            if s.activations >= merged.activations:
+                merged.activations = s.activations
+                merged.activations_by_module = s.activations_by_module
+                merged.activations_by_bucket = s.activations_by_bucket
+                merged.activations_inside_compiled = s.activations_inside_compiled
+            merged.autocast_copies = max(merged.autocast_copies, s.autocast_copies)
+            merged.activations_offloaded = max(merged.activations_offloaded, s.activations_offloaded)
+            merged.events.extend(s.events)
+            for name, spans in s.phase_spans.items():
+                merged.phase_spans.setdefault(name, []).extend(spans)
+            for name, ph in s.phases.items():
+                mp = merged.phases[name]
+                mp.seconds += ph.seconds
+                mp.device_spans.extend(ph.device_spans)
+                if ph.peak_allocated is not None:
+                    mp.peak_allocated = max(mp.peak_allocated or 0, ph.peak_allocated)
+                    mp.allocated_end, mp.reserved_end = ph.allocated_end, ph.reserved_end
+            for attr in ("peak_allocated", "reserved"):
+                if getattr(s, attr) is not None:
+                    setattr(merged, attr, max(getattr(merged, attr) or 0, getattr(s, attr)))
+        merged.phases["optimizer"] = self.phases["optimizer"]
+        merged.complete = False
+        return merged
 
     @property
     def first(self) -> bool:

@@ -67,26 +67,26 @@ CHECKPOINT_HOLDER = getattr(torch_checkpoint, "_Holder", None)
 
 
 class SavedTensor:
-    """What our pack hook hands autograd for one saved tensor (see ``StepTracker._pack``)."""
+    """What our pack hook hands autograd for one saved tensor (see ``SavedHooks``)."""
 
-    __slots__ = ("value", "version", "unpack", "ptr", "peers", "forward", "tracker")
+    __slots__ = ("value", "version", "unpack", "ptr", "peers", "forward", "owner")
 
     def __init__(self, value: Any, version: int | None, unpack: Callable | None, ptr: int | None) -> None:
         self.value = value  # a detached alias, or what the script's own pack hook returned
         self.version = version  # the tensor's version when saved (None: the script's hooks own it)
         self.unpack = unpack  # the script's own unpack hook, if its pack hook made ``value``
         self.ptr = ptr  # the storage counted for it (None: not counted)
-        self.peers: tuple = ()  # (tracker, ptr) of other trackers of the same model that counted it too
-        self.forward: Any = None  # the forward record that counted it, told when autograd lets go of it
-        self.tracker: Any = None
+        self.peers: tuple = ()  # (hooks, ptr) of other trackers of the same model that counted it too
+        self.forward: Any = None  # the forward record that counted it
+        self.owner: Any = None  # told ``saved_freed(forward, ptr)`` when autograd lets go of it
 
     def __del__(self) -> None:
         # Autograd frees what it saved when backward has used it, or when the
         # graph is dropped unused: which of a step's saves were alive at once.
-        tracker = self.tracker
-        if tracker is not None:
+        owner = self.owner
+        if owner is not None:
             try:
-                tracker.saved_freed(self.forward, self.ptr)
+                owner.saved_freed(self.forward, self.ptr)
             except Exception:  # noqa: BLE001 - a finalizer must not raise (interpreter shutdown, a stopped tracker)
                 pass
 

@@ -26,6 +26,7 @@ __all__ = [
     "TensorInfo",
     "ModuleInfo",
     "Inventory",
+    "owner_path",
     "take_inventory",
     "tensor_identity",
     "WEIGHT_DTYPE_BYTES",
@@ -174,7 +175,7 @@ def _group_tensors(named: list[tuple[str, torch.Tensor]], persistent: dict[str, 
     return infos
 
 
-def _owner_path(name: str) -> str:
+def owner_path(name: str) -> str:
     return name.rpartition(".")[0]
 
 
@@ -220,10 +221,10 @@ def take_inventory(model: nn.Module) -> Inventory:
 
     for info in parameters:
         for alias in info.aliases:  # a module owns each alias it registers
-            own = modules[_owner_path(alias)]
+            own = modules[owner_path(alias)]
             own.own_params += info.numel
             own.own_bytes += info.nbytes
-        reached = {anc for alias in info.aliases for anc in _ancestors(_owner_path(alias))}
+        reached = {anc for alias in info.aliases for anc in _ancestors(owner_path(alias))}
         for path in reached:
             m = modules[path]
             m.params += info.numel
@@ -235,7 +236,7 @@ def take_inventory(model: nn.Module) -> Inventory:
             m.dtypes[info.dtype] = m.dtypes.get(info.dtype, 0) + info.numel
 
     for info in buffers:
-        reached = {anc for alias in info.aliases for anc in _ancestors(_owner_path(alias))}
+        reached = {anc for alias in info.aliases for anc in _ancestors(owner_path(alias))}
         for path in reached:
             m = modules[path]
             m.buffers += info.numel

@@ -1,6 +1,9 @@
-"""``with profile(model) as prof:``: measure the training steps run inside the block.
+"""The two ways in from Python: ``analyze(model)`` and ``with profile(model) as prof:``.
 
->>> with profile(model) as prof:
+>>> report = analyze(model)                      # static: parameters, bytes, ties, buckets
+>>> print(report.render(depth=2))
+
+>>> with profile(model) as prof:                 # measured: the training steps inside the block
 ...     for x, y in batches:
 ...         loss = model(x, y)
 ...         loss.backward()
@@ -17,42 +20,28 @@ hand). Hooks are removed when the block ends, however it ends.
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import torch
 from torch import nn
 
-from .analysis import analyze_model
-from .estimates import ModelTraits, estimates_section, plan_fit
-from .memory import bucket_resolver, memory_section
-from .report import ModelReport, Report
+from .model.buckets import bucket_resolver
+from .results.assemble import analyze_model, attach_memory
+from .results.report import Report
 from .tracking import StepTracker, drop_retired_hooks
 
-__all__ = ["profile", "attach_memory", "attach_measurements"]
+__all__ = ["analyze", "profile"]
 
 
-def attach_memory(
-    model_report: ModelReport,
-    tracker: StepTracker,
-    *,
-    cards: dict[str, float] | None = None,
-    margin: float = 0.10,
-    focus: str | None = None,
-    extra_points: list | None = None,
-) -> None:
-    """Put a tracker's measurements, the estimates beside them and the fit plan into a report entry."""
-    attach_measurements(model_report, tracker)
-    model_report.fit = plan_fit(model_report.memory, extra_points=extra_points, cards=cards, margin=margin, focus=focus)
+def analyze(model: nn.Module, name: str | None = None) -> Report:
+    """Count the parameters, bytes, ties and buckets of ``model`` (CPU, CUDA or meta; nothing runs).
 
-
-def attach_measurements(model_report: ModelReport, tracker: StepTracker, traits: ModelTraits | None = None) -> None:
-    """The memory section and the estimates beside it: all that needs the tracker and its model.
-
-    ``traits`` stand in for a model the script has dropped (the runner's trackers hold it weakly).
+    >>> report = analyze(model)
+    >>> print(report.render(depth=2))
+    >>> report.to_json("model.json")
     """
-    model_report.memory = memory_section(tracker, model_report.buckets)
-    model = tracker.model
-    model_report.estimates = estimates_section(model_report, model if model is not None else traits)
+    return Report(models=[analyze_model(model, name)])
 
 
 class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a context manager
@@ -94,7 +83,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         )
         self.report: Report | None = None
 
-    def __enter__(self) -> "profile":
+    def __enter__(self) -> profile:
         self.tracker.start()
         return self
 
@@ -125,6 +114,10 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         return self._ready().to_json(path)
+
+    def plot(self, path: str | os.PathLike[str], step: int | None = None) -> pathlib.Path:
+        """Draw the step the tables describe (or step ``step``) as a PNG; needs matplotlib."""
+        return self._ready().plot(path, step=step)
 
     def __str__(self) -> str:
         return self.render() if self.report is not None else "<profile: running>"

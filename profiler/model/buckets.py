@@ -17,14 +17,15 @@ reported where they live.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from .inventory import Inventory, _owner_path
+from .inventory import Inventory, owner_path
 
-__all__ = ["BUCKETS", "Trunk", "BlockParam", "Buckets", "find_buckets"]
+__all__ = ["BUCKETS", "Trunk", "BlockParam", "Buckets", "bucket_resolver", "find_buckets"]
 
 BUCKETS: tuple[str, ...] = ("embedding", "block", "head", "other")
 
@@ -174,7 +175,7 @@ def _unique_params_under(inventory: Inventory, block_paths: list[str]) -> dict[s
     counts = {b: 0 for b in block_paths}
     for p in inventory.parameters:
         for alias in p.aliases:
-            owner = _owner_path(alias)
+            owner = owner_path(alias)
             hit = next((b for b in block_paths if _inside(owner, b)), None)
             if hit is not None:
                 counts[hit] += p.numel
@@ -258,7 +259,7 @@ def find_buckets(model: nn.Module, inventory: Inventory) -> Buckets:
     for p in inventory.parameters:
         seen = []
         for alias in p.aliases:
-            owner = _owner_path(alias)
+            owner = owner_path(alias)
             bucket = module_bucket[owner]
             if bucket == "mixed":
                 # A parameter registered directly on a module that holds a trunk
@@ -272,3 +273,28 @@ def find_buckets(model: nn.Module, inventory: Inventory) -> Buckets:
         totals[charged] += p.numel
         nbytes[charged] += p.nbytes
     return Buckets(trunks, module_bucket, param_bucket, alias_bucket, totals, nbytes)
+
+
+_STATE_BUCKET = {"before": "embedding", "in": "block", "after": "head"}
+
+
+def bucket_resolver(buckets: Buckets) -> Callable[[str, str], str]:
+    """Map (module path, where execution is relative to the trunk) to a bucket.
+
+    A module inside one bucket is that bucket. Work done by a container of the
+    trunk itself, or outside the model (a loss computed in the script), is
+    placed by when it ran: before the first block, among the blocks, or after.
+    Needed before any measurement: the tracker charges each saved tensor with it.
+    """
+    module_bucket = buckets.module_bucket
+    has_trunk = bool(buckets.trunks)
+
+    def resolve(path: str, state: str) -> str:
+        bucket = module_bucket.get(path)
+        if bucket is not None and bucket != "mixed":
+            return bucket
+        if not has_trunk:
+            return "other"
+        return _STATE_BUCKET.get(state, "other")
+
+    return resolve

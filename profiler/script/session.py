@@ -1,31 +1,42 @@
-"""The models a script runs, each analysed and measured for its first steps.
+"""One run of a script: the models it calls, each analysed and measured for its first steps.
 
-The runner's bookkeeping, kept out of the command line: the watcher reports
-each new model here at its first call, this attaches a StepTracker, and at the
-end turns what was measured into one Report with the script's names for its
-models. Models are held weakly, by the trackers too: a script that builds a
-model per fold, per trial or per checkpoint gets each one's memory back when
-it drops it, as without us. A model's figures are taken out of its tracker
-once its steps are measured, or once the script has dropped it.
+The runner's bookkeeping, kept out of the command line: the session owns the
+model watcher, which reports each new model here at its first call; this
+attaches a StepTracker, and at the end turns what was measured into one Report
+with the script's names for its models. Models are held weakly, by the
+trackers too: a script that builds a model per fold, per trial or per
+checkpoint gets each one's memory back when it drops it, as without us. A
+model's figures are taken out of its tracker once its steps are measured, or
+once the script has dropped it.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-from .analysis import analyze_model
-from .discovery import outermost
-from .estimates import ModelTraits, model_traits, plan_fit
-from .memory import bucket_resolver
-from .profiling import attach_measurements
-from .report import ModelReport, Report
-from .tracking import StepTracker, StopAfterSteps, drop_retired_hooks
+from ..model.buckets import bucket_resolver
+from ..model.traits import ModelTraits, model_traits
+from ..results.assemble import analyze_model, attach_measurements
+from ..results.fit import plan_fit
+from ..results.report import ModelReport, Report
+from ..tracking import StepTracker, drop_retired_hooks
+from .batch_sweep import SweepResult
+from .options import Options
+from .runner import Program, ScriptResult, run_program
+from .signals import Terminated
+from .watcher import ModelWatcher, outermost
 
-__all__ = ["ScriptSession", "name_models", "script_models"]
+__all__ = ["ScriptSession", "StopAfterSteps", "name_models", "script_models"]
+
+
+class StopAfterSteps(SystemExit):
+    """Raised to end a script once its steps are measured (``--stop-after-steps``)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
 
 
 def name_models(models: list[nn.Module | None], script_globals: dict, defaults: list[str] | None = None) -> list[str]:
@@ -71,28 +82,27 @@ class ScriptSession:
     the user's training.
     """
 
-    def __init__(
-        self, steps: int, stop_after_steps: bool, interval: float | None, plan: dict | None = None, live_peak: bool = False
-    ) -> None:
-        self.plan = plan or {}
-        self.live_peak = live_peak
-        self.steps = steps
-        self.stop_after_steps = stop_after_steps
-        self.interval = interval
+    def __init__(self, options: Options) -> None:
+        self.options = options
         self._found: list[_Found] = []
         self.notes: list[str] = []
-        # How the script is stopped for --stop-after-steps: the runner sets this
-        # to raise at the next module call. (A tracker may finish inside
-        # optimizer.step(); the rest of that iteration, scheduler and logging
-        # included, still runs.) Without it the stop is raised at once.
-        self.request_stop: Callable[[BaseException], None] | None = None
-        # The runner's ModelWatcher: trackers observe module calls through its
-        # global hooks (see ModelWatcher.listen). Without one they add their own.
-        self.hooks_host = None
+        self._watcher: ModelWatcher | None = None  # while the script runs
 
-    @property
-    def found_any(self) -> bool:
-        return bool(self._found)
+    def run(self, program: Program) -> ScriptResult:
+        """Run the script under the model watcher; every tracker is stopped when it ends, however it ends.
+
+        Trackers observe module calls through the watcher's global hooks (see
+        ``ModelWatcher.listen``), and ``--stop-after-steps`` is raised from its
+        next module call (a tracker may finish inside ``optimizer.step()``;
+        the rest of that iteration, scheduler and logging included, still runs).
+        """
+        try:
+            with ModelWatcher(on_new_model=self.on_new_model, on_compiled_first_call_end=self.on_compiled_first_call_end) as watcher:
+                self._watcher = watcher
+                return run_program(program, self.options.args)
+        finally:
+            self._watcher = None
+            self.close()
 
     def on_new_model(self, model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> None:
         self._let_go_of_dropped_models()
@@ -104,17 +114,17 @@ class ScriptSession:
             self.notes.append(f"could not analyse {type(model).__name__}: {type(exc).__name__}: {exc}")
             return
         tracker = None
-        if self.steps > 0:
+        if self.options.steps > 0:
             try:
                 tracker = StepTracker(
                     model,
-                    max_steps=self.steps,
-                    sample_interval=self.interval,
+                    max_steps=self.options.steps,
+                    sample_interval=self.options.interval,
                     bucket_of=bucket_resolver(entry.buckets),
                     on_finished=self._on_tracker_finished,
-                    live_peak=self.live_peak,
+                    live_peak=self.options.live_peak,
                     hold_model=False,
-                    hooks_host=self.hooks_host,
+                    hooks_host=self._watcher,
                 )
                 tracker.start()
                 tracker.enter_current_forward(args, kwargs)
@@ -158,12 +168,12 @@ class ScriptSession:
         # A model that has not trained (a teacher run under no_grad, an EMA copy)
         # never finishes its steps and must not keep the script running. A
         # tracker that stopped on an error of ours never asks for the stop.
-        if not (self.stop_after_steps and tracker.measured_all_steps):
+        if not (self.options.stop_after_steps and tracker.measured_all_steps):
             return
         running = [f.tracker for f in self._found if f.tracker is not None and not f.tracker.finished]
         if any(t.trained for t in running):
             return  # the last of them to finish asks
-        if self.request_stop is None:
+        if self._watcher is None:
             raise StopAfterSteps()
         # A model whose forward ran with gradients on but no backward yet: the
         # other model of a GAN (its backward comes later in this iteration), or
@@ -176,7 +186,7 @@ class ScriptSession:
                 return None  # it trains: it asks for the stop when its steps are done
             return all(t.finished or t.never_trained for t in undecided)
 
-        self.request_stop(StopAfterSteps(), decide if undecided else None)
+        self._watcher.stop_script_at_next_call(StopAfterSteps(), decide if undecided else None)
 
     def _let_go_of_dropped_models(self) -> None:
         """Stop the trackers of models the script dropped before their steps were all measured.
@@ -215,14 +225,58 @@ class ScriptSession:
                 found.tracker.stop()
         drop_retired_hooks()
 
-    def report(self, script_globals: dict, fallback: list[nn.Module] | None = None, extra_points: dict | None = None) -> Report:
+    def report(self, result: ScriptResult, sweep: SweepResult | None = None) -> Report:
+        """The Report of the run: one entry per model found (alive or let go), with what is known of the run in notes."""
+        fallback = []
+        if not self._found:
+            fallback = script_models(result.globals)
+            if fallback:
+                self.notes.append("no model was called; reporting the models left in the script's globals")
+        if isinstance(result.exception, Terminated):
+            self.notes.append(f"the script was {result.exception} (a time limit?); the report covers what ran before it")
+        elif result.failed:
+            self.notes.append(f"the script raised {type(result.exception).__name__}; the report covers what ran before it")
+        elif isinstance(result.exception, StopAfterSteps):
+            self.notes.append("the script was ended by --stop-after-steps once its models' steps were measured (exit 0)")
+        if sweep is not None:
+            self.notes.extend(sweep.notes)
+        report = self._entries(result.globals, fallback, sweep.points if sweep is not None else {})
+        report.notes.extend(self._run_notes(report, result))
+        report.script = {"path": self.options.target, "args": self.options.args, "exit_code": result.exit_code}
+        if self.options.run_module:
+            report.script["module"] = True
+        return report
+
+    def _run_notes(self, report: Report, result: ScriptResult) -> list[str]:
+        """Models that were not measured as far as asked, and why."""
+        notes = []
+        steps = self.options.steps
+        if isinstance(result.exception, StopAfterSteps):
+            waiting = [m.name for m in report.models if m.memory is not None and not m.memory.get("steps") and m.inventory.trainable]
+            if waiting:
+                notes.append(
+                    f"{', '.join(waiting)} had no training step before the stop: a model whose training begins later "
+                    "(a GAN's generator after several discriminator steps) is not waited for; run without "
+                    "--stop-after-steps, or with more --steps, to measure it"
+                )
+        unfinished = self.unfinished()  # after the entries: by the names the report gives them
+        if self.options.stop_after_steps and not isinstance(result.exception, StopAfterSteps) and unfinished:
+            notes.append(
+                f"--stop-after-steps did not stop the script: {', '.join(unfinished)} completed fewer than "
+                f"{steps} step(s) in this run"
+            )
+        elif unfinished and not result.failed:
+            notes.append(f"{', '.join(unfinished)} completed fewer than {steps} training step(s): what ran is measured")
+        return notes
+
+    def _entries(self, script_globals: dict, fallback: list[nn.Module], extra_points: dict) -> Report:
         """One entry per model found (alive or already let go), else per ``fallback`` model."""
         if self._found:
             alive = [f.model() for f in self._found]
             roots = {id(m) for m in outermost([m for m in alive if m is not None])}
             rows = [(m, f) for m, f in zip(alive, self._found) if m is None or id(m) in roots]
         else:
-            rows = [(m, None) for m in fallback or []]
+            rows = [(m, None) for m in fallback]
         names = name_models([m for m, _ in rows], script_globals, [f.entry.name if f else type(m).__name__ for m, f in rows])
         reports = []
         for (model, found), name in zip(rows, names):
@@ -232,7 +286,7 @@ class ScriptSession:
                 if found is not None and found.tracker is not None:
                     if not found.measured:
                         attach_measurements(entry, found.tracker, found.traits)
-                    entry.fit = plan_fit(entry.memory, extra_points=(extra_points or {}).get(name), **self.plan)
+                    entry.fit = plan_fit(entry.memory, extra_points=extra_points.get(name), **self.options.plan)
             except Exception as exc:  # noqa: BLE001 - one model we cannot describe must not cost the others
                 self.notes.append(f"could not report {name}: {type(exc).__name__}: {exc}")
                 continue

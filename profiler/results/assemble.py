@@ -1,0 +1,58 @@
+"""Assemble a report entry: the static count of a model, then what its tracker measured.
+
+The one place where a model, its tracker and the formulas meet: the
+``profile`` API and the script session both build their entries here, so a
+model measured either way is reported the same way.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import ProfilerError
+from ..model.buckets import find_buckets
+from ..model.inventory import take_inventory
+from ..model.traits import ModelTraits
+from ..tracking import StepTracker
+from .estimates import estimates_section
+from .fit import FitPoint, plan_fit
+from .memory_section import memory_section
+from .report import ModelReport
+
+__all__ = ["analyze_model", "attach_measurements", "attach_memory"]
+
+
+def analyze_model(model: nn.Module, name: str | None = None) -> ModelReport:
+    """Inventory and buckets of one model, as one entry of a Report.
+
+    A module without parameters (``nn.ReLU()``, an empty ``Sequential``) is
+    counted too: zero parameters is an answer, not an error.
+    """
+    if not isinstance(model, nn.Module):
+        raise ProfilerError(f"analyze() needs a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}")
+    inventory = take_inventory(model)
+    return ModelReport(name=name or type(model).__name__, inventory=inventory, buckets=find_buckets(model, inventory))
+
+
+def attach_measurements(model_report: ModelReport, tracker: StepTracker, traits: ModelTraits | None = None) -> None:
+    """The memory section and the estimates beside it: all that needs the tracker and its model.
+
+    ``traits`` stand in for a model the script has dropped (the runner's trackers hold it weakly).
+    """
+    model_report.memory = memory_section(tracker, model_report.buckets)
+    model = tracker.model
+    model_report.estimates = estimates_section(model_report, model if model is not None else traits)
+
+
+def attach_memory(
+    model_report: ModelReport,
+    tracker: StepTracker,
+    *,
+    cards: dict[str, float] | None = None,
+    margin: float = 0.10,
+    focus: str | None = None,
+    extra_points: list[FitPoint] | None = None,
+) -> None:
+    """Put a tracker's measurements, the estimates beside them and the fit plan into a report entry."""
+    attach_measurements(model_report, tracker)
+    model_report.fit = plan_fit(model_report.memory, extra_points=extra_points, cards=cards, margin=margin, focus=focus)

@@ -1,0 +1,233 @@
+"""The ledger of a step: which storages autograd saved, which gradients exist, and when.
+
+What is counted, and why:
+
+* a saved tensor is counted by the storage it views (views and aliases once,
+  per forward: see ``ForwardSaves``), parameter storages are left out, and
+  autocast's 16-bit copies of the weights (a ``ToCopyBackward`` node on a leaf
+  parameter) are their own category rather than "activations";
+* what a script's own pack hook made of a saved tensor is what backward holds
+  on the device: a copy or a compressed form there, nothing if it moved the
+  tensor elsewhere (``save_on_cpu``), nothing for a checkpoint's placeholder;
+* gradients are counted per unique storage, so a tied weight has one;
+* each save and release, and each gradient's arrival, is an event on the
+  step's timeline (the plot and ``categories_live_peak`` replay it).
+
+The ledger only counts: the tracker decides which step and forward a save
+belongs to, and the module-call stack says where it was made.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import checkpoint as torch_checkpoint
+
+from .parameters import ModelParameters, unique_bytes
+from .saved_tensors import CHECKPOINT_HOLDER, NOT_PACKED, memory_of, storage_key, tensors_held, tensors_in, weight_copy_source
+from .step_record import ForwardSaves, StepRecord
+
+__all__ = ["CTX_PATH", "Ledger"]
+
+CTX_PATH = "(kept on a custom autograd.Function's ctx)"  # see Ledger.count_function_ctx
+_FUNCTION_NODE = torch.autograd.function.BackwardCFunction
+_CHECKPOINT_FUNCTION = getattr(torch_checkpoint, "CheckpointFunction", None)
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter, or a view of one: weights, not activations, whichever model or loss they belong to.
+
+    A loss's own trained weights (proxies, a projector) or another model's
+    (the other tower of a two-tower model) are saved for backward as often as
+    this model's, whose storages are known beforehand.
+    """
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+
+
+class Ledger:
+    """Counts what one model's steps save and hold, and puts it on their timelines.
+
+    ``locate()`` says where the running code is: (module path, bucket, inside
+    a module compiled whole), from the module-call stack.
+    """
+
+    def __init__(
+        self,
+        parameters: ModelParameters,
+        locate: Callable[[], tuple[str, str, bool]],
+        device: torch.device,
+    ) -> None:
+        self.parameters = parameters
+        self._locate = locate
+        self._device = device
+        self.live: dict[int, tuple[str, int, ForwardSaves]] = {}  # saved storages not yet released: (category, bytes, forward)
+        self.gradients_seen: dict[int, int] = {}  # gradient storages on the step's timeline -> bytes
+
+    def begin_step(self, step: StepRecord) -> None:
+        """A step begins: the gradients alive now are its baseline, nothing saved is alive yet."""
+        step.parameters = unique_bytes(self.parameters.shaped())
+        self.gradients_seen = self.parameters.gradients()
+        step.gradients_start = sum(self.gradients_seen.values())
+        self.live = {}
+
+    # ------------------------------------------------------------ saved tensors
+    def observe(self, step: StepRecord, t: torch.Tensor, packed: Any = NOT_PACKED) -> int | None:
+        """Count a tensor saved in ``step``'s current forward; the storage pointer counted for it, if any.
+
+        ``packed`` is what the script's own pack hook made of ``t``: what backward
+        then holds on the device is the tensors in it there (a copy, a
+        compressed form), or nothing if it moved ``t`` elsewhere (``save_on_cpu``).
+        """
+        key = storage_key(t)
+        if key is None:
+            return None
+        forward = step.current_forward
+        if packed is not NOT_PACKED:
+            if CHECKPOINT_HOLDER is not None and isinstance(packed, CHECKPOINT_HOLDER):
+                step.checkpointing = True  # dropped now, recomputed in backward: nothing held
+                return None
+            inside = tensors_held(packed)
+            held = [(x, k) for x in inside if x.device == t.device and (k := storage_key(x)) is not None]
+            if inside and not held:  # every tensor it keeps is elsewhere (save_on_cpu from a GPU)
+                if key[0] not in self.parameters.storages:
+                    forward.offloaded += key[1]
+                return None
+            if held and all(k[0] != key[0] for _, k in held):  # a copy or a compressed form stays on the device
+                for x, k in held:
+                    self.count_saved(forward, x, *k)
+                ptr = held[0][1][0]
+                return ptr if ptr in forward.saved or ptr in forward.copies else None
+        self.count_saved(forward, t, *key)
+        return key[0] if key[0] in forward.saved or key[0] in forward.copies else None
+
+    def count_saved(self, f: ForwardSaves, t: torch.Tensor, ptr: int, nbytes: int, path: str | None = None) -> None:
+        """Charge a saved storage, once, to the autocast copies or to the running module's activations (or ``path``'s)."""
+        if ptr in self.parameters.storages or _is_parameter(t):
+            return
+        if ptr in f.freed:
+            # Saved again after autograd let go of it: the same storage (a
+            # detached output saved anew) or a new one at its address. Alive
+            # again, counted afresh.
+            del f.freed[ptr]
+            f.saved.pop(ptr, None)
+            f.copies.pop(ptr, None)
+        elif ptr in f.saved or ptr in f.copies:
+            return
+        # A storage an earlier forward of this step saved and backward has not
+        # freed (the same batch through the model twice) is alive once: its
+        # timeline event is that forward's.
+        alive = ptr in self.live
+        now = time.perf_counter()
+        if weight_copy_source(t):
+            f.copies[ptr] = nbytes
+            if not alive:
+                f.events.append((now, "autocast_copies", nbytes))
+                self.live[ptr] = ("autocast_copies", nbytes, f)
+            return
+        f.saved[ptr] = nbytes
+        if not alive:
+            f.events.append((now, "activations", nbytes))
+            self.live[ptr] = ("activations", nbytes, f)
+        if path is not None:
+            bucket = "other"  # (what a custom Function's ctx holds: which module made it is not seen)
+        else:
+            path, bucket, inside_compiled = self._locate()
+            if inside_compiled:
+                f.compiled.add(ptr)  # inside a model compiled whole: which block saved it is not seen
+        f.where[ptr] = (path, bucket)
+
+    def count_function_ctx(self, step: StepRecord, roots: list, floor: int) -> None:
+        """Tensors a custom ``autograd.Function`` keeps as attributes of its ``ctx``.
+
+        ``ctx.mask = mask`` holds a tensor for backward as ``save_for_backward``
+        does, but passes no saved-tensor hook. The nodes this forward made (the
+        graph from its outputs back to its inputs' nodes, numbered above
+        ``floor``) are walked once, and what a custom Function's ctx holds on
+        the model's device is counted as activations, charged to ``CTX_PATH``.
+        Torch's own checkpoint Function keeps only RNG states there, not
+        activations.
+        """
+        seen, stack = set(), list(roots)
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node._sequence_nr() <= floor:
+                continue  # made before this forward (the inputs' graph: another model's, say)
+            if isinstance(node, _FUNCTION_NODE) and getattr(node, "_forward_cls", None) is not _CHECKPOINT_FUNCTION:
+                for t in tensors_in(list(vars(node).values())):
+                    key = storage_key(t)
+                    if key is not None and t.device == self._device:
+                        self.count_saved(step.current_forward, t, *key, path=CTX_PATH)
+            stack.extend(n for n, _ in node.next_functions)
+
+    def freed(self, step: StepRecord | None, forward: ForwardSaves, ptr: int) -> None:
+        """Autograd let go of a saved tensor of ``forward``: the storage's last one frees it.
+
+        ``step`` is the step being measured (None when none is). Freed while no
+        backward pass of the step has begun, it was never alive at one (another
+        model's forward whose graph was dropped, or freed by its own
+        backward): ``StepRecord.fold`` leaves it out of what that pass held.
+        """
+        left = forward.holders.get(ptr, 0) - 1
+        if left > 0:
+            forward.holders[ptr] = left
+            return
+        forward.holders.pop(ptr, None)
+        if step is not None and ptr not in forward.freed:
+            # (during backward pass k: k, alive when it began; a backward call frees
+            # the loss's saves before it reaches the model's output: its task says
+            # which pass it turns out to be, see StepRecord.fold)
+            forward.freed[ptr] = (step.backwards, torch._C._current_graph_task_id())
+
+    def unpacked(self, ptr: int) -> None:
+        """Backward used a saved storage: the timeline releases it here."""
+        if ptr in self.live:
+            category, nbytes, forward = self.live.pop(ptr)
+            forward.events.append((time.perf_counter(), category, -nbytes))
+
+    def release_at_backward_end(self) -> None:
+        """Saved tensors backward never used (a branch that needed no gradient) are freed with the graph now.
+
+        A forward whose output this backward did not reach keeps its own.
+        """
+        now, alive = time.perf_counter(), {}
+        for ptr, (category, nbytes, forward) in self.live.items():
+            if forward.watched and forward.reached_by is None:
+                alive[ptr] = (category, nbytes, forward)
+            else:
+                forward.events.append((now, category, -nbytes))
+        self.live = alive
+
+    # ---------------------------------------------------------------- gradients
+    def gradient_accumulated(self, step: StepRecord, grad: torch.Tensor) -> None:
+        """A parameter's gradient was accumulated: the timeline's gradient growth."""
+        ident, nbytes = memory_of(grad)
+        if ident not in self.gradients_seen:
+            self.gradients_seen[ident] = nbytes
+            step.events.append((time.perf_counter(), "gradients", nbytes))
+
+    def release_cleared_gradients(self, step: StepRecord) -> None:
+        """Take gradients that ``zero_grad()`` freed in mid-step off the timeline.
+
+        A script may clear gradients between forward and backward, or in an
+        LBFGS closure; the storages seen so far are then gone, and the
+        backward that follows allocates new ones.
+        """
+        if not self.gradients_seen:
+            return
+        alive = self.parameters.gradients()
+        gone = [ident for ident in self.gradients_seen if ident not in alive]
+        if gone:
+            now = time.perf_counter()
+            step.events.extend((now, "gradients", -self.gradients_seen.pop(ident)) for ident in gone)
+
+    def count_gradients(self, step: StepRecord) -> None:
+        """The step's gradient bytes: the most its parameters' unique gradient storages held."""
+        grads = [p.grad for p in self.parameters.shaped() if p.grad is not None]
+        step.gradients = max(step.gradients, unique_bytes(grads))

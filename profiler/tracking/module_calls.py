@@ -1,0 +1,383 @@
+"""The module-call stack of a measured model, and what a global module hook can learn.
+
+The trackers and the model watcher use global module hooks
+(``register_module_forward_pre_hook``), as ``torch.utils.module_tracker``
+does: they live outside every module, so a model can be deep-copied,
+pickled (``torch.save(model)``) or scripted while it is measured, which a
+hook stored on its modules would break. A global pre-hook is given the
+call's positional arguments only; the keyword ones are read here.
+
+``ModuleCalls`` keeps, for one model, the stack of its modules running now
+(so every saved tensor is charged to the innermost module that saved it) and
+where execution is relative to its trunk of blocks; it tells its owner (the
+tracker) when a root forward begins and ends and when a block is entered.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
+
+from ..errors import guarded
+from .compiled import compiled_parts, hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
+from .saved_tensors import tensors_in
+
+__all__ = [
+    "COMPILED_NOTE",
+    "OUTSIDE",
+    "PROCESS",
+    "ModuleCalls",
+    "batch_input",
+    "hide_global_hook_warning",
+    "restore_warnings",
+    "running_call_kwargs",
+]
+
+OUTSIDE = "(outside the model)"  # saved while no module of the model was running
+COMPILED_NOTE = (
+    "torch.compile'd module: what its graphs save for backward is measured (autograd's saved-tensor hooks "
+    "run for compiled graphs), but no module hook runs inside it, so it is charged to the compiled "
+    "module itself (autocast's weight copies made inside it are counted as activations)"
+)
+
+
+class _Process:
+    """How many times this process's lineage forked since we were imported.
+
+    A global hook is called at every module call in the process, so its
+    checks must be cheap: comparing this count with the one seen at start
+    tells a forked child (a DataLoader worker, where the hooks must do
+    nothing) for about a tenth of an ``os.getpid()`` system call.
+    """
+
+    forks = 0
+
+
+PROCESS = _Process()
+
+
+def _after_fork_in_child() -> None:
+    PROCESS.forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _module_call_codes() -> frozenset:
+    """The code of ``nn.Module._call_impl`` and of the function inside it that runs the hooks."""
+    outer = nn.Module._call_impl.__code__
+    return frozenset([outer, *(c for c in outer.co_consts if getattr(c, "co_name", None) == "inner")])
+
+
+_MODULE_CALL_CODES = _module_call_codes()
+
+
+def running_call_kwargs(module: nn.Module) -> dict:
+    """The keyword arguments of ``module``'s call running now.
+
+    A global forward pre-hook is given the positional ones only; a model called
+    as ``model(input_ids=ids, labels=labels)`` (every Hugging Face script) has
+    its batch in these. They are read from torch's frame that calls the hook
+    (a few frames up: call this from the hook itself), once per root call.
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            break
+        if frame.f_code in _MODULE_CALL_CODES and frame.f_locals.get("self") is module:
+            kwargs = frame.f_locals.get("kwargs")
+            return dict(kwargs) if isinstance(kwargs, dict) else {}
+        frame = frame.f_back
+    return {}
+
+
+def hide_global_hook_warning() -> tuple:
+    """Silence torch's warning that global hooks exist, given at a ``torch.compile(module)`` call.
+
+    It says they "fire an extra time" for the compile wrapper: these are ours,
+    and they allow for the wrapper. Not the script's concern. Returns the
+    filter entry for ``restore_warnings``.
+    """
+    warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks")
+    return warnings.filters[0]
+
+
+def restore_warnings(entry: tuple | None) -> None:
+    """Remove a filter ``hide_global_hook_warning`` added (one equal entry: each caller removes its own)."""
+    if entry is not None and entry in warnings.filters:
+        warnings.filters.remove(entry)
+        getattr(warnings, "_filters_mutated", lambda: None)()  # as warnings.filterwarnings does
+
+
+def batch_input(args: Any, kwargs: Any) -> tuple[tuple[int, ...], bool] | None:
+    """A forward's batch input shape, and whether it is token ids; None without a tensor.
+
+    Token ids are (batch, sequence) integers, taken first; 1-D class labels or
+    a segmentation mask passed beside the pixels are not. Otherwise the first
+    tensor.
+    """
+    tensors = tensors_in(args) + tensors_in(dict(kwargs or {}))
+    if not tensors:
+        return None
+    ids = [t for t in tensors if not t.is_floating_point() and not t.is_complex() and t.dim() == 2]
+    return tuple(int(d) for d in (ids or tensors)[0].shape), bool(ids)
+
+
+class CallsOwner(Protocol):
+    """What the module-call stack tells the tracker that owns it, and asks of it."""
+
+    @property
+    def model(self) -> nn.Module | None: ...
+
+    @property
+    def step(self) -> Any:
+        """The step being measured, or None: inside the model only a step's calls matter."""
+
+    def fail(self, where: str, exc: Exception) -> None: ...
+
+    def root_forward_begins(self, args: Any) -> None: ...
+
+    def root_forward_ends(self, output: Any) -> None: ...
+
+    def block_entered(self, args: Any) -> None:
+        """A block of the trunk begins (its input shape, checkpointing)."""
+
+    def forward_inputs(self, args: Any, kwargs: Any) -> None:
+        """The root call's arguments, once a forward: its batch shape."""
+
+
+class ModuleCalls:
+    """The stack of the model's modules running now, seen through global module hooks.
+
+    ``bucket_of(path, trunk_state)`` names the bucket of a module path, a
+    container being placed by where execution is relative to the trunk
+    (``before``, ``in``, ``after``). ``host``, when given (the runner's model
+    watcher), calls our hooks from its own global hooks (see
+    ``ModelWatcher.listen``) instead of us adding a pair.
+    """
+
+    def __init__(
+        self,
+        owner: CallsOwner,
+        model: nn.Module,
+        bucket_of: Callable[[str, str], str],
+        notes: list[str],
+        host: Any = None,
+    ) -> None:
+        self.owner = owner
+        self.fail = owner.fail  # for @guarded
+        self._bucket_of = bucket_of
+        self._notes = notes
+        self._host = host
+        self._paths: dict[int, str] = {}
+        for path, mod in model.named_modules(remove_duplicate=False):
+            self._paths.setdefault(id(mod), path)
+        # Looked up on every module call: which modules are trunk blocks (or inside one).
+        self._block_modules = {mid for mid, path in self._paths.items() if bucket_of(path, "") == "block"}
+        # Compiled modules whose inside spans buckets (a model compiled whole): what
+        # they save is measured, but no module hook runs inside to say where.
+        self._compiled_mixed = {
+            id(m) for path, m in model.named_modules()
+            if is_compiled(m) and bucket_of(path, "before") != bucket_of(path, "after")
+        }
+        if any(is_compiled(m) for m in model.modules()):
+            notes.append(COMPILED_NOTE)
+        self.stack: list[int] = []
+        self.trunk_state = "before"  # where execution is relative to the trunk: before/in/after
+        self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed
+        self._handles: list[Any] = []
+        self._warning_filter: tuple | None = None
+        self._compiled_calls: list[tuple[weakref.ref, weakref.ref | None]] = []  # (module, our wrapper)
+        self._forks = PROCESS.forks  # a forked child (a DataLoader worker) has more: the hooks do nothing there
+        self._thread = threading.get_ident()
+
+    # ------------------------------------------------------------ lifecycle
+    def install(self) -> None:
+        """Observe the model's module calls (global hooks, filtered by module).
+
+        Hooks stored on the model's modules would go with it into a deepcopy
+        (an EMA copy), a pickle (``torch.save(model)``) or ``torch.jit.script``,
+        and break them.
+        """
+        self._wrap_compiled_calls()
+        self._hooked = {id(m) for m in hookable_modules(self.owner.model)}
+        if self._host is not None:  # no global hook added or removed (see ModelWatcher.listen)
+            self._handles.append(self._host.listen(self._any_pre, self._any_post))
+        else:
+            self._handles.append(module_hooks.register_module_forward_pre_hook(self._any_pre))
+            self._handles.append(module_hooks.register_module_forward_hook(self._any_post, always_call=True))
+            self._warning_filter = hide_global_hook_warning()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        restore_warnings(self._warning_filter)
+        self._warning_filter = None
+        for module, wrapper in self._compiled_calls:
+            unwrap_compiled_call(module(), wrapper)
+        self._compiled_calls = []
+        self.stack = []
+
+    def _wrap_compiled_calls(self) -> None:
+        """Call our hooks around the compiled call of the model, or of its parts, compiled in place.
+
+        A module compiled with ``.compile()`` goes straight to its compiled
+        ``_call_impl``, where module hooks would be traced by dynamo: ours are
+        called around it instead, in eager Python. For the model that is its
+        root hooks (steps and phases are seen); a part (``block.compile()``) is
+        put on the module stack, so what it saves is charged to it, its bucket
+        known (a compiled block is the block bucket). ``remove()`` puts the
+        compiled functions back.
+        """
+        calls, model = weakref.ref(self), self.owner.model
+        modules = [model] if getattr(model, "_compiled_call_impl", None) is not None else []
+        for module in modules + compiled_parts(model):
+
+            def before(args: tuple, kwargs: dict, module: nn.Module = module) -> bool | None:
+                me = calls()
+                if me is None or me.owner.model is None:
+                    return None
+                if module is me.owner.model:
+                    me._root_pre(module, args, kwargs)
+                elif me.owner.step is not None:
+                    me._pre(module, args)
+                else:
+                    return None  # as for any part: only a step's calls matter
+                return True
+
+            def after(args: tuple, output: Any, token: Any, module: nn.Module = module) -> None:
+                me = calls()
+                if me is not None:
+                    me._post(module, args, output)
+
+            self._compiled_calls.append((weakref.ref(module), wrap_compiled_call(module, before, after)))
+
+    def step_begins(self) -> None:
+        """A step begins before the trunk."""
+        self.trunk_state = "before"
+
+    def where(self) -> tuple[str, str, bool]:
+        """(module path, bucket, inside a module compiled whole) of the innermost module running now."""
+        stack = self.stack
+        if stack and stack[-1] in self._compiled_mixed:
+            return self._paths.get(stack[-1], OUTSIDE), "other", True  # which block saved it is not seen
+        path = self._paths.get(stack[-1], OUTSIDE) if stack else OUTSIDE
+        return path, self._bucket_of(path, self.trunk_state), False
+
+    # ---------------------------------------------------------------- hooks
+    def _any_pre(self, module: nn.Module, args: Any) -> None:
+        """Every module call in the process: this model's are passed on (one set lookup for the others).
+
+        Inside the model only a step's calls matter (which module saves what):
+        a forward that is not a training step (evaluation, a teacher) costs one
+        call at its root.
+        """
+        if torch.compiler.is_compiling():
+            return
+        owner = self.owner
+        if id(module) not in self._hooked:
+            if self._wraps_the_model(module):  # torch.compile(model): its call is the model's, compiled whole
+                self._measure_as_compiled_whole()
+                self._pre(owner.model, args)
+                self._note_root_inputs(module, args)
+            return
+        if module is owner.model:
+            self._pre(module, args)
+            self._note_root_inputs(module, args)
+        elif owner.step is not None and owner.model is not None:  # (ids of a dropped model's modules are reused)
+            self._pre(module, args)
+
+    def _any_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        owner = self.owner
+        if id(module) not in self._hooked:
+            if self._wraps_the_model(module):
+                self._post(owner.model, args, output)
+            return
+        if module is owner.model or owner.step is not None:
+            self._post(module, args, output)
+
+    def _wraps_the_model(self, module: nn.Module) -> bool:
+        """``module`` is a ``torch.compile`` wrapper of the model that ``profile(model)`` was given.
+
+        The script trains through ``torch.compile(model)`` (made before or inside
+        the block): the model's own hooks then run only inside the compiled
+        code, where ours do nothing, but the wrapper's run in eager Python.
+        What the compiled graphs save is measured as for a model compiled
+        whole. (Under the runner the wrapper is found as a model of its own.)
+        """
+        if type(module).__name__ != "OptimizedModule" or self._host is not None:
+            return False
+        model = self.owner.model
+        return model is not None and getattr(module, "_orig_mod", None) is model
+
+    def _measure_as_compiled_whole(self) -> None:
+        """The model runs compiled whole: no module hook inside says which block saves what; said in a note."""
+        if self._bucket_of("", "before") != self._bucket_of("", "after"):
+            self._compiled_mixed.add(id(self.owner.model))
+        if COMPILED_NOTE not in self._notes:
+            self._notes.append(COMPILED_NOTE)
+
+    @guarded
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or PROCESS.forks != self._forks or threading.get_ident() != self._thread:
+            return  # (dynamo tracing a model compiled after our hooks went on: no graph break from us)
+        if module is self.owner.model and not self.stack:
+            self.owner.root_forward_begins(args)
+        self.stack.append(id(module))
+        if id(module) in self._block_modules:
+            self.trunk_state = "in"
+            self.owner.block_entered(args)
+
+    @guarded
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling() or PROCESS.forks != self._forks or threading.get_ident() != self._thread:
+            return
+        mid = id(module)
+        if mid in self.stack:
+            while self.stack and self.stack.pop() != mid:
+                pass
+        if mid in self._block_modules:
+            self.trunk_state = "after"
+        if module is self.owner.model and not self.stack:
+            self.owner.root_forward_ends(output)
+
+    @guarded
+    def _root_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self._pre(module, args)
+        self.owner.forward_inputs(args, kwargs)
+
+    @guarded
+    def _note_root_inputs(self, module: nn.Module, args: Any) -> None:
+        """The root call's inputs, for a call seen by a global hook, which is not given the keyword arguments."""
+        step = self.owner.step
+        if step is not None and step.current_forward.input_shape is None:  # batch and sequence sizes, once a forward
+            self.owner.forward_inputs(args, running_call_kwargs(module))
+
+    # -------------------------------------------------- a call already running
+    def enter_root(self, args: Any, kwargs: Any) -> None:
+        """Begin a root forward that is already running (its pre-hooks were gathered before we were installed)."""
+        if not self.stack:
+            self.owner.root_forward_begins(args)
+            self.stack.append(id(self.owner.model))
+            self.owner.forward_inputs(args, kwargs)
+
+    def leave_root(self, args: Any, output: Any) -> None:
+        """End the root forward begun by ``enter_root`` when no hook of ours will."""
+        model = self.owner.model
+        if self.stack == [id(model)]:
+            self._post(model, args, output)

@@ -1,0 +1,84 @@
+"""The measured model's parameters, as the tracker's parts need them.
+
+Held weakly: the runner lets the script drop a model (an evaluation loop over
+checkpoints, folds shorter than ``--steps``) and get its memory back as in a
+plain run. Lazy parameters keep their identity when their first forward gives
+them a shape, so they are known from the start and their storage once they
+have one.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+from .saved_tensors import memory_of, storage_key
+
+__all__ = ["ModelParameters", "shaped_parameters", "unique_bytes"]
+
+
+def shaped_parameters(model: nn.Module | None) -> list[nn.Parameter]:
+    """The model's parameters that have a shape: a lazy module that never ran has none to count.
+
+    Empty for a model the script dropped: nothing left to count.
+    """
+    return [] if model is None else [p for p in model.parameters() if not is_lazy(p)]
+
+
+def unique_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct memory behind ``tensors`` (a tied weight, or views, counted once)."""
+    return sum(dict(memory_of(t) for t in tensors).values())
+
+
+class ModelParameters:
+    """Identities, storages and gradients of one model's parameters."""
+
+    def __init__(self, model_of: Callable[[], nn.Module | None]) -> None:
+        model = model_of()
+        self._model_of = model_of
+        unique = {id(p): p for p in model.parameters()}
+        self.ids: set[int] = set(unique)  # every parameter, lazy ones included
+        self._refs = [weakref.ref(p) for p in unique.values()]
+        self.lazy_left = any(is_lazy(p) for p in unique.values())
+        self.storages: set[int] = set()  # data pointers of their storages, taken when measuring starts
+
+    def shaped(self) -> list[nn.Parameter]:
+        """The parameters with a shape, or, once the script dropped the model, those still alive.
+
+        ``loss = Net()(x).sum(); loss.backward()``: the module is gone before its
+        backward, its parameters live on in the graph, and get gradients.
+        """
+        model = self._model_of()
+        if model is not None:
+            return shaped_parameters(model)
+        return [p for ref in self._refs if (p := ref()) is not None and not is_lazy(p)]
+
+    def take_storages(self) -> None:
+        """Know the storages of the parameters that have one (left out of activations)."""
+        self.storages |= {k[0] for p in self.shaped() if (k := storage_key(p)) is not None}
+
+    def adopt_materialized(self) -> None:
+        """Lazy parameters that got their shapes since: know their storage."""
+        self.take_storages()
+        model = self._model_of()
+        self.lazy_left = model is not None and any(is_lazy(p) for p in model.parameters())
+
+    def any_trainable(self) -> bool:
+        model = self._model_of()
+        return model is not None and any(p.requires_grad for p in model.parameters())
+
+    def gradients(self) -> dict[int, int]:
+        """Storage identity -> bytes of every gradient the parameters hold now."""
+        return dict(memory_of(p.grad) for p in self.shaped() if p.grad is not None)
+
+    def gradients_cleared(self) -> bool:
+        """True when ``zero_grad(set_to_none=True)`` ran: no trainable parameter has a gradient."""
+        return all(p.grad is None for p in self.shaped() if p.requires_grad)
+
+    def release(self) -> None:
+        """Forget the parameters (the model was let go of)."""
+        self._refs = []

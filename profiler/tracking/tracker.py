@@ -1,0 +1,702 @@
+"""Measure what the training steps of one model really hold in memory.
+
+Cheap observations only, read at boundaries (the approach of
+``torch/utils/module_tracker.py``, not of a dispatch-level tracker). The
+tracker owns one part per thing observed, each behind its own interface (the
+way torch's MemTracker owns a ModTracker):
+
+* ``calls`` (``ModuleCalls``): the model's module-call stack, so every saved
+  tensor is charged to the innermost module that saved it;
+* ``saved_hooks`` (``SavedHooks``): our pack/unpack pair on autograd's stack,
+  beside the script's and other trackers' pairs;
+* ``ledger`` (``Ledger``): the storages saved per forward and the gradients,
+  on the step's timeline;
+* ``phases`` (``PhaseClock``): forward / backward / optimizer spans, with the
+  host clock, CUDA events, allocator counters and sampler marks;
+* ``optimizers`` (``OptimizerWatch``): which optimizer steps the model, and
+  its state;
+* ``outputs`` (``OutputWatch``): backward reaching a forward's output.
+
+What stays here is the step state machine: when a step begins and ends,
+which forwards and backward passes belong to it. A step ends at the
+optimizer's ``step()``; when the script updates weights by hand (no optimizer
+seen), it ends where the next training forward begins, or when tracking
+stops.
+
+Every hook is removed by ``stop()``, which ``profile.__exit__`` and the runner
+call in ``finally`` blocks, so exceptions and KeyboardInterrupt leave no hook
+(one exception in form only: see ``optimizers.drop_retired_hooks``).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import guarded
+from .backward_watch import OutputWatch
+from .ledger import Ledger
+from .module_calls import PROCESS, ModuleCalls, batch_input
+from .optimizers import OptimizerWatch
+from .parameters import ModelParameters
+from .phases import PhaseClock
+from .saved_hooks import PASS_ON, SavedHooks
+from .saved_tensors import NOT_PACKED, SavedTensor, tensors_in
+from .step_record import ForwardSaves, StepRecord
+
+__all__ = ["StepState", "StepTracker", "model_device"]
+
+# A GradScaler halves its scale at every skipped step: 16 skips take the default
+# initial scale of 2**16 down to 1, past which overflow is not the scale's doing.
+SKIPPED_STEPS_LIMIT = 16
+# Forwards of one open step with no backward, each keeping its graph alive (an
+# EMA copy's evaluation loss kept in a variable): after this many the model is
+# taken for one that is only run, and its forwards are let go of.
+FORWARDS_WITHOUT_BACKWARD_LIMIT = 32
+
+
+class StepState(enum.Enum):
+    """Where the open step is."""
+
+    IDLE = "idle"  # no step open
+    FORWARD = "forward"  # a root forward of the model is running
+    AFTER_FORWARD = "after_forward"  # forward returned; the loss is computed, no backward yet
+    BACKWARD = "backward"  # a backward pass through the model's output is running
+    AFTER_BACKWARD = "after_backward"  # backward ended; the optimizer step, or the next micro-batch, comes
+
+
+_FORWARDING = (StepState.FORWARD, StepState.AFTER_FORWARD)
+
+
+def model_device(parameters: list[nn.Parameter]) -> torch.device:
+    """The device of the model's first parameter with a shape, else the CPU."""
+    for p in parameters:
+        return p.device
+    return torch.device("cpu")
+
+
+def _no_buckets(path: str, state: str) -> str:
+    return "other"
+
+
+class StepTracker:
+    """Hooks that measure the first ``max_steps`` training steps of one model.
+
+    The runner passes ``hold_model=False``: a model the script drops (an
+    evaluation loop over checkpoints, folds shorter than --steps) must be
+    freed as in a plain run. Nothing else here refers to it strongly: the
+    hooks are global and filtered by module, and the optimizer hooks refer to
+    this tracker only. Its owner stops a tracker whose model is gone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        max_steps: int | None = None,
+        sample_interval: float | None = 0.01,
+        bucket_of: Callable[[str, str], str] | None = None,
+        on_finished: Callable[[StepTracker], None] | None = None,
+        live_peak: bool = False,
+        hold_model: bool = True,
+        hooks_host: Any = None,
+    ) -> None:
+        self._model_ref: weakref.ref | None = None
+        self._model_held: nn.Module | None = None
+        self._hold_model = hold_model
+        self.model = model
+        self.max_steps = max_steps
+        self.steps: list[StepRecord] = []
+        self.notes: list[str] = []
+        self.finished = False
+        self.forwards_without_backward = 0  # forwards left out of the steps: no backward went through them
+        self._on_finished = on_finished
+        self._step: StepRecord | None = None
+        self._state = StepState.IDLE
+        self._running = False
+        self._stop_requested = False  # an internal error inside an optimizer pre-hook: stop at the next forward
+        self._backward_task = -1  # autograd's id of the backward call running the step's backward pass
+        self._pass_accumulated = False  # the last backward pass accumulated a parameter's .grad
+        self._seq_floor = -1  # the highest autograd node number among the running root forward's inputs
+        self._grad_hooked: set[int] = set()
+        self._grad_handles: list[Any] = []
+        self._forks = PROCESS.forks  # a forked child (a DataLoader worker) has more: the hooks do nothing there
+        self._thread = threading.get_ident()
+
+        self.parameters = ModelParameters(lambda: self.model)
+        self.device = model_device(self.parameters.shaped())
+        self.calls = ModuleCalls(self, model, bucket_of or _no_buckets, self.notes, hooks_host)
+        self.optimizers = OptimizerWatch(self, self.parameters.ids, optimizer, self.notes)
+        self.saved_hooks = SavedHooks(self)
+        self.ledger = Ledger(self.parameters, self.calls.where, self.device)
+        self.phases = PhaseClock(self.device, sample_interval=sample_interval, live_peak=live_peak, notes=self.notes)
+        self.outputs = OutputWatch(self._output_reached)
+        devices = {p.device for p in self.parameters.shaped()}
+        if len(devices) > 1:
+            self.notes.append(
+                "parameters on several devices (" + ", ".join(sorted(map(str, devices))) + "); "
+                f"allocator figures are for {self.device} only"
+            )
+
+    # ------------------------------------------------------------ what it holds
+    @property
+    def model(self) -> nn.Module | None:
+        """The model measured; None once released, or once the script dropped it (``hold_model=False``)."""
+        return self._model_ref() if self._model_ref is not None else None
+
+    @model.setter
+    def model(self, model: nn.Module | None) -> None:
+        self._model_ref = weakref.ref(model) if model is not None else None
+        self._model_held = model if self._hold_model else None
+
+    @property
+    def model_dropped(self) -> bool:
+        """The script let go of the model before this tracker did (it was not released)."""
+        return self._model_ref is not None and self._model_ref() is None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.optimizers.optimizer
+
+    @property
+    def optimizer_name(self) -> str | None:
+        return self.optimizers.name
+
+    @property
+    def optimizer_history(self) -> list[str]:
+        return self.optimizers.history
+
+    @property
+    def step(self) -> StepRecord | None:
+        """The step being measured now, if one is open."""
+        return self._step
+
+    @property
+    def measuring(self) -> bool:
+        """Hooks are installed and measuring (between ``start()`` and ``stop()``)."""
+        return self._running
+
+    @property
+    def sampler(self) -> Any:
+        return self.phases.sampler
+
+    @property
+    def sample_interval(self) -> float | None:
+        return self.phases.sample_interval
+
+    @property
+    def live_peak(self) -> bool:
+        return self.phases.live_peak
+
+    @property
+    def device_clock(self) -> Any:
+        return self.phases.device_clock
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> StepTracker:
+        if self._running:
+            return self
+        if isinstance(self.model, torch.jit.ScriptModule):
+            self.notes.append("TorchScript module: PyTorch runs no Python hooks on it, so its steps are not measured "
+                              "(its parameters are counted)")
+            self.finished = True
+            return self
+        self._running = True
+        try:
+            self.optimizers.adopt_running_step()
+            self.parameters.take_storages()
+            self.calls.install()
+            self._hook_gradients()
+            self.optimizers.install()
+            self.phases.start()
+        except Exception as exc:  # noqa: BLE001 - reported; the training runs unmeasured
+            self.fail("start", exc)
+        except BaseException:
+            self.stop()  # never leave half the hooks behind
+            raise
+        return self
+
+    def _hook_gradients(self) -> None:
+        """A hook on each trainable parameter with a shape: the timeline's gradient growth."""
+        for p in {id(p): p for p in self.parameters.shaped()}.values():
+            if p.requires_grad and id(p) not in self._grad_hooked:
+                self._grad_hooked.add(id(p))
+                self._grad_handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+
+    def fail(self, where: str, exc: Exception) -> None:
+        """Our own error inside a hook: note it and stop measuring, leaving training alone."""
+        self.notes.append(f"measuring stopped after an internal error in {where}: {type(exc).__name__}: {exc}")
+        self._step = None  # the open step is unreliable: drop it
+        if self.optimizers.in_pre_hooks:
+            # Not while torch loops over the pre-hooks (deleting ours would raise
+            # in the script): at the next forward. In a post-hook stop() retires ours.
+            self._stop_requested = True
+            return
+        try:
+            self.stop()
+        except Exception:  # noqa: BLE001 - hooks are gone or going; nothing more to save
+            pass
+
+    def stop(self) -> None:
+        """Remove every hook, close the open step and stop the sampler. Idempotent."""
+        if not self._running:
+            return
+        self._running = False
+        step = self._step
+        if self._open_step_unused() or (
+            # Forwards with no backward after training steps (an evaluation kept
+            # in a variable), or several and never a backward: a model evaluated
+            # with gradients on whose last loss the script keeps alive.
+            step is not None and self._state is StepState.AFTER_FORWARD and not step.backwards
+            and not step.optimizer_steps and (step.forwards > 1 or self.trained)
+        ):
+            self._drop_unused_step()  # (a check after the last step, say: print(model(x).mean().item()))
+        if self.forwards_without_backward:
+            self.notes.append(
+                f"{self.forwards_without_backward} forward(s) with gradients on but no backward (a shape check, a "
+                "summary, a loss only printed, a model evaluated with gradients on) were left out of the steps"
+            )
+        try:
+            self._finish_step()
+        finally:
+            self.saved_hooks.pop()
+            self.optimizers.remove()
+            self.calls.remove()
+            for handle in self._grad_handles:
+                handle.remove()
+            self._grad_handles = []
+            self.outputs.remove()
+            self.phases.stop()
+            self.finished = True
+
+    def release(self) -> None:
+        """Stop, then let go of the model and its optimizer (their figures were taken out)."""
+        self.stop()
+        self.model = None
+        self.optimizers.optimizer = None
+        self.parameters.release()
+
+    def _done(self) -> None:
+        """Enough steps: remove the hooks and tell the owner (the runner may stop the script)."""
+        self.stop()
+        if self._on_finished is not None:
+            self._on_finished(self)
+
+    # ------------------------------------------------------------- what it saw
+    @property
+    def measured_all_steps(self) -> bool:
+        """As many steps as asked for were measured (always False without a limit)."""
+        return self._enough_steps()
+
+    @property
+    def trained(self) -> bool:
+        """A backward through the model's output, or its optimizer's step, was seen in a measured step."""
+        steps = self.steps + ([self._step] if self._step is not None else [])
+        return any(s.backwards or s.optimizer_steps for s in steps)
+
+    @property
+    def never_trained(self) -> bool:
+        """No backward went through it, and a forward's graph was freed unused: a model only run, not trained."""
+        if self.trained:
+            return False
+        step = self._step
+        return step is None or any(f.graph_freed for f in step.open_forwards)
+
+    @property
+    def started_measuring(self) -> bool:
+        """A training step of this model was seen (it is measuring or has measured).
+
+        Forwards whose graph was freed with no backward (a model only evaluated
+        with gradients on, a teacher whose output is detached) are no training.
+        """
+        return bool(self.steps) or (self._step is not None and not self._open_step_unused())
+
+    def _enough_steps(self) -> bool:
+        """``max_steps`` steps that updated the weights, or too many GradScaler skips to wait for.
+
+        An iteration whose optimizer step a GradScaler skipped (overflowing fp16
+        gradients, common while the loss scale settles) has no optimizer phase
+        and shows nothing of the step the user asked about, so it does not
+        count; after ``SKIPPED_STEPS_LIMIT`` of them measuring ends anyway.
+        An iteration whose ``optimizer.step()`` raised (an out-of-memory error
+        the script caught to retry smaller) does not count either.
+        """
+        if self.max_steps is None:
+            return False
+        skipped = sum(s.optimizer_skipped or s.optimizer_failed for s in self.steps)
+        return len(self.steps) - skipped >= self.max_steps or skipped >= SKIPPED_STEPS_LIMIT
+
+    # ----------------------------------------------------------------- steps
+    def _begin_step(self) -> bool:
+        """Open a new step; False once enough steps were measured."""
+        if self._enough_steps():
+            self._done()
+            return False
+        if self.parameters.lazy_left:  # lazy parameters that got their shapes since
+            self._hook_gradients()
+            self.parameters.adopt_materialized()
+        step = StepRecord(index=len(self.steps) + 1)
+        step.started_at = time.perf_counter()
+        self.ledger.begin_step(step)
+        if self.optimizer is not None:
+            step.optimizer_state_before = self.optimizers.state()[0]
+        self.phases.begin_step(step)
+        self._step = step
+        self.calls.step_begins()
+        return True
+
+    def _finish_step(self) -> None:
+        step = self._step
+        if step is None:
+            return
+        if self.optimizers.in_step:  # its step() raised: the post-hook never ran
+            step.optimizer_failed = True
+            self.optimizers.end_step()
+        elif self._state is StepState.AFTER_BACKWARD and self._step_skipped():
+            # Measuring ends on an iteration whose step was skipped (the next
+            # forward, which tells otherwise, never comes): as in root_forward_begins.
+            step.optimizer_skipped = self.optimizers.scaler_skips_steps()
+        self.saved_hooks.pop()
+        self.phases.end_open(step)
+        step.seconds = time.perf_counter() - step.started_at
+        # A backward that began and never ended raised: that step is not complete.
+        step.complete = step.forwards > 0 and step.backwards > 0 and self._state is not StepState.BACKWARD
+        step.fold()
+        if self.optimizer is not None and not step.optimizer_steps:
+            self._take_optimizer_state(step)
+        self.steps.append(step)
+        self._step = None
+        self._state = StepState.IDLE
+
+    def _step_skipped(self) -> bool:
+        """The model's optimizer is known, did not step, and the gradients were cleared: the iteration is over.
+
+        A GradScaler skips the step when gradients overflow; without one, the
+        weights were updated some other way. (Otherwise gradients are still
+        being accumulated.)
+        """
+        step = self._step
+        return (
+            not step.optimizer_steps and self.optimizer is not None and self.model is not None
+            and self.parameters.gradients_cleared()
+        )
+
+    def _take_optimizer_state(self, step: StepRecord, opt: torch.optim.Optimizer | None = None) -> None:
+        step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = self.optimizers.state(opt)
+
+    def _open_step_unused(self) -> bool:
+        """The open step's forwards had no backward and their graphs are gone: no training step at all."""
+        step = self._step
+        return (
+            step is not None and self._state is StepState.AFTER_FORWARD and not step.backwards
+            and not self.optimizers.in_step and bool(step.open_forwards)
+            and all(f.graph_freed for f in step.open_forwards)
+        )
+
+    def _drop_unused_step(self) -> None:
+        """Leave out the open step, forwards whose graph was freed unused (``_open_step_unused``), with a note."""
+        self.forwards_without_backward += self._step.forwards
+        self.saved_hooks.pop()  # (another model's step, or a loss after the next forward, is not ours to see)
+        self._step, self._state = None, StepState.IDLE
+
+    # ------------------------------------------------------- root forwards
+    def root_forward_begins(self, args: Any) -> None:
+        """A root forward of the model begins (told by the module-call stack)."""
+        self._root_forward_begin()
+        # Autograd nodes numbered above the inputs' were made by this forward (see Ledger.count_function_ctx).
+        self._seq_floor = max((t.grad_fn._sequence_nr() for t in tensors_in(args) if t.grad_fn is not None), default=-1)
+
+    def _root_forward_begin(self) -> None:
+        step = self._step
+        if step is not None and self._state is StepState.BACKWARD and torch._C._current_graph_task_id() != -1:
+            # Backward recomputing a checkpointed model: part of that backward, not a
+            # forward. (Reentrant checkpointing ran the first forward under no_grad,
+            # unseen: its recomputation, with no step open, is the step's forward.)
+            step.checkpointing = True
+            return
+        if self._stop_requested:
+            self._done()
+            return
+        if self.optimizers.in_step and not self.optimizers.step_running():
+            # Its step() raised and the script went on: that iteration is over.
+            self._finish_step()
+            self.optimizers.end_step()  # also with no step open
+        if self._step is None and self._running and self._enough_steps():
+            self._done()  # the first forward after the last measured step, evaluation included
+            return
+        if not torch.is_grad_enabled() or not self._running or torch._C._get_tracing_state() is not None:
+            return  # evaluation forwards (and torch.jit.trace's) are not training steps
+        if not self.parameters.any_trainable():
+            return  # a frozen model (a teacher) run with gradients on: nothing of it trains
+        self._end_step_before_next_forward()
+        step = self._step
+        if self._open_step_unused() or (
+            step is not None and self._state is StepState.AFTER_FORWARD and not step.backwards
+            and not self.optimizers.in_step and step.forwards >= FORWARDS_WITHOUT_BACKWARD_LIMIT
+        ):
+            # The forward before had no backward and its graph is gone: a shape
+            # check, a summary or a loss printed with gradients on. Not part of a
+            # training step (its batch is often another size): measured afresh.
+            self._drop_unused_step()
+        if self._step is None and not self._begin_step():
+            return
+        step = self._step
+        if torch._C._current_graph_task_id() != -1:
+            step.checkpointing = True  # a forward run by backward: a reentrant checkpoint's recomputation
+        if step.forwards:
+            self.ledger.release_cleared_gradients(step)  # (gradient accumulation: the next micro-batch begins)
+        step.begin_forward()
+        self._state = StepState.FORWARD
+        self.phases.begin(step, "forward")
+        self.saved_hooks.push()
+
+    def _end_step_before_next_forward(self) -> None:
+        """A training forward after a backward: the step before is over, or this is its next micro-batch.
+
+        A forward inside ``optimizer.step()`` is a closure (LBFGS re-evaluating
+        the loss): part of this step, like a gradient-accumulation micro-batch.
+        A pass that accumulated no ``.grad`` was ``torch.autograd.grad`` (a
+        gradient penalty's): the step goes on, the next forward is one more of it.
+        """
+        if not (
+            self._step is not None and self._state is StepState.AFTER_BACKWARD
+            and not self.optimizers.in_step and self._pass_accumulated
+        ):
+            return
+        # A step ended without an optimizer step: weights updated by hand, or a
+        # GradScaler that skipped step() while its scale settles. Only an
+        # optimizer that exists can tell the two apart.
+        self.optimizers.find_once()
+        if self.optimizer is None:
+            self._finish_step()  # hand-written update: the previous step is over
+        elif self.parameters.gradients_cleared():
+            # The optimizer is known but did not step, and zero_grad() has run:
+            # that iteration is over. A GradScaler skips the step when gradients
+            # overflow; without one, the weights were updated some other way.
+            # (Otherwise this forward accumulates gradients.)
+            self._step.optimizer_skipped = self.optimizers.scaler_skips_steps()
+            self._finish_step()
+
+    def root_forward_ends(self, output: Any) -> None:
+        """A root forward of the model returned ``output`` (told by the module-call stack)."""
+        step = self._step
+        if step is None or self._state is not StepState.FORWARD:
+            return
+        if self.saved_hooks.balanced:
+            # The script's own pair is below ours: it pops the top one when its
+            # `with` ends, so ours must be gone by then. What a loss computed
+            # after this forward saves goes to the script's hooks unseen.
+            self.saved_hooks.pop()
+            if self.saved_hooks.outer is not None:
+                step.saves_after_forward_unseen = True
+        self._state = StepState.AFTER_FORWARD
+        fns = {id(t.grad_fn): t.grad_fn for t in tensors_in(output) if t.grad_fn is not None}
+        forward = step.current_forward
+        forward.watched = bool(fns)
+        forward.graph = [self.outputs.watch(fn, forward) for fn in fns.values()]
+        self._count_function_ctx(list(fns.values()))
+
+    @guarded
+    def _count_function_ctx(self, roots: list) -> None:
+        self.ledger.count_function_ctx(self._step, roots, self._seq_floor)
+
+    @guarded
+    def block_entered(self, args: Any) -> None:
+        """A block of the trunk begins: its input's shape, and whether it is checkpointed."""
+        step = self._step
+        if step is None or self._state is not StepState.FORWARD:
+            return
+        if step.trunk_input_shape is None:
+            # (batch, sequence, hidden) where the input is not token ids: a ViT's patches
+            tensors = tensors_in(args)
+            if tensors:
+                step.trunk_input_shape = tuple(int(d) for d in tensors[0].shape)
+        if not step.checkpointing:
+            # A checkpointed block runs its forward without saving: reentrant
+            # checkpointing under no_grad, the other kind under its own
+            # saved-tensor hooks (which sit on top of ours).
+            # (A frozen block run under no_grad has no input that requires grad.)
+            reentrant = not torch.is_grad_enabled() and any(t.requires_grad for t in tensors_in(args))
+            step.checkpointing = reentrant or self.saved_hooks.foreign_pair_on_top()
+
+    def forward_inputs(self, args: Any, kwargs: Any) -> None:
+        """Remember the forward's batch input shape, once a forward."""
+        step = self._step
+        if step is None or step.current_forward.input_shape is not None:
+            return
+        found = batch_input(args, kwargs)
+        if found is not None:
+            step.current_forward.input_shape, step.current_forward.input_is_tokens = found
+
+    def enter_current_forward(self, args: Any = (), kwargs: Any = None) -> None:
+        """Start measuring a root forward that is already running.
+
+        The runner creates the tracker from inside the model's first call, when
+        that call's pre-hooks have already been gathered; this does what the
+        root pre-hook would have done.
+        """
+        if self._running:
+            self.calls.enter_root(args, kwargs)
+
+    def leave_current_forward(self, args: Any, output: Any) -> None:
+        """End the root forward begun by ``enter_current_forward`` when no hook of ours will.
+
+        A model compiled in place is found inside its compiled call, which our
+        wrapper (installed then) is not around: the runner ends that call here.
+        """
+        if self._running:
+            self.calls.leave_root(args, output)
+
+    # ------------------------------------------------------------- backward
+    @guarded
+    def _output_reached(self, forward: ForwardSaves) -> None:
+        """Backward reached one of ``forward``'s outputs: a backward pass begins, or it is one more it goes through.
+
+        Each forward of a step is watched because which ones a backward goes
+        through tells what was alive at once and what is no part of the step
+        at all (see ``StepRecord.fold``). A backward that reaches a forward
+        that an earlier backward of the step did not (one loss backpropagated
+        per view) is a backward pass of its own.
+        """
+        step = self._step
+        if step is None or not any(f is forward for f in step.open_forwards):
+            return
+        task = torch._C._current_graph_task_id()
+        if self._state is StepState.BACKWARD and task == self._backward_task:
+            if forward.reached_by is None:  # one more forward this backward goes through
+                forward.reached_by = step.backwards
+            return
+        if self._state is StepState.BACKWARD:  # (the last one's end was not seen: a backward that raised)
+            self._backward_end()
+        if self._state in (StepState.AFTER_FORWARD, StepState.FORWARD, StepState.AFTER_BACKWARD):
+            # A new backward call: the first through this step's outputs, one per
+            # view, or another loss on a graph an earlier call retained.
+            self._backward_task = task
+            self._backward_begin()
+            step.pass_of_task[task] = step.backwards
+            if forward.reached_by is None:
+                forward.reached_by = step.backwards
+
+    def _backward_begin(self) -> None:
+        step = self._step
+        self._state = StepState.BACKWARD
+        self._pass_accumulated = False
+        step.backwards += 1
+        self.ledger.release_cleared_gradients(step)
+        self.phases.begin(step, "backward")
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+
+    @guarded
+    def _backward_end(self) -> None:
+        step = self._step
+        if step is None or self._state is not StepState.BACKWARD:
+            return
+        self.ledger.count_gradients(step)
+        self.ledger.release_at_backward_end()
+        self._state = StepState.AFTER_BACKWARD
+
+    @guarded
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        """A parameter's gradient was accumulated: the timeline's gradient growth."""
+        step = self._step
+        if step is None or param.grad is None:
+            return
+        self._pass_accumulated = True
+        self.ledger.gradient_accumulated(step, param.grad)
+
+    # ------------------------------------------------ the optimizer's steps
+    def optimizer_step_begins(self, opt: torch.optim.Optimizer, adopted: bool) -> None:
+        """A step of an optimizer of the model begins (told by the optimizer watch)."""
+        if adopted and self._step is not None:
+            self._merge_unconfirmed_steps()
+        step = self._step
+        if step is None:
+            return
+        self.saved_hooks.pop()
+        self.ledger.count_gradients(step)
+        if step.optimizer_state_before == 0 and not step.optimizer_steps:
+            step.optimizer_state_before = self.optimizers.state(opt)[0]
+        self.phases.begin(step, "optimizer")
+
+    def _merge_unconfirmed_steps(self) -> None:
+        """The optimizer shows up only now: earlier backward passes were micro-batches of this step.
+
+        Until an optimizer steps, the end of a backward followed by a new
+        forward looked like a hand-written update (one step each). Seeing the
+        optimizer's first ``step()`` proves they were gradient accumulation.
+        """
+        earlier = [s for s in self.steps if s.optimizer_steps == 0]
+        if not earlier or len(earlier) != len(self.steps):
+            return
+        step = self._step
+        self.phases.end_open(step)  # the last backward is still open: close it on this step, then merge
+        step.fold()
+        self.steps = []
+        self._step = step.merge(earlier)
+
+    def optimizer_step_ended(self, opt: torch.optim.Optimizer) -> None:
+        """The model's optimizer's ``step()`` returned (told by the optimizer watch)."""
+        step = self._step
+        if step is None:
+            return
+        self.phases.end(step, "optimizer")
+        step.optimizer_steps += 1
+        self._take_optimizer_state(step, opt)
+        if step.optimizer_state != step.optimizer_state_before:
+            step.events.append((time.perf_counter(), "optimizer_state", step.optimizer_state - step.optimizer_state_before))
+        self._finish_step()
+        if self._enough_steps():
+            # Done now, not at the next forward: a model trained exactly these
+            # steps may never run again, and the runner lets it go once done.
+            # (stop() retires our post-hook rather than deleting it.)
+            self._done()
+
+    # --------------------------------------------- saved tensors (HooksOwner)
+    def between_forwards(self) -> bool:
+        return self._state not in _FORWARDING
+
+    @guarded
+    def observe_saved(self, t: torch.Tensor, packed: Any = NOT_PACKED) -> Any:
+        """Count a saved tensor: the storage pointer counted for it in this forward, None, or ``PASS_ON``.
+
+        (Unpacking it releases it on the timeline; its holder tells
+        ``saved_freed`` when autograd lets go of it.)
+        """
+        if not self._running or self.model is None:
+            self.saved_hooks.pop()  # measuring ended where our pair could not be popped, or the model was dropped
+            return None
+        step = self._step
+        # Only what the forward (and a loss computed after it) saves: tensors
+        # saved while backward recomputes a checkpointed segment are transient.
+        if step is None or self._state not in _FORWARDING or threading.get_ident() != self._thread:
+            return None
+        if self._state is StepState.AFTER_FORWARD and step.current_forward.graph_freed:
+            # No loss can be built on an output whose graph is gone: this is
+            # another model's forward, or a loss of its own, under our pair.
+            if self._open_step_unused():
+                self._drop_unused_step()
+            return PASS_ON
+        step.saved_tensors += 1
+        return self.ledger.observe(step, t, packed)
+
+    def hold(self, saved: SavedTensor) -> None:
+        forward = self._step.current_forward
+        forward.holders[saved.ptr] = forward.holders.get(saved.ptr, 0) + 1
+        saved.forward, saved.owner = forward, self
+
+    def saved_freed(self, forward: ForwardSaves, ptr: int) -> None:
+        """Autograd let go of a saved tensor of ``forward`` (see ``SavedTensor.__del__``)."""
+        self.ledger.freed(self._step if self._running else None, forward, ptr)
+
+    @guarded
+    def observe_unpacked(self, ptr: int) -> None:
+        if self._step is not None:
+            self.ledger.unpacked(ptr)
