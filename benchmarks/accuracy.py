@@ -36,10 +36,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-import common  # noqa: E402
 import profiler  # noqa: E402
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "autocast_copies")

@@ -46,10 +46,10 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-import common  # noqa: E402
 import profiler  # noqa: E402
 
 PEAK_TARGET = 0.02  # |profile() peak - independent max_memory_allocated| / independent
@@ -121,7 +121,7 @@ class AllocTrace:
         self.ok = dev.type == "cuda"
         self.start_allocated = 0
 
-    def __enter__(self) -> "AllocTrace":
+    def __enter__(self) -> AllocTrace:
         if self.ok:
             torch.cuda.synchronize(self.dev)
             try:

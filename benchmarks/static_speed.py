@@ -29,10 +29,10 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-import common  # noqa: E402
 import profiler  # noqa: E402
 
 TARGET_MODEL = "llama-70b"

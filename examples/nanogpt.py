@@ -25,13 +25,12 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
 
 # ----------------------------------------------------------------------------- model
 

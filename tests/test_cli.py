@@ -8,14 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-
-from support import EXAMPLES, ROOT, env, finish, run_both, run_profiler, start
+from support import EXAMPLES, ROOT, run_both, run_profiler
 
 PROFILER_DIR = ROOT / "profiler"
 PREFIX = "python -m profiler: error:"

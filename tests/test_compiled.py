@@ -6,13 +6,13 @@ import textwrap
 import warnings
 
 import torch
+from support import assert_no_hooks, batch, memory, read_json, tiny_gpt, unique_param_bytes
+from support import run_profiler_text as run_profiler
 from torch import nn
 from torch._dynamo.utils import counters
 
 from profiler import profile
 from profiler.script.watcher import ModelWatcher
-from support import assert_no_hooks, batch, memory, read_json, tiny_gpt, unique_param_bytes
-from support import run_profiler_text as run_profiler
 
 
 def _graphs_of_three_steps(watch: bool) -> tuple[dict, int]:

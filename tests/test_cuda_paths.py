@@ -52,8 +52,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_real_cuda_step_reconciles_with_the_allocator():
-    from profiler import profile
     from support import tiny_gpt
+
+    from profiler import profile
 
     model = tiny_gpt(n_layer=2, n_embd=64, block_size=64).cuda()
     opt = torch.optim.AdamW(model.parameters())
@@ -102,7 +103,7 @@ class StandInAllocator:
             def synchronize(self) -> None:
                 pass
 
-            def elapsed_time(self, end: "Event") -> float:
+            def elapsed_time(self, end: Event) -> float:
                 return (end.t - self.t) * 1000.0
 
         cuda = torch.cuda
@@ -121,9 +122,10 @@ class StandInAllocator:
 
 
 def test_tracker_cuda_code_paths_with_a_stand_in_allocator(monkeypatch):
+    from support import tiny_gpt, train
+
     import profiler.tracking.tracker as tracker_module
     from profiler import profile
-    from support import tiny_gpt, train
 
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())
@@ -197,7 +199,7 @@ def test_span_seconds_waits_for_both_events():
         def synchronize(self) -> None:
             waited.append(self.name)
 
-        def elapsed_time(self, end: "Event") -> float:
+        def elapsed_time(self, end: Event) -> float:
             assert {self.name, end.name} <= set(waited)
             return end.t - self.t
 

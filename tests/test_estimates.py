@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import tiny_gpt
 
 from profiler import ProfilerError, profile
 from profiler.model.traits import ModelTraits, model_traits
 from profiler.results.estimates import estimates_section
 from profiler.results.fit import CARDS, fit_points, plan_fit, predict_required, resolve_card
 from profiler.script.options import parse_batches, parse_cards
-
-from support import tiny_gpt
 
 
 def measured(model, opt, b, t=16, steps=2, autocast=False):

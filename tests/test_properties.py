@@ -3,7 +3,6 @@ ties, shared submodules and frozen leaves, on the CPU and on the meta device."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -15,7 +15,6 @@ import textwrap
 import time
 
 import pytest
-
 from support import run_both, run_profiler_text, start
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
-
 from support import EXAMPLES, read_json
 from support import run_profiler_text as run_profiler
 

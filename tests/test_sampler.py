@@ -8,8 +8,9 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -9,14 +9,14 @@ loop would, or say what it could not measure.
 from __future__ import annotations
 
 import torch
+from autograd_walk import graph_saved_bytes
+from support import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, unique_param_bytes
 from torch import nn
 
-from autograd_walk import graph_saved_bytes
 from profiler import profile
 from profiler.results.memory_section import categories_live_peak
 from profiler.results.steps import described_steps
 from profiler.tracking import OUTSIDE, StepTracker
-from support import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, unique_param_bytes
 
 
 def gradients_at_end_of_timeline(step: dict) -> int:

@@ -11,11 +11,11 @@ profiler's hooks from autograd's own saved attributes.
 from __future__ import annotations
 
 import torch
+from autograd_walk import graph_saved_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from autograd_walk import graph_saved_bytes
 from profiler import profile
 
 views = st.lists(st.integers(1, 8), min_size=1, max_size=3)  # batch size of each view

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from autograd_walk import graph_saved_bytes
+from support import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, train, train_by_hand, unique_param_bytes
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from autograd_walk import graph_saved_bytes
 from profiler import profile
-from support import assert_no_hooks, batch, memory, profile_lbfgs, tiny_gpt, train, train_by_hand, unique_param_bytes
-
 
 
 def test_adamw_categories_are_exact():
@@ -232,7 +231,7 @@ def test_an_optimizer_that_never_steps_does_not_make_skipped_steps():
 
 
 def test_a_scaler_that_never_settles_ends_measuring():
-    from profiler.tracking.tracker import SKIPPED_STEPS_LIMIT
+    from profiler.tracking.step_record import SKIPPED_STEPS_LIMIT
 
     model = tiny_gpt()
     opt = torch.optim.AdamW(model.parameters())

@@ -30,14 +30,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from autograd_walk import graph_saved, graph_saved_bytes  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
 from profiler import profile  # noqa: E402
 from profiler.tracking import OUTSIDE  # noqa: E402
-
-from autograd_walk import graph_saved, graph_saved_bytes  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -673,6 +672,7 @@ class _MaskedNet(nn.Module):
 
 def test_tensors_a_custom_function_keeps_on_ctx_are_activations():
     from autograd_walk import graph_saved_bytes
+
     from profiler.tracking.ledger import CTX_PATH
 
     model = _MaskedNet()

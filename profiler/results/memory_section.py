@@ -110,7 +110,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> StepJSON:
     out["phase_spans"] = {
         name: [[round(a - t0, 6), round(b - t0, 6)] for a, b in spans] for name, spans in step.phase_spans.items()
     }
-    sampler = tracker.sampler
+    sampler = tracker.phases.sampler
     if sampler is not None:
         out["sampler_offset"] = round(t0 - sampler.started_at, 6)  # this step's start on the sampler's clock
         by_label = sampler.peaks_by_label()
@@ -173,24 +173,29 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> MemoryJSON:
     section: MemoryJSON = {
         "device": str(tracker.device),
         "allocator": "cuda caching allocator" if cuda else "unavailable: " + CPU_UNAVAILABLE,
-        "live_peak": tracker.live_peak,
-        "optimizer": tracker.optimizer_name,
+        "live_peak": tracker.phases.live_peak,
+        "optimizer": tracker.optimizers.name,
         "steps": steps,
         "activations_by_module": by_module,
         "activations_by_block_module": _per_block_module(by_module, buckets),
         "activations_step": last.index if last is not None else None,
         "notes": _measuring_notes(tracker) + _step_notes(tracker),
     }
-    if tracker.sampler is not None:
-        section["sampler"] = tracker.sampler.to_dict()
+    if tracker.phases.sampler is not None:
+        section["sampler"] = tracker.phases.sampler.to_dict()
     return section
 
 
 def _measuring_notes(tracker: StepTracker) -> list[str]:
     """What the tracker noted, and what this device and these options could not measure."""
     notes = list(tracker.notes)
+    if tracker.forwards_without_backward:
+        notes.append(
+            f"{tracker.forwards_without_backward} forward(s) with gradients on but no backward (a shape check, a "
+            "summary, a loss only printed, a model evaluated with gradients on) were left out of the steps"
+        )
     if tracker.device.type != "cuda":
-        if tracker.live_peak:
+        if tracker.phases.live_peak:
             notes.append(CPU_UNAVAILABLE + "; the peak is the live-tensor counter's (opt-in dispatch tracking)")
         else:
             notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null (--live-peak measures a live-tensor peak)")
@@ -199,9 +204,9 @@ def _measuring_notes(tracker: StepTracker) -> list[str]:
             "phase 'seconds' are host time (CUDA runs kernels asynchronously, so the host sees launches); "
             "'gpu_seconds' is the device's time between CUDA events recorded at the phase boundaries"
         )
-    if tracker.device_clock.error:
-        notes.append(tracker.device_clock.error)
-    if not tracker.sample_interval:
+    if tracker.phases.device_clock.error:
+        notes.append(tracker.phases.device_clock.error)
+    if not tracker.phases.sample_interval:
         notes.append("no sampler thread (--no-sampler, or sample_interval=None): host RSS and NVML were not sampled, so their peaks are null")
     return notes
 
@@ -251,9 +256,10 @@ def _step_notes(tracker: StepTracker) -> list[str]:
             "was saved after its forward (a loss computed outside the model) went to them unseen and is not in "
             "'activations' (saves_after_forward_unseen); call the loss inside the model to have it counted"
         )
-    if len(tracker.optimizer_history) > 1:
+    history = tracker.optimizers.history
+    if len(history) > 1:
         notes.append(
-            "the script replaced the optimizer while steps were measured (" + ", then ".join(tracker.optimizer_history)
+            "the script replaced the optimizer while steps were measured (" + ", then ".join(history)
             + "): each step counts the state of the one that stepped it"
         )
     failed = [s.index for s in steps if s.optimizer_failed]
@@ -271,6 +277,7 @@ def _step_notes(tracker: StepTracker) -> list[str]:
             "backward holds on the device"
         )
     if any(s.complete for s in steps) and not any(s.optimizer_steps or s.optimizer_skipped for s in steps):
-        held = "not measured" if tracker.optimizer_name is None else f"{tracker.optimizer_name}'s, counted as it stood"
+        name = tracker.optimizers.name
+        held = "not measured" if name is None else f"{name}'s, counted as it stood"
         notes.append(f"no optimizer step was seen (weights updated by hand?): optimizer state {held}")
     return notes

@@ -129,7 +129,7 @@ class ModelWatcher:
         for _, post in self._listeners:
             post(module, args, output)
 
-    def listen(self, pre: Callable[[nn.Module, tuple], None], post: Callable[[nn.Module, tuple, object], None]) -> "Listening":
+    def listen(self, pre: Callable[[nn.Module, tuple], None], post: Callable[[nn.Module, tuple, object], None]) -> Listening:
         """Have ``pre`` and ``post`` called at every module call, from this watcher's global hooks.
 
         The runner's trackers observe through these rather than global hooks
@@ -191,7 +191,7 @@ class ModelWatcher:
         self._shimmed = []
 
     # Lifecycle ---------------------------------------------------------------
-    def start(self) -> "ModelWatcher":
+    def start(self) -> ModelWatcher:
         if not self._handles:
             self._handles = [
                 module_hooks.register_module_forward_pre_hook(self._pre),
@@ -210,7 +210,7 @@ class ModelWatcher:
         entry, self._warning_filter = self._warning_filter, None
         restore_warnings(entry)
 
-    def __enter__(self) -> "ModelWatcher":
+    def __enter__(self) -> ModelWatcher:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

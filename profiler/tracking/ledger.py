@@ -27,8 +27,18 @@ import torch
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
+from ..errors import guarded
 from .parameters import ModelParameters, unique_bytes
-from .saved_tensors import CHECKPOINT_HOLDER, NOT_PACKED, memory_of, storage_key, tensors_held, tensors_in, weight_copy_source
+from .saved_tensors import (
+    CHECKPOINT_HOLDER,
+    NOT_PACKED,
+    SavedTensor,
+    memory_of,
+    storage_key,
+    tensors_held,
+    tensors_in,
+    weight_copy_source,
+)
 from .step_record import ForwardSaves, StepRecord
 
 __all__ = ["CTX_PATH", "Ledger"]
@@ -51,21 +61,33 @@ def _is_parameter(t: torch.Tensor) -> bool:
 class Ledger:
     """Counts what one model's steps save and hold, and puts it on their timelines.
 
+    ``current_step()`` is the step being measured (None when none is);
     ``locate()`` says where the running code is: (module path, bucket, inside
-    a module compiled whole), from the module-call stack.
+    a module compiled whole), from the module-call stack; ``accumulated()`` is
+    told each time a parameter's ``.grad`` is accumulated (a backward pass
+    that accumulates none is ``torch.autograd.grad``'s).
     """
 
     def __init__(
         self,
         parameters: ModelParameters,
-        locate: Callable[[], tuple[str, str, bool]],
         device: torch.device,
+        *,
+        current_step: Callable[[], StepRecord | None],
+        locate: Callable[[], tuple[str, str, bool]],
+        accumulated: Callable[[], None],
+        fail: Callable[[str, Exception], None],
     ) -> None:
         self.parameters = parameters
-        self._locate = locate
         self._device = device
+        self._current_step = current_step
+        self._locate = locate
+        self._accumulated = accumulated
+        self.fail = fail  # for @guarded
         self.live: dict[int, tuple[str, int, ForwardSaves]] = {}  # saved storages not yet released: (category, bytes, forward)
         self.gradients_seen: dict[int, int] = {}  # gradient storages on the step's timeline -> bytes
+        self._grad_hooked: set[int] = set()
+        self._grad_handles: list[Any] = []
 
     def begin_step(self, step: StepRecord) -> None:
         """A step begins: the gradients alive now are its baseline, nothing saved is alive yet."""
@@ -140,6 +162,7 @@ class Ledger:
                 f.compiled.add(ptr)  # inside a model compiled whole: which block saved it is not seen
         f.where[ptr] = (path, bucket)
 
+    @guarded
     def count_function_ctx(self, step: StepRecord, roots: list, floor: int) -> None:
         """Tensors a custom ``autograd.Function`` keeps as attributes of its ``ctx``.
 
@@ -166,28 +189,35 @@ class Ledger:
                         self.count_saved(step.current_forward, t, *key, path=CTX_PATH)
             stack.extend(n for n, _ in node.next_functions)
 
-    def freed(self, step: StepRecord | None, forward: ForwardSaves, ptr: int) -> None:
-        """Autograd let go of a saved tensor of ``forward``: the storage's last one frees it.
+    def hold(self, saved: SavedTensor) -> None:
+        """Autograd holds ``saved`` (counted in the current forward) until it lets go of it: told then."""
+        forward = self._current_step().current_forward
+        forward.holders[saved.ptr] = forward.holders.get(saved.ptr, 0) + 1
+        saved.forward, saved.owner = forward, self
 
-        ``step`` is the step being measured (None when none is). Freed while no
-        backward pass of the step has begun, it was never alive at one (another
-        model's forward whose graph was dropped, or freed by its own
-        backward): ``StepRecord.fold`` leaves it out of what that pass held.
+    def saved_freed(self, forward: ForwardSaves, ptr: int) -> None:
+        """Autograd let go of a saved tensor of ``forward`` (``SavedTensor.__del__``): the storage's last one frees it.
+
+        Freed while no backward pass of the step has begun, it was never alive
+        at one (another model's forward whose graph was dropped, or freed by
+        its own backward): ``StepRecord.fold`` leaves it out of what that pass held.
         """
         left = forward.holders.get(ptr, 0) - 1
         if left > 0:
             forward.holders[ptr] = left
             return
         forward.holders.pop(ptr, None)
+        step = self._current_step()
         if step is not None and ptr not in forward.freed:
             # (during backward pass k: k, alive when it began; a backward call frees
             # the loss's saves before it reaches the model's output: its task says
             # which pass it turns out to be, see StepRecord.fold)
             forward.freed[ptr] = (step.backwards, torch._C._current_graph_task_id())
 
+    @guarded
     def unpacked(self, ptr: int) -> None:
         """Backward used a saved storage: the timeline releases it here."""
-        if ptr in self.live:
+        if self._current_step() is not None and ptr in self.live:
             category, nbytes, forward = self.live.pop(ptr)
             forward.events.append((time.perf_counter(), category, -nbytes))
 
@@ -205,9 +235,26 @@ class Ledger:
         self.live = alive
 
     # ---------------------------------------------------------------- gradients
-    def gradient_accumulated(self, step: StepRecord, grad: torch.Tensor) -> None:
+    def hook_gradients(self) -> None:
+        """A hook on each trainable parameter with a shape (again for lazy ones that got theirs)."""
+        for p in {id(p): p for p in self.parameters.shaped()}.values():
+            if p.requires_grad and id(p) not in self._grad_hooked:
+                self._grad_hooked.add(id(p))
+                self._grad_handles.append(p.register_post_accumulate_grad_hook(self._gradient_accumulated))
+
+    def unhook_gradients(self) -> None:
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles = []
+
+    @guarded
+    def _gradient_accumulated(self, param: torch.Tensor) -> None:
         """A parameter's gradient was accumulated: the timeline's gradient growth."""
-        ident, nbytes = memory_of(grad)
+        step = self._current_step()
+        if step is None or param.grad is None:
+            return
+        self._accumulated()
+        ident, nbytes = memory_of(param.grad)
         if ident not in self.gradients_seen:
             self.gradients_seen[ident] = nbytes
             step.events.append((time.perf_counter(), "gradients", nbytes))

@@ -10,7 +10,9 @@ call's positional arguments only; the keyword ones are read here.
 ``ModuleCalls`` keeps, for one model, the stack of its modules running now
 (so every saved tensor is charged to the innermost module that saved it) and
 where execution is relative to its trunk of blocks; it tells its owner (the
-tracker) when a root forward begins and ends and when a block is entered.
+tracker) when a root forward begins and ends, and notes in the open step what
+the calls show: the batch input's shape, a block's input shape, a
+checkpointed block.
 """
 
 from __future__ import annotations
@@ -149,11 +151,9 @@ class CallsOwner(Protocol):
 
     def root_forward_ends(self, output: Any) -> None: ...
 
-    def block_entered(self, args: Any) -> None:
-        """A block of the trunk begins (its input shape, checkpointing)."""
-
-    def forward_inputs(self, args: Any, kwargs: Any) -> None:
-        """The root call's arguments, once a forward: its batch shape."""
+    @property
+    def forwarding(self) -> bool:
+        """A root forward of the model is running (not yet returned)."""
 
 
 class ModuleCalls:
@@ -173,8 +173,10 @@ class ModuleCalls:
         bucket_of: Callable[[str, str], str],
         notes: list[str],
         host: Any = None,
+        foreign_saved_hooks: Callable[[], bool] = lambda: False,
     ) -> None:
         self.owner = owner
+        self._foreign_saved_hooks = foreign_saved_hooks  # a pair not ours is innermost (a checkpoint's)
         self.fail = owner.fail  # for @guarded
         self._bucket_of = bucket_of
         self._notes = notes
@@ -339,7 +341,25 @@ class ModuleCalls:
         self.stack.append(id(module))
         if id(module) in self._block_modules:
             self.trunk_state = "in"
-            self.owner.block_entered(args)
+            self._block_entered(args)
+
+    def _block_entered(self, args: Any) -> None:
+        """A block of the trunk begins: its input's shape, and whether it is checkpointed."""
+        step = self.owner.step
+        if step is None or not self.owner.forwarding:
+            return
+        if step.trunk_input_shape is None:
+            # (batch, sequence, hidden) where the input is not token ids: a ViT's patches
+            tensors = tensors_in(args)
+            if tensors:
+                step.trunk_input_shape = tuple(int(d) for d in tensors[0].shape)
+        if not step.checkpointing:
+            # A checkpointed block runs its forward without saving: reentrant
+            # checkpointing under no_grad, the other kind under its own
+            # saved-tensor hooks (which sit on top of ours).
+            # (A frozen block run under no_grad has no input that requires grad.)
+            reentrant = not torch.is_grad_enabled() and any(t.requires_grad for t in tensors_in(args))
+            step.checkpointing = reentrant or self._foreign_saved_hooks()
 
     @guarded
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -359,14 +379,23 @@ class ModuleCalls:
         if torch.compiler.is_compiling():
             return
         self._pre(module, args)
-        self.owner.forward_inputs(args, kwargs)
+        self._note_inputs(args, kwargs)
 
     @guarded
     def _note_root_inputs(self, module: nn.Module, args: Any) -> None:
         """The root call's inputs, for a call seen by a global hook, which is not given the keyword arguments."""
         step = self.owner.step
         if step is not None and step.current_forward.input_shape is None:  # batch and sequence sizes, once a forward
-            self.owner.forward_inputs(args, running_call_kwargs(module))
+            self._note_inputs(args, running_call_kwargs(module))
+
+    def _note_inputs(self, args: Any, kwargs: Any) -> None:
+        """Remember the open forward's batch input shape, once a forward."""
+        step = self.owner.step
+        if step is None or step.current_forward.input_shape is not None:
+            return
+        found = batch_input(args, kwargs)
+        if found is not None:
+            step.current_forward.input_shape, step.current_forward.input_is_tokens = found
 
     # -------------------------------------------------- a call already running
     def enter_root(self, args: Any, kwargs: Any) -> None:
@@ -374,7 +403,7 @@ class ModuleCalls:
         if not self.stack:
             self.owner.root_forward_begins(args)
             self.stack.append(id(self.owner.model))
-            self.owner.forward_inputs(args, kwargs)
+            self._note_inputs(args, kwargs)
 
     def leave_root(self, args: Any, output: Any) -> None:
         """End the root forward begun by ``enter_root`` when no hook of ours will."""

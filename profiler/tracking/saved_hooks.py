@@ -16,8 +16,9 @@ rules below exist:
   GAN's discriminator after its backward) are taken off when our forward
   begins, so its saves come to us.
 
-What to do with a save is the owner's business (the tracker): this module
-only asks it, through the ``HooksOwner`` interface.
+What to do with a save is the owner's business (the tracker decides which
+step it belongs to, the ledger keeps it): this module only asks them,
+through the ``HooksOwner`` and ``SaveKeeper`` interfaces.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 
 from .saved_tensors import NOT_PACKED, SavedTensor
 
-__all__ = ["PASS_ON", "HooksOwner", "SavedHooks"]
+__all__ = ["PASS_ON", "HooksOwner", "SaveKeeper", "SavedHooks"]
 
 # What ``HooksOwner.observe_saved`` returns for a save that is not its model's:
 # its forward's graph is gone, so this is the loss of a model whose pair is below ours.
@@ -56,11 +57,15 @@ class HooksOwner(Protocol):
     def observe_saved(self, t: torch.Tensor, packed: Any = NOT_PACKED) -> Any:
         """Count a saved tensor: the storage pointer counted, None, or ``PASS_ON``."""
 
-    def observe_unpacked(self, ptr: int) -> None:
-        """Backward used the saved storage ``ptr``."""
+
+class SaveKeeper(Protocol):
+    """Where counted saves are kept (the ledger)."""
 
     def hold(self, saved: SavedTensor) -> None:
         """Register ``saved`` (counted) with the forward that saved it, to be told when autograd frees it."""
+
+    def unpacked(self, ptr: int) -> None:
+        """Backward used the saved storage ``ptr``."""
 
 
 def _top() -> tuple[Callable, Callable] | None:
@@ -90,8 +95,9 @@ def _pop_tracker_pairs(thread: int, may_go: Callable[[SavedHooks], bool]) -> Non
 class SavedHooks:
     """One tracker's pack/unpack pair: pushed when its forward begins, popped when it may be."""
 
-    def __init__(self, owner: HooksOwner) -> None:
+    def __init__(self, owner: HooksOwner, keeper: SaveKeeper) -> None:
         self.owner = owner
+        self.keeper = keeper
         self.thread = threading.get_ident()  # the pair lives on the thread that pushed it
         self.pair: tuple[Callable, Callable] = (self._pack, self._unpack)  # what is pushed: see _hook_pair
         self.pushed = False
@@ -202,7 +208,7 @@ class SavedHooks:
         if saved.ptr is not None:
             # Told when autograd lets go of it (SavedTensor.__del__): used by
             # backward, or its graph dropped unused before any backward.
-            self.owner.hold(saved)
+            self.keeper.hold(saved)
         if self.peers:
             saved.peers = tuple((peer, _counted(peer.owner.observe_saved(t, packed))) for peer in self.peers)
         return saved
@@ -210,10 +216,10 @@ class SavedHooks:
     def _unpack(self, saved: SavedTensor) -> torch.Tensor:
         """Backward uses a saved tensor, then frees it: the timeline's release point."""
         if saved.ptr is not None:
-            self.owner.observe_unpacked(saved.ptr)
+            self.keeper.unpacked(saved.ptr)
         for peer, ptr in saved.peers:
             if ptr is not None:
-                peer.owner.observe_unpacked(ptr)
+                peer.keeper.unpacked(ptr)
         if saved.unpack is not None:
             return saved.unpack(saved.value)
         value = saved.value

@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PHASES", "ForwardSaves", "PhaseRecord", "StepRecord"]
+__all__ = ["PHASES", "SKIPPED_STEPS_LIMIT", "ForwardSaves", "PhaseRecord", "StepRecord", "enough_steps", "trained"]
 
 PHASES = ("forward", "backward", "optimizer")
+# A GradScaler halves its scale at every skipped step: 16 skips take the default
+# initial scale of 2**16 down to 1, past which overflow is not the scale's doing.
+SKIPPED_STEPS_LIMIT = 16
 
 
 @dataclass
@@ -248,3 +251,25 @@ class StepRecord:
     def first(self) -> bool:
         """The step in which the optimizer created its state."""
         return self.optimizer_state > 0 and self.optimizer_state_before == 0
+
+
+def enough_steps(steps: list[StepRecord], max_steps: int | None) -> bool:
+    """``max_steps`` steps that updated the weights, or too many GradScaler skips to wait for.
+
+    An iteration whose optimizer step a GradScaler skipped (overflowing fp16
+    gradients, common while the loss scale settles) has no optimizer phase
+    and shows nothing of the step the user asked about, so it does not
+    count; after ``SKIPPED_STEPS_LIMIT`` of them measuring ends anyway.
+    An iteration whose ``optimizer.step()`` raised (an out-of-memory error
+    the script caught to retry smaller) does not count either. Never enough
+    without a limit.
+    """
+    if max_steps is None:
+        return False
+    skipped = sum(s.optimizer_skipped or s.optimizer_failed for s in steps)
+    return len(steps) - skipped >= max_steps or skipped >= SKIPPED_STEPS_LIMIT
+
+
+def trained(steps: list[StepRecord]) -> bool:
+    """A backward through the model's output, or its optimizer's step, was seen in one of these steps."""
+    return any(s.backwards or s.optimizer_steps for s in steps)

@@ -3,19 +3,11 @@
 Cheap observations only, read at boundaries (the approach of
 ``torch/utils/module_tracker.py``, not of a dispatch-level tracker). The
 tracker owns one part per thing observed, each behind its own interface (the
-way torch's MemTracker owns a ModTracker):
-
-* ``calls`` (``ModuleCalls``): the model's module-call stack, so every saved
-  tensor is charged to the innermost module that saved it;
-* ``saved_hooks`` (``SavedHooks``): our pack/unpack pair on autograd's stack,
-  beside the script's and other trackers' pairs;
-* ``ledger`` (``Ledger``): the storages saved per forward and the gradients,
-  on the step's timeline;
-* ``phases`` (``PhaseClock``): forward / backward / optimizer spans, with the
-  host clock, CUDA events, allocator counters and sampler marks;
-* ``optimizers`` (``OptimizerWatch``): which optimizer steps the model, and
-  its state;
-* ``outputs`` (``OutputWatch``): backward reaching a forward's output.
+way torch's MemTracker owns a ModTracker): ``calls`` (the module-call stack),
+``saved_hooks`` (our pair on autograd's saved-tensor hook stack), ``ledger``
+(saved storages and gradients on the step's timeline), ``phases`` (spans,
+CUDA events, allocator reads), ``optimizers`` (which optimizer steps the
+model) and ``outputs`` (backward reaching a forward's output).
 
 What stays here is the step state machine: when a step begins and ends,
 which forwards and backward passes belong to it. A step ends at the
@@ -43,19 +35,16 @@ from torch import nn
 from ..errors import guarded
 from .backward_watch import OutputWatch
 from .ledger import Ledger
-from .module_calls import PROCESS, ModuleCalls, batch_input
+from .module_calls import PROCESS, ModuleCalls
 from .optimizers import OptimizerWatch
 from .parameters import ModelParameters
 from .phases import PhaseClock
 from .saved_hooks import PASS_ON, SavedHooks
-from .saved_tensors import NOT_PACKED, SavedTensor, tensors_in
-from .step_record import ForwardSaves, StepRecord
+from .saved_tensors import NOT_PACKED, tensors_in
+from .step_record import ForwardSaves, StepRecord, enough_steps, trained
 
 __all__ = ["StepState", "StepTracker", "model_device"]
 
-# A GradScaler halves its scale at every skipped step: 16 skips take the default
-# initial scale of 2**16 down to 1, past which overflow is not the scale's doing.
-SKIPPED_STEPS_LIMIT = 16
 # Forwards of one open step with no backward, each keeping its graph alive (an
 # EMA copy's evaluation loss kept in a variable): after this many the model is
 # taken for one that is only run, and its forwards are let go of.
@@ -126,17 +115,21 @@ class StepTracker:
         self._backward_task = -1  # autograd's id of the backward call running the step's backward pass
         self._pass_accumulated = False  # the last backward pass accumulated a parameter's .grad
         self._seq_floor = -1  # the highest autograd node number among the running root forward's inputs
-        self._grad_hooked: set[int] = set()
-        self._grad_handles: list[Any] = []
         self._forks = PROCESS.forks  # a forked child (a DataLoader worker) has more: the hooks do nothing there
         self._thread = threading.get_ident()
 
         self.parameters = ModelParameters(lambda: self.model)
         self.device = model_device(self.parameters.shaped())
-        self.calls = ModuleCalls(self, model, bucket_of or _no_buckets, self.notes, hooks_host)
+        self.calls = ModuleCalls(
+            self, model, bucket_of or _no_buckets, self.notes, hooks_host,
+            foreign_saved_hooks=lambda: self.saved_hooks.foreign_pair_on_top(),
+        )
         self.optimizers = OptimizerWatch(self, self.parameters.ids, optimizer, self.notes)
-        self.saved_hooks = SavedHooks(self)
-        self.ledger = Ledger(self.parameters, self.calls.where, self.device)
+        self.ledger = Ledger(
+            self.parameters, self.device, current_step=self._measured_step, locate=self.calls.where,
+            accumulated=self._gradient_accumulated, fail=self.fail,
+        )
+        self.saved_hooks = SavedHooks(self, self.ledger)
         self.phases = PhaseClock(self.device, sample_interval=sample_interval, live_peak=live_peak, notes=self.notes)
         self.outputs = OutputWatch(self._output_reached)
         devices = {p.device for p in self.parameters.shaped()}
@@ -167,38 +160,18 @@ class StepTracker:
         return self.optimizers.optimizer
 
     @property
-    def optimizer_name(self) -> str | None:
-        return self.optimizers.name
-
-    @property
-    def optimizer_history(self) -> list[str]:
-        return self.optimizers.history
-
-    @property
     def step(self) -> StepRecord | None:
         """The step being measured now, if one is open."""
         return self._step
+
+    def _measured_step(self) -> StepRecord | None:
+        """The open step while measuring, else None (what the ledger counts into)."""
+        return self._step if self._running else None
 
     @property
     def measuring(self) -> bool:
         """Hooks are installed and measuring (between ``start()`` and ``stop()``)."""
         return self._running
-
-    @property
-    def sampler(self) -> Any:
-        return self.phases.sampler
-
-    @property
-    def sample_interval(self) -> float | None:
-        return self.phases.sample_interval
-
-    @property
-    def live_peak(self) -> bool:
-        return self.phases.live_peak
-
-    @property
-    def device_clock(self) -> Any:
-        return self.phases.device_clock
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> StepTracker:
@@ -214,7 +187,7 @@ class StepTracker:
             self.optimizers.adopt_running_step()
             self.parameters.take_storages()
             self.calls.install()
-            self._hook_gradients()
+            self.ledger.hook_gradients()
             self.optimizers.install()
             self.phases.start()
         except Exception as exc:  # noqa: BLE001 - reported; the training runs unmeasured
@@ -223,13 +196,6 @@ class StepTracker:
             self.stop()  # never leave half the hooks behind
             raise
         return self
-
-    def _hook_gradients(self) -> None:
-        """A hook on each trainable parameter with a shape: the timeline's gradient growth."""
-        for p in {id(p): p for p in self.parameters.shaped()}.values():
-            if p.requires_grad and id(p) not in self._grad_hooked:
-                self._grad_hooked.add(id(p))
-                self._grad_handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
 
     def fail(self, where: str, exc: Exception) -> None:
         """Our own error inside a hook: note it and stop measuring, leaving training alone."""
@@ -255,24 +221,16 @@ class StepTracker:
             # Forwards with no backward after training steps (an evaluation kept
             # in a variable), or several and never a backward: a model evaluated
             # with gradients on whose last loss the script keeps alive.
-            step is not None and self._state is StepState.AFTER_FORWARD and not step.backwards
-            and not step.optimizer_steps and (step.forwards > 1 or self.trained)
+            self._only_forwards() and not step.optimizer_steps and (step.forwards > 1 or self.trained)
         ):
             self._drop_unused_step()  # (a check after the last step, say: print(model(x).mean().item()))
-        if self.forwards_without_backward:
-            self.notes.append(
-                f"{self.forwards_without_backward} forward(s) with gradients on but no backward (a shape check, a "
-                "summary, a loss only printed, a model evaluated with gradients on) were left out of the steps"
-            )
         try:
             self._finish_step()
         finally:
             self.saved_hooks.pop()
             self.optimizers.remove()
             self.calls.remove()
-            for handle in self._grad_handles:
-                handle.remove()
-            self._grad_handles = []
+            self.ledger.unhook_gradients()
             self.outputs.remove()
             self.phases.stop()
             self.finished = True
@@ -299,8 +257,7 @@ class StepTracker:
     @property
     def trained(self) -> bool:
         """A backward through the model's output, or its optimizer's step, was seen in a measured step."""
-        steps = self.steps + ([self._step] if self._step is not None else [])
-        return any(s.backwards or s.optimizer_steps for s in steps)
+        return trained(self.steps + ([self._step] if self._step is not None else []))
 
     @property
     def never_trained(self) -> bool:
@@ -320,19 +277,7 @@ class StepTracker:
         return bool(self.steps) or (self._step is not None and not self._open_step_unused())
 
     def _enough_steps(self) -> bool:
-        """``max_steps`` steps that updated the weights, or too many GradScaler skips to wait for.
-
-        An iteration whose optimizer step a GradScaler skipped (overflowing fp16
-        gradients, common while the loss scale settles) has no optimizer phase
-        and shows nothing of the step the user asked about, so it does not
-        count; after ``SKIPPED_STEPS_LIMIT`` of them measuring ends anyway.
-        An iteration whose ``optimizer.step()`` raised (an out-of-memory error
-        the script caught to retry smaller) does not count either.
-        """
-        if self.max_steps is None:
-            return False
-        skipped = sum(s.optimizer_skipped or s.optimizer_failed for s in self.steps)
-        return len(self.steps) - skipped >= self.max_steps or skipped >= SKIPPED_STEPS_LIMIT
+        return enough_steps(self.steps, self.max_steps)
 
     # ----------------------------------------------------------------- steps
     def _begin_step(self) -> bool:
@@ -341,7 +286,7 @@ class StepTracker:
             self._done()
             return False
         if self.parameters.lazy_left:  # lazy parameters that got their shapes since
-            self._hook_gradients()
+            self.ledger.hook_gradients()
             self.parameters.adopt_materialized()
         step = StepRecord(index=len(self.steps) + 1)
         step.started_at = time.perf_counter()
@@ -360,10 +305,10 @@ class StepTracker:
         if self.optimizers.in_step:  # its step() raised: the post-hook never ran
             step.optimizer_failed = True
             self.optimizers.end_step()
-        elif self._state is StepState.AFTER_BACKWARD and self._step_skipped():
-            # Measuring ends on an iteration whose step was skipped (the next
-            # forward, which tells otherwise, never comes): as in root_forward_begins.
-            step.optimizer_skipped = self.optimizers.scaler_skips_steps()
+        elif self._state is StepState.AFTER_BACKWARD:
+            # Measuring ends on an iteration that may have skipped its step (the
+            # next forward, which would tell, never comes).
+            self._skipped_step()
         self.saved_hooks.pop()
         self.phases.end_open(step)
         step.seconds = time.perf_counter() - step.started_at
@@ -376,29 +321,36 @@ class StepTracker:
         self._step = None
         self._state = StepState.IDLE
 
-    def _step_skipped(self) -> bool:
-        """The model's optimizer is known, did not step, and the gradients were cleared: the iteration is over.
+    def _skipped_step(self) -> bool:
+        """The model's optimizer is known and did not step, and ``zero_grad()`` ran: the iteration is over.
 
-        A GradScaler skips the step when gradients overflow; without one, the
-        weights were updated some other way. (Otherwise gradients are still
-        being accumulated.)
+        Marked ``optimizer_skipped`` when a GradScaler exists (it skips the step
+        when fp16 gradients overflow); without one, the weights were updated
+        some other way. Otherwise (gradients still held) they are being
+        accumulated, and the step goes on.
         """
         step = self._step
-        return (
-            not step.optimizer_steps and self.optimizer is not None and self.model is not None
-            and self.parameters.gradients_cleared()
-        )
+        if step.optimizer_steps or self.optimizer is None or self.model is None:
+            return False
+        if not self.parameters.gradients_cleared():
+            return False
+        step.optimizer_skipped = self.optimizers.scaler_skips_steps()
+        return True
 
     def _take_optimizer_state(self, step: StepRecord, opt: torch.optim.Optimizer | None = None) -> None:
         step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = self.optimizers.state(opt)
 
+    def _only_forwards(self) -> bool:
+        """The open step has had forwards and no backward yet."""
+        step = self._step
+        return step is not None and self._state is StepState.AFTER_FORWARD and not step.backwards
+
     def _open_step_unused(self) -> bool:
         """The open step's forwards had no backward and their graphs are gone: no training step at all."""
-        step = self._step
+        forwards = self._step.open_forwards if self._step is not None else []
         return (
-            step is not None and self._state is StepState.AFTER_FORWARD and not step.backwards
-            and not self.optimizers.in_step and bool(step.open_forwards)
-            and all(f.graph_freed for f in step.open_forwards)
+            self._only_forwards() and not self.optimizers.in_step and bool(forwards)
+            and all(f.graph_freed for f in forwards)
         )
 
     def _drop_unused_step(self) -> None:
@@ -410,11 +362,8 @@ class StepTracker:
     # ------------------------------------------------------- root forwards
     def root_forward_begins(self, args: Any) -> None:
         """A root forward of the model begins (told by the module-call stack)."""
-        self._root_forward_begin()
         # Autograd nodes numbered above the inputs' were made by this forward (see Ledger.count_function_ctx).
         self._seq_floor = max((t.grad_fn._sequence_nr() for t in tensors_in(args) if t.grad_fn is not None), default=-1)
-
-    def _root_forward_begin(self) -> None:
         step = self._step
         if step is not None and self._state is StepState.BACKWARD and torch._C._current_graph_task_id() != -1:
             # Backward recomputing a checkpointed model: part of that backward, not a
@@ -437,10 +386,9 @@ class StepTracker:
         if not self.parameters.any_trainable():
             return  # a frozen model (a teacher) run with gradients on: nothing of it trains
         self._end_step_before_next_forward()
-        step = self._step
         if self._open_step_unused() or (
-            step is not None and self._state is StepState.AFTER_FORWARD and not step.backwards
-            and not self.optimizers.in_step and step.forwards >= FORWARDS_WITHOUT_BACKWARD_LIMIT
+            self._only_forwards() and not self.optimizers.in_step
+            and self._step.forwards >= FORWARDS_WITHOUT_BACKWARD_LIMIT
         ):
             # The forward before had no backward and its graph is gone: a shape
             # check, a summary or a loss printed with gradients on. Not part of a
@@ -471,18 +419,11 @@ class StepTracker:
             and not self.optimizers.in_step and self._pass_accumulated
         ):
             return
-        # A step ended without an optimizer step: weights updated by hand, or a
-        # GradScaler that skipped step() while its scale settles. Only an
-        # optimizer that exists can tell the two apart.
+        # A step ended without an optimizer step: weights updated by hand (no
+        # optimizer: the step is over), or a GradScaler that skipped step() while
+        # its scale settles. Only an optimizer that exists can tell the two apart.
         self.optimizers.find_once()
-        if self.optimizer is None:
-            self._finish_step()  # hand-written update: the previous step is over
-        elif self.parameters.gradients_cleared():
-            # The optimizer is known but did not step, and zero_grad() has run:
-            # that iteration is over. A GradScaler skips the step when gradients
-            # overflow; without one, the weights were updated some other way.
-            # (Otherwise this forward accumulates gradients.)
-            self._step.optimizer_skipped = self.optimizers.scaler_skips_steps()
+        if self.optimizer is None or self._skipped_step():
             self._finish_step()
 
     def root_forward_ends(self, output: Any) -> None:
@@ -502,39 +443,12 @@ class StepTracker:
         forward = step.current_forward
         forward.watched = bool(fns)
         forward.graph = [self.outputs.watch(fn, forward) for fn in fns.values()]
-        self._count_function_ctx(list(fns.values()))
+        self.ledger.count_function_ctx(step, list(fns.values()), self._seq_floor)
 
-    @guarded
-    def _count_function_ctx(self, roots: list) -> None:
-        self.ledger.count_function_ctx(self._step, roots, self._seq_floor)
-
-    @guarded
-    def block_entered(self, args: Any) -> None:
-        """A block of the trunk begins: its input's shape, and whether it is checkpointed."""
-        step = self._step
-        if step is None or self._state is not StepState.FORWARD:
-            return
-        if step.trunk_input_shape is None:
-            # (batch, sequence, hidden) where the input is not token ids: a ViT's patches
-            tensors = tensors_in(args)
-            if tensors:
-                step.trunk_input_shape = tuple(int(d) for d in tensors[0].shape)
-        if not step.checkpointing:
-            # A checkpointed block runs its forward without saving: reentrant
-            # checkpointing under no_grad, the other kind under its own
-            # saved-tensor hooks (which sit on top of ours).
-            # (A frozen block run under no_grad has no input that requires grad.)
-            reentrant = not torch.is_grad_enabled() and any(t.requires_grad for t in tensors_in(args))
-            step.checkpointing = reentrant or self.saved_hooks.foreign_pair_on_top()
-
-    def forward_inputs(self, args: Any, kwargs: Any) -> None:
-        """Remember the forward's batch input shape, once a forward."""
-        step = self._step
-        if step is None or step.current_forward.input_shape is not None:
-            return
-        found = batch_input(args, kwargs)
-        if found is not None:
-            step.current_forward.input_shape, step.current_forward.input_is_tokens = found
+    @property
+    def forwarding(self) -> bool:
+        """A root forward of the model is running (not yet returned)."""
+        return self._state is StepState.FORWARD
 
     def enter_current_forward(self, args: Any = (), kwargs: Any = None) -> None:
         """Start measuring a root forward that is already running.
@@ -603,14 +517,8 @@ class StepTracker:
         self.ledger.release_at_backward_end()
         self._state = StepState.AFTER_BACKWARD
 
-    @guarded
-    def _grad_ready(self, param: torch.Tensor) -> None:
-        """A parameter's gradient was accumulated: the timeline's gradient growth."""
-        step = self._step
-        if step is None or param.grad is None:
-            return
+    def _gradient_accumulated(self) -> None:
         self._pass_accumulated = True
-        self.ledger.gradient_accumulated(step, param.grad)
 
     # ------------------------------------------------ the optimizer's steps
     def optimizer_step_begins(self, opt: torch.optim.Optimizer, adopted: bool) -> None:
@@ -667,8 +575,8 @@ class StepTracker:
     def observe_saved(self, t: torch.Tensor, packed: Any = NOT_PACKED) -> Any:
         """Count a saved tensor: the storage pointer counted for it in this forward, None, or ``PASS_ON``.
 
-        (Unpacking it releases it on the timeline; its holder tells
-        ``saved_freed`` when autograd lets go of it.)
+        (Unpacking it releases it on the timeline; its holder tells the
+        ledger when autograd lets go of it.)
         """
         if not self._running or self.model is None:
             self.saved_hooks.pop()  # measuring ended where our pair could not be popped, or the model was dropped
@@ -687,16 +595,3 @@ class StepTracker:
         step.saved_tensors += 1
         return self.ledger.observe(step, t, packed)
 
-    def hold(self, saved: SavedTensor) -> None:
-        forward = self._step.current_forward
-        forward.holders[saved.ptr] = forward.holders.get(saved.ptr, 0) + 1
-        saved.forward, saved.owner = forward, self
-
-    def saved_freed(self, forward: ForwardSaves, ptr: int) -> None:
-        """Autograd let go of a saved tensor of ``forward`` (see ``SavedTensor.__del__``)."""
-        self.ledger.freed(self._step if self._running else None, forward, ptr)
-
-    @guarded
-    def observe_unpacked(self, ptr: int) -> None:
-        if self._step is not None:
-            self.ledger.unpacked(ptr)
