@@ -57,7 +57,9 @@ def fit_accuracy() -> dict[str, Any]:
     """
     cpu = torch.device("cpu")
     out = common.fit_check("small", cpu, amp=None, fit_batches=[2, 4], check_batches=[8, 16])
-    out["live_peak"] = common.fit_check("small", cpu, amp=None, fit_batches=[2, 4], check_batches=[8, 16], live_peak=True)
+    out["live_peak"] = common.fit_check(
+        "small", cpu, amp=None, fit_batches=[2, 4], check_batches=[8, 16], live_peak=True
+    )
     return out
 
 
@@ -151,14 +153,21 @@ def truth_saved(loss: torch.Tensor, model: torch.nn.Module, split_casts: bool) -
             else:
                 saved[key[0]] = key[1]
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    return {"activations": sum(saved.values()), "autocast_copies": sum(casts.values()),
-            "nodes": n_nodes, "saved_tensors": n_saved, "unique_storages": len(saved) + len(casts)}
+    return {
+        "activations": sum(saved.values()),
+        "autocast_copies": sum(casts.values()),
+        "nodes": n_nodes,
+        "saved_tensors": n_saved,
+        "unique_storages": len(saved) + len(casts),
+    }
 
 
 # --------------------------------------------------------------------------- one model
 
 
-def measure(preset: str, device: torch.device, steps: int, amp: str | None, sample_interval: float | None) -> dict[str, Any]:
+def measure(
+    preset: str, device: torch.device, steps: int, amp: str | None, sample_interval: float | None
+) -> dict[str, Any]:
     step, desc = common.nanogpt_step(preset, device, amp=amp)
     model, opt = step.model, step.optimizer
     cuda = device.type == "cuda"
@@ -190,7 +199,7 @@ def measure(preset: str, device: torch.device, steps: int, amp: str | None, samp
             del loss
     mem = prof.to_dict()["models"][0]["memory"]
     rows = []
-    for i, (t, s) in enumerate(zip(truths, mem["steps"])):
+    for t, s in zip(truths, mem["steps"]):
         cats = s["categories"]
         truth = {
             "parameters": t["parameters"],
@@ -211,8 +220,12 @@ def measure(preset: str, device: torch.device, steps: int, amp: str | None, samp
         # activations + copies against the whole graph walk: robust to how a copy is classified
         total_m = (cats.get("activations") or 0) + (cats.get("autocast_copies") or 0)
         total_t = truth["activations"] + truth["autocast_copies"]
-        cmp["saved_total"] = {"measured": total_m, "truth": total_t, "abs_err": total_m - total_t,
-                              "rel_err": common.rel_err(total_m, total_t)}
+        cmp["saved_total"] = {
+            "measured": total_m,
+            "truth": total_t,
+            "abs_err": total_m - total_t,
+            "rel_err": common.rel_err(total_m, total_t),
+        }
         row: dict[str, Any] = {
             "index": s["index"],
             "kind": s["kind"],
@@ -242,8 +255,14 @@ def measure(preset: str, device: torch.device, steps: int, amp: str | None, samp
     steady = [r for r in rows if r["kind"] == "steady" and r["complete"]] or rows
     out["summary_steady"] = {
         c: {
-            "max_abs_err": max((abs(r["compare"][c]["abs_err"]) for r in steady if r["compare"][c]["abs_err"] is not None), default=None),
-            "max_abs_rel_err": max((abs(r["compare"][c]["rel_err"]) for r in steady if r["compare"][c]["rel_err"] is not None), default=None),
+            "max_abs_err": max(
+                (abs(r["compare"][c]["abs_err"]) for r in steady if r["compare"][c]["abs_err"] is not None),
+                default=None,
+            ),
+            "max_abs_rel_err": max(
+                (abs(r["compare"][c]["rel_err"]) for r in steady if r["compare"][c]["rel_err"] is not None),
+                default=None,
+            ),
         }
         for c in (*CATEGORIES, "saved_total")
     }
@@ -262,12 +281,16 @@ def cuda_independent(step: common.TrainStep, last_row: dict[str, Any] | None) ->
         start = torch.cuda.memory_allocated(dev)
         step()
         peak = torch.cuda.max_memory_allocated(dev)
-        out["unprofiled_step"] = {"allocated_start": start, "max_memory_allocated": peak,
-                                  "reserved": torch.cuda.memory_reserved(dev)}
+        out["unprofiled_step"] = {
+            "allocated_start": start,
+            "max_memory_allocated": peak,
+            "reserved": torch.cuda.memory_reserved(dev),
+        }
         if last_row is not None:
             prof_peak = last_row["cuda"]["profiler_peak_allocated"]
             out["profiler_peak_vs_unprofiled_max"] = {
-                "profiler": prof_peak, "unprofiled": peak,
+                "profiler": prof_peak,
+                "unprofiled": peak,
                 "abs_err": None if prof_peak is None else prof_peak - peak,
                 "rel_err": common.rel_err(prof_peak, peak),
             }
@@ -300,12 +323,19 @@ def cuda_independent(step: common.TrainStep, last_row: dict[str, Any] | None) ->
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--models", nargs="+", choices=list(common.PRESETS), default=["tiny", "small"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--steps", type=int, default=3, help="steps per model in one profile() block (first + steady)")
-    p.add_argument("--amp", nargs="+", choices=["auto", "fp32", "fp16", "bf16"], default=["auto"],
-                   help="one run per value; auto: fp16 autocast + GradScaler on CUDA, fp32 and bf16 autocast on CPU")
+    p.add_argument(
+        "--amp",
+        nargs="+",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default=["auto"],
+        help="one run per value; auto: fp16 autocast + GradScaler on CUDA, fp32 and bf16 autocast on CPU",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: os.cpu_count())")
     p.add_argument("--sample-interval", type=float, default=0.01)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy_<device>.json)")
@@ -321,28 +351,36 @@ def main(argv: list[str] | None = None) -> int:
     threads = common.set_threads(args.threads)
     amps: list[str | None] = []
     for a in args.amp:
-        for x in ({"auto": ["fp16"] if device.type == "cuda" else ["fp32", "bf16"]}.get(a, [a])):
+        for x in {"auto": ["fp16"] if device.type == "cuda" else ["fp32", "bf16"]}.get(a, [a]):
             x = None if x == "fp32" else x
             if x not in amps:
                 amps.append(x)
     load_before = common.loadavg()
-    results = {f"{name}/{amp or 'fp32'}": measure(name, device, args.steps, amp, args.sample_interval)
-               for name in args.models for amp in amps}
+    results = {
+        f"{name}/{amp or 'fp32'}": measure(name, device, args.steps, amp, args.sample_interval)
+        for name in args.models
+        for amp in amps
+    }
     load_after = common.loadavg()
     data = {
         "benchmark": "accuracy",
         "machine": common.machine_info(),
-        "settings": {"models": args.models, "device": str(device), "steps": args.steps,
-                     "amp": [a or "fp32" for a in amps],
-                     "torch_num_threads": threads, "sample_interval": args.sample_interval,
-                     "truth": {
-                         "gradients": "unique untyped storages of p.grad after the step",
-                         "optimizer_state": "walk of optimizer.state, tensor values, unique storages",
-                         "activations": "autograd graph walk from loss.grad_fn via next_functions; every _saved_* "
-                                        "tensor (or tuple/list of tensors); dedup by storage data_ptr; parameter "
-                                        "storages left out; with autocast, saved tensors equal to a parameter cast "
-                                        "to their dtype are counted as autocast_copies",
-                     }},
+        "settings": {
+            "models": args.models,
+            "device": str(device),
+            "steps": args.steps,
+            "amp": [a or "fp32" for a in amps],
+            "torch_num_threads": threads,
+            "sample_interval": args.sample_interval,
+            "truth": {
+                "gradients": "unique untyped storages of p.grad after the step",
+                "optimizer_state": "walk of optimizer.state, tensor values, unique storages",
+                "activations": "autograd graph walk from loss.grad_fn via next_functions; every _saved_* "
+                "tensor (or tuple/list of tensors); dedup by storage data_ptr; parameter "
+                "storages left out; with autocast, saved tensors equal to a parameter cast "
+                "to their dtype are counted as autocast_copies",
+            },
+        },
         "load": {"loadavg_before": load_before, "loadavg_after": load_after},
         "models": results,
         "summary_steady": {name: r["summary_steady"] for name, r in results.items()},
@@ -358,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in (*CATEGORIES, "saved_total"):
             x = last[c]
             rel = x["rel_err"]
-            rows.append([name, c, x["measured"], x["truth"], x["abs_err"],
-                         "" if rel is None else f"{rel * 100:+.3f}%"])
+            rows.append([name, c, x["measured"], x["truth"], x["abs_err"], "" if rel is None else f"{rel * 100:+.3f}%"])
     print(tabulate(rows, headers=["model", "category (last step)", "profile()", "truth", "abs err (B)", "rel err"]))
     for name, r in results.items():
         if "cuda_independent" in r:

@@ -257,16 +257,26 @@ def nanogpt_batch(config: Any, batch: int, seq: int, device: torch.device, seed:
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
-def nanogpt_step(preset: str, device: torch.device, *, amp: str | None = None, batch: int | None = None,
-                 seq: int | None = None, seed: int = 0, **overrides: Any) -> tuple[TrainStep, dict[str, Any]]:
+def nanogpt_step(
+    preset: str,
+    device: torch.device,
+    *,
+    amp: str | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> tuple[TrainStep, dict[str, Any]]:
     """A TrainStep on a freshly built nanoGPT preset, and a description of it for the JSON."""
     model, config, b0, s0 = build_nanogpt(preset, device, seed=seed, **overrides)
     batch, seq = batch or b0, seq or s0
     step = TrainStep(model, nanogpt_batch(config, batch, seq, device, seed), device=device, amp=amp)
     desc = {
         "preset": preset,
-        "config": {k: getattr(config, k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
-                                                   "tie_weights", "bias", "dropout")},
+        "config": {
+            k: getattr(config, k)
+            for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "tie_weights", "bias", "dropout")
+        },
         "params": unique_param_count(model),
         "batch": batch,
         "seq": seq,
@@ -296,7 +306,9 @@ def nvidia_smi_apps(gpu_uuid: str | None = None) -> dict[str, Any]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         return {"available": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -305,8 +317,15 @@ def nvidia_smi_apps(gpu_uuid: str | None = None) -> dict[str, Any]:
     rows = [[p.strip() for p in line.split(",")] for line in out.stdout.strip().splitlines()]
     rows = [r for r in rows if len(r) >= 3]
     apps = {r[1]: _int_or_none(r[2]) for r in rows if gpu_uuid is None or r[0].lower() == gpu_uuid.lower()}
-    return {"available": True, "raw": out.stdout.strip()[:2000], "gpu_uuid": gpu_uuid, "apps_mib": apps,
-            "uuid_matched_rows": len(apps), "our_pid": os.getpid(), "ours_mib": apps.get(str(os.getpid()))}
+    return {
+        "available": True,
+        "raw": out.stdout.strip()[:2000],
+        "gpu_uuid": gpu_uuid,
+        "apps_mib": apps,
+        "uuid_matched_rows": len(apps),
+        "our_pid": os.getpid(),
+        "ours_mib": apps.get(str(os.getpid())),
+    }
 
 
 def _int_or_none(text: str) -> int | None:
@@ -320,8 +339,18 @@ def _int_or_none(text: str) -> int | None:
 # --------------------------------------------------------------------------- fit planning
 
 
-def fit_check(preset: str, device: torch.device, *, amp: str | None, fit_batches: list[int], check_batches: list[int],
-              seq: int | None = None, steps: int = 2, target: float = 0.03, live_peak: bool = False) -> dict[str, Any]:
+def fit_check(
+    preset: str,
+    device: torch.device,
+    *,
+    amp: str | None,
+    fit_batches: list[int],
+    check_batches: list[int],
+    seq: int | None = None,
+    steps: int = 2,
+    target: float = 0.03,
+    live_peak: bool = False,
+) -> dict[str, Any]:
     """Fit memory against batch size from small batches, then measure larger ones and compare.
 
     The quantity is what the planner fits: the allocator's peak on CUDA, the sum
@@ -356,11 +385,26 @@ def fit_check(preset: str, device: torch.device, *, amp: str | None, fit_batches
         actual = points[-1].required if points else None
         predicted = predict_required(fit, b, include_context=False)
         err = rel_err(predicted, actual)
-        checks.append({"batch": b, "predicted": predicted, "measured": actual, "rel_err": err,
-                       "within_target": err is not None and abs(err) <= target})
+        checks.append(
+            {
+                "batch": b,
+                "predicted": predicted,
+                "measured": actual,
+                "rel_err": err,
+                "within_target": err is not None and abs(err) <= target,
+            }
+        )
     return {
-        "preset": preset, "device": str(device), "amp": amp or "fp32", "seq": seq, "quantity": fit.get("source"),
-        "fit_batches": fit_batches, "method": fit.get("method"), "bytes_per_sample": fit.get("bytes_per_sample"),
-        "fixed_bytes": fit.get("fixed_bytes"), "checks": checks, "target": f"|predicted - measured| / measured <= {target}",
+        "preset": preset,
+        "device": str(device),
+        "amp": amp or "fp32",
+        "seq": seq,
+        "quantity": fit.get("source"),
+        "fit_batches": fit_batches,
+        "method": fit.get("method"),
+        "bytes_per_sample": fit.get("bytes_per_sample"),
+        "fixed_bytes": fit.get("fixed_bytes"),
+        "checks": checks,
+        "target": f"|predicted - measured| / measured <= {target}",
         "target_met": all(c["within_target"] for c in checks),
     }

@@ -126,7 +126,11 @@ class AllocTrace:
             torch.cuda.synchronize(self.dev)
             try:
                 torch.cuda.memory._record_memory_history(
-                    enabled="all", context=None, stacks="python", max_entries=4_000_000, device=self.dev,
+                    enabled="all",
+                    context=None,
+                    stacks="python",
+                    max_entries=4_000_000,
+                    device=self.dev,
                     clear_history=True,
                 )
             except TypeError:  # older torch: no clear_history
@@ -214,7 +218,7 @@ def step_summary(step: dict[str, Any]) -> dict[str, Any]:
 def reconcile_step(ctx: Ctx, step: common.TrainStep, entry: dict[str, Any]) -> None:
     """Warm up, then one unprofiled step and one profiled step of ``step``; fill ``entry``."""
     dev = ctx.device
-    prof = trace = None
+    prof = None
     for _ in range(2):  # optimizer state exists, scaler calibrated, kernels chosen
         step()
     # (1) independent: an identical unprofiled step, peak counter reset before it
@@ -224,8 +228,12 @@ def reconcile_step(ctx: Ctx, step: common.TrainStep, entry: dict[str, Any]) -> N
     before = cuda_read(dev)
     step()
     after = cuda_read(dev)
-    entry["unprofiled_step"] = {"allocated_start": before["allocated"], "max_memory_allocated": after["max_allocated"],
-                                "allocated_end": after["allocated"], "reserved": after["reserved"]}
+    entry["unprofiled_step"] = {
+        "allocated_start": before["allocated"],
+        "max_memory_allocated": after["max_allocated"],
+        "allocated_end": after["allocated"],
+        "reserved": after["reserved"],
+    }
     # (2) the profiled step, with the allocator's trace recorded over it
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
@@ -264,7 +272,7 @@ def reconcile_step(ctx: Ctx, step: common.TrainStep, entry: dict[str, Any]) -> N
             "trace_note": "the trace peak sums requested sizes: a lower bound on the allocator's block-size peak",
             "known_sum": s["known_sum"],
             "known_sum_note": "every category's own figure added up: some are never alive together "
-                              "(activations are freed as gradients grow), so this can exceed the peak",
+            "(activations are freed as gradients grow), so this can exceed the peak",
             "categories_live_peak": s["categories_live_peak"],
             "live_peak_over_independent_peak": common.ratio(s["categories_live_peak"], ind),
             "other": s["categories"].get("other"),
@@ -344,17 +352,26 @@ def section_nvml_vs_smi(ctx: Ctx) -> dict[str, Any]:
             sample2 = s.sample_now()
         finally:
             s.stop()
-        out["sampler"] = {"process_used": sample.nvml_process_used, "process_used_after_smi": sample2.nvml_process_used,
-                          "device_used": sample.nvml_device_used, "host_rss": sample.host_rss, "sources": s.sources}
+        out["sampler"] = {
+            "process_used": sample.nvml_process_used,
+            "process_used_after_smi": sample2.nvml_process_used,
+            "device_used": sample.nvml_device_used,
+            "host_rss": sample.host_rss,
+            "sources": s.sources,
+        }
         out["nvidia_smi"] = smi
         smi_b = None if smi.get("ours_mib") is None else smi["ours_mib"] * 2**20
         out["nvidia_smi_ours_bytes"] = smi_b
-        out["abs_diff_bytes"] = None if smi_b is None or sample.nvml_process_used is None else sample.nvml_process_used - smi_b
+        out["abs_diff_bytes"] = (
+            None if smi_b is None or sample.nvml_process_used is None else sample.nvml_process_used - smi_b
+        )
         out["agree_within_1_mib"] = None if out["abs_diff_bytes"] is None else abs(out["abs_diff_bytes"]) < 2**20
         out["torch"] = cuda_read(dev)
         if ctx.cuda and sample.nvml_process_used is not None:
             out["process_minus_reserved"] = sample.nvml_process_used - torch.cuda.memory_reserved(dev)
-            out["process_minus_reserved_note"] = "CUDA context, cuBLAS workspaces and other non-PyTorch-allocator memory"
+            out["process_minus_reserved_note"] = (
+                "CUDA context, cuBLAS workspaces and other non-PyTorch-allocator memory"
+            )
         try:
             import pynvml  # noqa: PLC0415
 
@@ -427,17 +444,22 @@ def section_overhead(ctx: Ctx) -> dict[str, Any]:
             "steps_per_repeat": ctx.overhead_k,
             "timed_span": "whole with-block (profile() construction + K steps + exit) / K; plain: K steps / K",
             "raw": raw,
-            "medians": {m: {"per_step_s": med[m], "per_step_steps_only_s": med_steps[m],
-                            "setup_s": common.median(x["setup_s"] for x in raw[m]),
-                            "teardown_s": common.median(x["teardown_s"] for x in raw[m])}
-                        for m in raw},
+            "medians": {
+                m: {
+                    "per_step_s": med[m],
+                    "per_step_steps_only_s": med_steps[m],
+                    "setup_s": common.median(x["setup_s"] for x in raw[m]),
+                    "teardown_s": common.median(x["teardown_s"] for x in raw[m]),
+                }
+                for m in raw
+            },
             "ratio_of_medians": ratio,
             "ratio_of_medians_steps_only": ratio_steps,
             "median_paired_ratio": common.median(paired),
             "target_max_ratio": OVERHEAD_TARGET,
             "target_judged_on": "per step: the K steps inside the block / K (ratio_of_medians_steps_only); "
-                                "profile()'s one-time set-up (NVML start, inventory) and exit (report) are "
-                                "medians_*.setup_s / teardown_s, and the whole block / K is ratio_of_medians",
+            "profile()'s one-time set-up (NVML start, inventory) and exit (report) are "
+            "medians_*.setup_s / teardown_s, and the whole block / K is ratio_of_medians",
             "target_met": (ratio_steps <= OVERHEAD_TARGET) if ratio_steps is not None else None,
             "target_met_whole_block": (ratio <= OVERHEAD_TARGET) if ratio is not None else None,
         }
@@ -456,11 +478,16 @@ def gpt2_small(dev: torch.device) -> tuple[torch.nn.Module, Any, dict[str, Any]]
         from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
     except ImportError:
         nanogpt = common.load_nanogpt()
-        cfg = nanogpt.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True)
+        cfg = nanogpt.GPTConfig(
+            vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True
+        )
         model = nanogpt.GPT(cfg)
         return model, (lambda m, b: m(b, b)[1]), {"implementation": "examples/nanogpt.py (transformers not installed)"}
     model = GPT2LMHeadModel(GPT2Config())
-    info = {"implementation": "transformers GPT2LMHeadModel", "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    info = {
+        "implementation": "transformers GPT2LMHeadModel",
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+    }
     return model, (lambda m, b: m(input_ids=b, labels=b).loss), info
 
 
@@ -508,7 +535,9 @@ def section_gpt2(ctx: Ctx) -> dict[str, Any]:
 def section_fit(ctx: Ctx) -> dict[str, Any]:
     """Predict the allocator peak at batch 16 and 24 from batches 4 and 8 (fp16 AMP on CUDA), then measure."""
     try:
-        return common.fit_check(ctx.preset, ctx.device, amp=ctx.amp, fit_batches=[4, 8], check_batches=[16, 24], seq=ctx.seq)
+        return common.fit_check(
+            ctx.preset, ctx.device, amp=ctx.amp, fit_batches=[4, 8], check_batches=[16, 24], seq=ctx.seq
+        )
     finally:
         ctx.cleanup()
 
@@ -561,10 +590,14 @@ def output_path(args: argparse.Namespace) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--sections", nargs="+", choices=[n for n, _ in SECTIONS], default=[n for n, _ in SECTIONS])
     p.add_argument("--budget-s", type=float, default=360.0, help="skip the remaining sections past this many seconds")
-    p.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_check.json or benchmarks/results/gpu_check.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default $OUT/gpu_check.json or benchmarks/results/gpu_check.json)"
+    )
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     # testing only: run the sections on the CPU with small sizes (no CUDA figures)
     p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
@@ -575,9 +608,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available() and not args.allow_cpu:
-        print("gpu_check: CUDA is not available on this machine (torch "
-              f"{torch.__version__}, torch.version.cuda={torch.version.cuda}); nothing was run. "
-              "Run this script on a machine with an NVIDIA GPU.", file=sys.stderr)
+        print(
+            "gpu_check: CUDA is not available on this machine (torch "
+            f"{torch.__version__}, torch.version.cuda={torch.version.cuda}); nothing was run. "
+            "Run this script on a machine with an NVIDIA GPU.",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if args.allow_cpu and device.type == "cpu":
@@ -589,9 +625,16 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "gpu_check",
         "machine": common.machine_info(),
         "device": device_info(device),
-        "settings": {"sections": args.sections, "budget_s": args.budget_s, "quick": ctx.args.quick,
-                     "dry_run_on_cpu": device.type == "cpu", "preset": ctx.preset, "batches": ctx.batches,
-                     "seq": ctx.seq, "amp": ctx.amp or "fp32"},
+        "settings": {
+            "sections": args.sections,
+            "budget_s": args.budget_s,
+            "quick": ctx.args.quick,
+            "dry_run_on_cpu": device.type == "cpu",
+            "preset": ctx.preset,
+            "batches": ctx.batches,
+            "seq": ctx.seq,
+            "amp": ctx.amp or "fp32",
+        },
         "load": {"loadavg_before": common.loadavg()},
         "section_seconds": {},
         "targets": {"peak_rel_err": PEAK_TARGET, "overhead_max_ratio": OVERHEAD_TARGET},
@@ -615,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result["target_met"] = {
         "peak_within_2pct": (result.get("amp_batches") or {}).get("target_met"),
-        "peak_within_2pct_loss_outside": ((result.get("loss_outside") or {}).get("reconciliation") or {}).get("target_met"),
+        "peak_within_2pct_loss_outside": ((result.get("loss_outside") or {}).get("reconciliation") or {}).get(
+            "target_met"
+        ),
         "overhead_le_1.05x": (result.get("overhead") or {}).get("target_met"),
         "fit_within_3pct": (result.get("fit") or {}).get("target_met"),
     }
@@ -637,18 +682,30 @@ def print_summary(result: dict[str, Any]) -> None:
         rc = e.get("reconciliation") or {}
         s = e.get("profile") or {}
         rel = rc.get("rel_err_vs_independent")
-        rows.append([f"batch {b}", s.get("peak_allocated"), rc.get("independent_max_memory_allocated"),
-                     "" if rel is None else f"{rel * 100:+.2f}%", s.get("known_sum")])
+        rows.append(
+            [
+                f"batch {b}",
+                s.get("peak_allocated"),
+                rc.get("independent_max_memory_allocated"),
+                "" if rel is None else f"{rel * 100:+.2f}%",
+                s.get("known_sum"),
+            ]
+        )
     if rows:
         print(tabulate(rows, headers=["amp step", "profile() peak", "independent max_alloc", "rel err", "known sum"]))
     ov = result.get("overhead") or {}
     if ov.get("ratio_of_medians_steps_only") is not None and ov.get("ratio_of_medians") is not None:
-        print(f"overhead: profile() / plain = {ov['ratio_of_medians_steps_only']:.3f}x per step "
-              f"({ov['ratio_of_medians']:.3f}x with setup and teardown; target <= {OVERHEAD_TARGET}x, met={ov['target_met']})")
+        print(
+            f"overhead: profile() / plain = {ov['ratio_of_medians_steps_only']:.3f}x per step "
+            f"({ov['ratio_of_medians']:.3f}x with setup and teardown; "
+            f"target <= {OVERHEAD_TARGET}x, met={ov['target_met']})"
+        )
     lo = (result.get("loss_outside") or {}).get("reconciliation") or {}
     if lo.get("rel_err_vs_independent") is not None:
-        print(f"loss outside the model: profile() peak rel err {lo['rel_err_vs_independent'] * 100:+.2f}% "
-              f"(target_met={lo['target_met']})")
+        print(
+            f"loss outside the model: profile() peak rel err {lo['rel_err_vs_independent'] * 100:+.2f}% "
+            f"(target_met={lo['target_met']})"
+        )
     for name in ("amp_batches", "loss_outside", "nvml_vs_smi", "overhead", "gpt2", "fit"):
         sec = result.get(name)
         if isinstance(sec, dict) and ("error" in sec or "skipped" in sec):

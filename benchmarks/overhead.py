@@ -77,7 +77,9 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
             step()
         t2 = t3 = time.perf_counter()
     elif mode in ("ours", "ours_live"):
-        prof = profiler.profile(step.model, step.optimizer, sample_interval=sample_interval, live_peak=mode == "ours_live")
+        prof = profiler.profile(
+            step.model, step.optimizer, sample_interval=sample_interval, live_peak=mode == "ours_live"
+        )
         with prof:
             t1 = time.perf_counter()
             for _ in range(k):
@@ -136,9 +138,21 @@ def ours_summary(prof: profiler.profile) -> dict[str, Any]:
         "steps_seen": len(steps),
         "last_step": {
             key: last.get(key)
-            for key in ("index", "kind", "complete", "forwards", "backwards", "optimizer_steps", "seconds",
-                        "categories", "saved_tensors", "peak_allocated", "reserved", "host_rss_peak",
-                        "nvml_process_used_peak")
+            for key in (
+                "index",
+                "kind",
+                "complete",
+                "forwards",
+                "backwards",
+                "optimizer_steps",
+                "seconds",
+                "categories",
+                "saved_tensors",
+                "peak_allocated",
+                "reserved",
+                "host_rss_peak",
+                "nvml_process_used_peak",
+            )
         },
         "phase_seconds": {k: v.get("seconds") for k, v in last.get("phases", {}).items()},
         "sampler_samples": mem.get("sampler", {}).get("n_samples"),
@@ -149,8 +163,10 @@ def ours_summary(prof: profiler.profile) -> dict[str, Any]:
 def memtracker_summary(mt: Any) -> dict[str, Any]:
     try:
         peak = mt.get_tracker_snapshot("peak")
-        total = {str(dev): sum(v for k, v in d.items() if k == "Total") if isinstance(d, dict) else None
-                 for dev, d in peak.items()}
+        total = {
+            str(dev): sum(v for k, v in d.items() if k == "Total") if isinstance(d, dict) else None
+            for dev, d in peak.items()
+        }
         return {"peak_total_bytes_by_device": total}
     except Exception as exc:  # noqa: BLE001
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -238,8 +254,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "ratio_of_medians": common.ratio(common.median(per), plain_med),
                 "median_paired_ratio": common.median(paired),
                 "ratio_of_mins": common.ratio(min(per), min(plain)),
-                "steps_only_ratio_of_medians": common.ratio(common.median(only),
-                                                            common.median(x["per_step_steps_only_s"] for x in raw["plain"])),
+                "steps_only_ratio_of_medians": common.ratio(
+                    common.median(only), common.median(x["per_step_steps_only_s"] for x in raw["plain"])
+                ),
                 "paired_ratios": [round(x, 4) for x in paired],
             }
 
@@ -247,7 +264,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     ours_ratio = ratios.get("ours", {}).get("ratio_of_medians")
     target = {
         "statement": f"profile() per-step time <= {limit:.2f}x plain on {device.type} for the seed model "
-                     f"(block time / K, hook installation and report included)",
+        f"(block time / K, hook installation and report included)",
         "max_ratio": limit,
         "applies_to_this_run": args.model == TARGET_MODEL,
         "measured_ratio": ours_ratio,
@@ -272,7 +289,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "sample_interval": args.sample_interval,
             "timed_span": "whole with-block (tool construction + enter + K steps + exit) / K",
             "torch_profiler": "activities=CPU(+CUDA), profile_memory=True, record_shapes=True, with_stack=False",
-            "memtracker": "MemTracker(); track_external(model, optimizer); with mt: K steps, reset_mod_stats() between steps (required for a second iteration)",
+            "memtracker": (
+                "MemTracker(); track_external(model, optimizer); with mt: K steps, reset_mod_stats() between steps "
+                "(required for a second iteration)"
+            ),
         },
         "load": {"loadavg_before": load_before, "loadavg_after": load_after, "wall_s": round(wall, 1)},
         "mode_warmup_block_s": per_mode_warm,
@@ -290,22 +310,34 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", choices=["seed", "small", "tiny"], default="seed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default: 3 for seed on CPU, else 5)")
-    p.add_argument("--steps-per-repeat", type=int, default=None,
-                   help="K steps per with-block (default: 2 for seed on CPU, else 3)")
+    p.add_argument(
+        "--steps-per-repeat", type=int, default=None, help="K steps per with-block (default: 2 for seed on CPU, else 3)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="plain warm-up steps before timing")
-    p.add_argument("--no-mode-warmup", dest="mode_warmup", action="store_false", default=argparse.SUPPRESS,
-                   help="skip the one untimed block per tool before timing")
+    p.add_argument(
+        "--no-mode-warmup",
+        dest="mode_warmup",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="skip the one untimed block per tool before timing",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if m not in ("watch", "ours_live")])
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: 1 on CPU, os.cpu_count() on CUDA). One thread on CPU "
-                        "because on a small shared machine two OpenMP threads make a step 10-20x slower "
-                        "whenever another process runs; use --threads 2 on a quiet machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: 1 on CPU, os.cpu_count() on CUDA). One thread on CPU "
+        "because on a small shared machine two OpenMP threads make a step 10-20x slower "
+        "whenever another process runs; use --threads 2 on a quiet machine",
+    )
     p.add_argument("--sample-interval", type=float, default=0.01, help="profile()'s sampler interval (default mode)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<model>_<device>.json)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each block's time to stderr")
@@ -341,24 +373,48 @@ def main(argv: list[str] | None = None) -> int:
         if med is None:
             continue
         r = result["ratios_to_plain"].get(mode, {})
-        rows.append([mode, f"{med['per_step_s']:.4f}", f"{med['per_step_steps_only_s']:.4f}",
-                     f"{r.get('ratio_of_medians', 1.0):.3f}x" if mode != "plain" else "1.000x",
-                     f"{r['median_paired_ratio']:.3f}x" if r else "",
-                     f"{r['ratio_of_mins']:.3f}x" if r else ""])
-    print(tabulate(rows, headers=["mode", "s/step (block)", "s/step (steps only)", "ratio (medians)",
-                                  "median paired ratio", "ratio (mins)"]))
-    print(f"torch threads: {result['settings']['torch_num_threads']}, repeats {result['settings']['repeats']} "
-          f"x {result['settings']['steps_per_repeat']} steps per block")
+        rows.append(
+            [
+                mode,
+                f"{med['per_step_s']:.4f}",
+                f"{med['per_step_steps_only_s']:.4f}",
+                f"{r.get('ratio_of_medians', 1.0):.3f}x" if mode != "plain" else "1.000x",
+                f"{r['median_paired_ratio']:.3f}x" if r else "",
+                f"{r['ratio_of_mins']:.3f}x" if r else "",
+            ]
+        )
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "mode",
+                "s/step (block)",
+                "s/step (steps only)",
+                "ratio (medians)",
+                "median paired ratio",
+                "ratio (mins)",
+            ],
+        )
+    )
+    print(
+        f"torch threads: {result['settings']['torch_num_threads']}, repeats {result['settings']['repeats']} "
+        f"x {result['settings']['steps_per_repeat']} steps per block"
+    )
     t = result["target"]
-    print(f"target: ours <= {t['max_ratio']:.2f}x plain ({'applies' if t['applies_to_this_run'] else 'seed model only; informational'}): "
-          f"measured {t['measured_ratio'] if t['measured_ratio'] is None else round(t['measured_ratio'], 3)} -> "
-          f"target_met={t['target_met']}")
+    print(
+        f"target: ours <= {t['max_ratio']:.2f}x plain "
+        f"({'applies' if t['applies_to_this_run'] else 'seed model only; informational'}): "
+        f"measured {t['measured_ratio'] if t['measured_ratio'] is None else round(t['measured_ratio'], 3)} -> "
+        f"target_met={t['target_met']}"
+    )
     last = (result.get("ours_measured") or {}).get("last_step", {})
     if last.get("categories"):
         print("ours, last step categories (bytes):", {k: v for k, v in last["categories"].items()})
     for n in result["notes"]:
         print("note:", n.strip().splitlines()[0])
-    print(f"load average before {result['load']['loadavg_before']} after {result['load']['loadavg_after']}; wrote {path}")
+    print(
+        f"load average before {result['load']['loadavg_before']} after {result['load']['loadavg_after']}; wrote {path}"
+    )
     return 0
 
 

@@ -41,14 +41,26 @@ TARGET_SECONDS = 2.0
 MODELS: dict[str, dict[str, Any]] = {
     "llama-7b": {
         "device": "meta",
-        "config": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000),
+        "config": dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        ),
         "expected_params": 6_738_415_616,
     },
     "llama-70b": {
         "device": "meta",
-        "config": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=32000),
+        "config": dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=32000,
+        ),
         "expected_params": 68_976_648_192,
     },
     "gpt2-small": {"device": "cpu", "config": {}, "expected_params": 124_439_808},
@@ -127,7 +139,9 @@ def bench_model(name: str, repeats: int, build_repeats: int) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--repeats", type=int, default=5, help="analyze() repeats per model")
     p.add_argument("--build-repeats", type=int, default=3, help="model builds per model (the last one is analysed)")
@@ -153,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = results.get(TARGET_MODEL, {}).get("medians", {}).get("analyze_s")
     target = {
         "statement": f"analyze() of the Llama 70B config (meta device) in under {TARGET_SECONDS:.0f} s "
-                     "on this machine (median of repeats; model build excluded)",
+        "on this machine (median of repeats; model build excluded)",
         "max_seconds": TARGET_SECONDS,
         "measured_s": measured,
         "target_met": (measured < TARGET_SECONDS) if measured is not None else None,
@@ -182,13 +196,24 @@ def main(argv: list[str] | None = None) -> int:
     path = common.write_json(name, data, args.out)
 
     rows = [
-        [name, r["device"], f"{r['params_total']:,}", "yes" if r["params_match"] else "NO",
-         f"{r['medians']['build_s']:.3f}", f"{r['medians']['analyze_s']:.4f}", f"{r['medians']['to_dict_s']:.4f}"]
+        [
+            name,
+            r["device"],
+            f"{r['params_total']:,}",
+            "yes" if r["params_match"] else "NO",
+            f"{r['medians']['build_s']:.3f}",
+            f"{r['medians']['analyze_s']:.4f}",
+            f"{r['medians']['to_dict_s']:.4f}",
+        ]
         for name, r in results.items()
     ]
-    print(tabulate(rows, headers=["model", "device", "params", "params ok", "build s", "analyze s (median)", "to_dict s"]))
-    print(f"target: 70B analyze() < {TARGET_SECONDS:.0f} s: measured "
-          f"{'n/a' if measured is None else f'{measured:.3f} s'} -> target_met={target['target_met']}")
+    print(
+        tabulate(rows, headers=["model", "device", "params", "params ok", "build s", "analyze s (median)", "to_dict s"])
+    )
+    print(
+        f"target: 70B analyze() < {TARGET_SECONDS:.0f} s: measured "
+        f"{'n/a' if measured is None else f'{measured:.3f} s'} -> target_met={target['target_met']}"
+    )
     print(f"load average before {load_before} after {load_after}; wrote {path}")
     return 0
 

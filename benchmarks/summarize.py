@@ -49,11 +49,23 @@ def overhead_table() -> str:
             r = d["ratios_to_plain"][mode]
             model = s.get("model", {})
             shape = f"{model.get('preset')} ({model.get('batch')}x{model.get('seq')}, {model.get('amp')})"
-            rows.append([
-                path.name, shape, s.get("torch_num_threads"), _machine(d), LABELS[mode],
-                f"{plain:.4g}", f"{d['medians'][mode]['per_step_s']:.4g}", f"{r['ratio_of_medians']:.3f}x",
-            ])
-    return tabulate(rows, headers=["file", "model", "threads", "machine", "tool", "plain s/step", "tool s/step", "ratio"], tablefmt="github")
+            rows.append(
+                [
+                    path.name,
+                    shape,
+                    s.get("torch_num_threads"),
+                    _machine(d),
+                    LABELS[mode],
+                    f"{plain:.4g}",
+                    f"{d['medians'][mode]['per_step_s']:.4g}",
+                    f"{r['ratio_of_medians']:.3f}x",
+                ]
+            )
+    return tabulate(
+        rows,
+        headers=["file", "model", "threads", "machine", "tool", "plain s/step", "tool s/step", "ratio"],
+        tablefmt="github",
+    )
 
 
 def static_table() -> str:
@@ -61,7 +73,13 @@ def static_table() -> str:
     if d is None:
         return "(no static_speed.json)"
     rows = [
-        [name, f"{m['params_total']:,}", m["device"], f"{m['medians']['build_s']:.3f}", f"{m['medians']['analyze_s']:.4f}"]
+        [
+            name,
+            f"{m['params_total']:,}",
+            m["device"],
+            f"{m['medians']['build_s']:.3f}",
+            f"{m['medians']['analyze_s']:.4f}",
+        ]
         for name, m in d["models"].items()
     ]
     table = tabulate(rows, headers=["model", "parameters", "device", "build s", "analyze() s"], tablefmt="github")

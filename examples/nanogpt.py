@@ -341,8 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dtype_name == "fp32":
         autocast = contextlib.nullcontext
     else:
+
         def autocast() -> contextlib.AbstractContextManager:
             return torch.autocast(device_type=device_type, dtype=amp_dtype)
+
     scaler = torch.amp.GradScaler(device_type) if dtype_name == "fp16" else None
 
     n_params = count_unique_params(model)

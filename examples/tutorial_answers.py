@@ -47,16 +47,24 @@ def main() -> None:
         report = profiler.analyze(build(**kwargs), name=label).models[0]
         reports[label] = report
         inv, b = report.inventory, report.buckets
-        rows.append([
-            label,
-            f"{inv.total:,}",
-            f"{inv.total_with_duplicates:,}",
-            f"{b.totals['embedding']:,}",
-            f"{b.totals['block']:,}",
-            f"{b.totals['head']:,}",
-        ])
+        rows.append(
+            [
+                label,
+                f"{inv.total:,}",
+                f"{inv.total_with_duplicates:,}",
+                f"{b.totals['embedding']:,}",
+                f"{b.totals['block']:,}",
+                f"{b.totals['head']:,}",
+            ]
+        )
     print("Measured totals (unique parameters; a tied matrix counted once)")
-    print(tabulate(rows, headers=["variant", "unique", "with duplicates", "embedding", "blocks", "head"], colalign=("left",) + ("right",) * 5))
+    print(
+        tabulate(
+            rows,
+            headers=["variant", "unique", "with duplicates", "embedding", "blocks", "head"],
+            colalign=("left",) + ("right",) * 5,
+        )
+    )
 
     base = reports["12 layers, tied (nanoGPT)"]
     trunk = base.buckets.trunks[0]
@@ -65,24 +73,42 @@ def main() -> None:
     untied = reports["12 layers, untied"].inventory.total
     print()
     print("The tutorial's hand count against the measurement")
-    print(tabulate(
-        [
-            ["one block", f"{TUTORIAL_BLOCK:,}", f"{trunk.params_per_block:,}",
-             f"{trunk.params_per_block - TUTORIAL_BLOCK:+,}",
-             f"Linear biases (+{biases:,}) were left out; 2 LayerNorms per block ({norms:,}), not 4 ({2 * norms:,})"],
-            ["whole model, head untied", f"{TUTORIAL_TOTAL:,}", f"{untied:,}", f"{untied - TUTORIAL_TOTAL:+,}",
-             "the block difference x12, plus the final LayerNorm ln_f"],
-            ["whole model, as nanoGPT ties it", f"{TUTORIAL_PRINTED:,}", f"{base.inventory.total:,}",
-             f"{base.inventory.total - TUTORIAL_PRINTED:+,}",
-             "none of the variants above has 124,417,536 parameters"],
-        ],
-        headers=["what", "tutorial", "measured", "difference", "why"],
-        colalign=("left", "right", "right", "right", "left"),
-    ))
+    print(
+        tabulate(
+            [
+                [
+                    "one block",
+                    f"{TUTORIAL_BLOCK:,}",
+                    f"{trunk.params_per_block:,}",
+                    f"{trunk.params_per_block - TUTORIAL_BLOCK:+,}",
+                    f"Linear biases (+{biases:,}) were left out; "
+                    f"2 LayerNorms per block ({norms:,}), not 4 ({2 * norms:,})",
+                ],
+                [
+                    "whole model, head untied",
+                    f"{TUTORIAL_TOTAL:,}",
+                    f"{untied:,}",
+                    f"{untied - TUTORIAL_TOTAL:+,}",
+                    "the block difference x12, plus the final LayerNorm ln_f",
+                ],
+                [
+                    "whole model, as nanoGPT ties it",
+                    f"{TUTORIAL_PRINTED:,}",
+                    f"{base.inventory.total:,}",
+                    f"{base.inventory.total - TUTORIAL_PRINTED:+,}",
+                    "none of the variants above has 124,417,536 parameters",
+                ],
+            ],
+            headers=["what", "tutorial", "measured", "difference", "why"],
+            colalign=("left", "right", "right", "right", "left"),
+        )
+    )
     tie = base.inventory.tie_groups[0]
     print()
-    print(f"Tied: {' = '.join(tie.aliases)} ({tie.numel:,} parameters, counted once, charged to "
-          f"'{base.buckets.param_bucket[tie.name]}')")
+    print(
+        f"Tied: {' = '.join(tie.aliases)} ({tie.numel:,} parameters, counted once, charged to "
+        f"'{base.buckets.param_bucket[tie.name]}')"
+    )
 
 
 if __name__ == "__main__":

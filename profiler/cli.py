@@ -45,34 +45,77 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Options go before SCRIPT; everything after SCRIPT (or after --) is passed to the script.",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    parser.add_argument("--depth", type=_non_negative_int, default=2, metavar="N",
-                        help="module tree depth in the text report (default 2)")
-    parser.add_argument("--steps", type=_non_negative_int, default=3, metavar="N",
-                        help="measure the memory of the first N training steps of each model, then remove the hooks "
-                             "(default 3; 0: parameters only)")
-    parser.add_argument("--stop-after-steps", action="store_true", help="end the script (exit 0) once the steps are measured")
-    parser.add_argument("--interval", type=_positive_float, default=0.01, metavar="SECONDS",
-                        help="NVML / host memory sampling interval during measured steps (default 0.01)")
-    parser.add_argument("--live-peak", action="store_true",
-                        help="also count every tensor operators create (slower): a memory peak on the CPU, where the "
-                             "allocator keeps none")
-    parser.add_argument("--no-sampler", action="store_true", help="no background sampling thread (no NVML or host RSS timeline)")
+    parser.add_argument(
+        "--depth",
+        type=_non_negative_int,
+        default=2,
+        metavar="N",
+        help="module tree depth in the text report (default 2)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_non_negative_int,
+        default=3,
+        metavar="N",
+        help="measure the memory of the first N training steps of each model, then remove the hooks "
+        "(default 3; 0: parameters only)",
+    )
+    parser.add_argument(
+        "--stop-after-steps", action="store_true", help="end the script (exit 0) once the steps are measured"
+    )
+    parser.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=0.01,
+        metavar="SECONDS",
+        help="NVML / host memory sampling interval during measured steps (default 0.01)",
+    )
+    parser.add_argument(
+        "--live-peak",
+        action="store_true",
+        help="also count every tensor operators create (slower): a memory peak on the CPU, where the "
+        "allocator keeps none",
+    )
+    parser.add_argument(
+        "--no-sampler", action="store_true", help="no background sampling thread (no NVML or host RSS timeline)"
+    )
     plan = parser.add_argument_group("planning (estimates and will-it-fit)")
-    plan.add_argument("--fit", metavar="CARD", help="show the fit for one card only (e.g. T4, A100-80GB, or a --gpu name)")
+    plan.add_argument(
+        "--fit", metavar="CARD", help="show the fit for one card only (e.g. T4, A100-80GB, or a --gpu name)"
+    )
     plan.add_argument("--gpu", action="append", metavar="NAME=GiB", help="add a card to the fit table (repeatable)")
-    plan.add_argument("--margin", type=float, default=0.10, metavar="FRACTION",
-                      help="safety margin of card memory left unused when planning (default 0.10)")
-    plan.add_argument("--fit-batches", metavar="B1,B2",
-                      help="also measure the script at these batch sizes (in child runs) and fit memory against batch size")
-    plan.add_argument("--batch-arg", default="--batch-size", metavar="FLAG",
-                      help="the script's batch-size flag, for --fit-batches; write it with '=', e.g. --batch-arg=--bs "
-                           "(default --batch-size)")
-    plan.add_argument("--plot", metavar="PATH.png",
-                      help="draw one step's memory over time (needs matplotlib: pip install matplotlib, or the [plot] extra)")
+    plan.add_argument(
+        "--margin",
+        type=float,
+        default=0.10,
+        metavar="FRACTION",
+        help="safety margin of card memory left unused when planning (default 0.10)",
+    )
+    plan.add_argument(
+        "--fit-batches",
+        metavar="B1,B2",
+        help="also measure the script at these batch sizes (in child runs) and fit memory against batch size",
+    )
+    plan.add_argument(
+        "--batch-arg",
+        default="--batch-size",
+        metavar="FLAG",
+        help="the script's batch-size flag, for --fit-batches; write it with '=', e.g. --batch-arg=--bs "
+        "(default --batch-size)",
+    )
+    plan.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="draw one step's memory over time (needs matplotlib: pip install matplotlib, or the [plot] extra)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print no text report (use with --json)")
     parser.add_argument("--version", action="version", version=f"profiler {__version__}")
-    parser.add_argument("-m", dest="module", action="store_true",
-                        help="run a library module as a script, as python -m does (SCRIPT is then the module's name)")
+    parser.add_argument(
+        "-m",
+        dest="module",
+        action="store_true",
+        help="run a library module as a script, as python -m does (SCRIPT is then the module's name)",
+    )
     parser.add_argument("script", help="the Python script to run (or, with -m, the module)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser
@@ -100,8 +143,20 @@ def _positive_float(text: str) -> float:
 
 # Options only this tool has: after SCRIPT they reach the script, which is
 # seldom what was meant. (--steps, --depth and the like are common script flags.)
-_OWN_OPTIONS = ("--json", "--stop-after-steps", "--live-peak", "--no-sampler", "--fit", "--gpu", "--margin",
-                "--fit-batches", "--batch-arg", "--plot", "-q", "--quiet")
+_OWN_OPTIONS = (
+    "--json",
+    "--stop-after-steps",
+    "--live-peak",
+    "--no-sampler",
+    "--fit",
+    "--gpu",
+    "--margin",
+    "--fit-batches",
+    "--batch-arg",
+    "--plot",
+    "-q",
+    "--quiet",
+)
 
 
 def _own_options_after_script(args: list[str]) -> list[str]:
@@ -141,12 +196,16 @@ def _prepare(argv: list[str]) -> tuple[Options, Program]:
         check_batch_flag(_source(program), options.batch_arg, options.args)
     misplaced = _own_options_after_script(options.args)
     if misplaced:
-        say(f"{PROG}: warning: {', '.join(misplaced)} after the script {'goes' if len(misplaced) == 1 else 'go'} "
-            "to the script, not to this tool: options go before SCRIPT")
+        say(
+            f"{PROG}: warning: {', '.join(misplaced)} after the script {'goes' if len(misplaced) == 1 else 'go'} "
+            "to the script, not to this tool: options go before SCRIPT"
+        )
     shadowed = None if options.run_module else _shadowed_module(options.target)
     if shadowed:
-        say(f"{PROG}: warning: the script's own {shadowed} is hidden under the runner: "
-            "`import profiler` gives this tool (rename the module to run the script here)")
+        say(
+            f"{PROG}: warning: the script's own {shadowed} is hidden under the runner: "
+            "`import profiler` gives this tool (rename the module to run the script here)"
+        )
     return options, program
 
 
@@ -222,7 +281,9 @@ def main(argv: Sequence[str] | None = None, *, end_like_python: bool = False) ->
         result = session.run(program)
         sweep = None
         if options.batches and not result.failed:
-            sweep = measure_batches(options, (lambda text: None) if options.quiet else (lambda text: say(f"{PROG}: {text}")))
+            sweep = measure_batches(
+                options, (lambda text: None) if options.quiet else (lambda text: say(f"{PROG}: {text}"))
+            )
             for note in sweep.notes:  # said even with -q: a planning point is missing
                 say(f"{PROG}: warning: {note}")
         guard.defer()  # from here a SIGTERM waits until the report is out

@@ -261,14 +261,18 @@ def test_gpt2_small_default_config_exact():
 
 
 def test_bert_masked_lm_ties():
-    H, L, I, V, P = 32, 2, 37, 99, 64
+    H, L, FF, V, P = 32, 2, 37, 99, 64
     config = transformers.BertConfig(
-        hidden_size=H, num_hidden_layers=L, num_attention_heads=2, intermediate_size=I, vocab_size=V,
+        hidden_size=H,
+        num_hidden_layers=L,
+        num_attention_heads=2,
+        intermediate_size=FF,
+        vocab_size=V,
         max_position_embeddings=P,
     )
     model = transformers.BertForMaskedLM(config)
     emb = V * H + P * H + 2 * H + 2 * H
-    layer = 4 * (H * H + H) + 2 * H + (H * I + I) + (I * H + H) + 2 * H
+    layer = 4 * (H * H + H) + 2 * H + (H * FF + FF) + (FF * H + H) + 2 * H
     head = (H * H + H) + 2 * H + V  # transform.dense, transform.LayerNorm, the output bias
     inv, b = _analyze(model)
     _check_common(model, inv, b, emb + L * layer + head)
@@ -286,7 +290,12 @@ def test_bert_masked_lm_ties():
 def test_t5_four_way_tie_and_two_trunks(num_layers):
     d, kv, heads, ff, V, buckets = 32, 8, 4, 37, 99, 32
     config = transformers.T5Config(
-        d_model=d, d_kv=kv, d_ff=ff, num_layers=num_layers, num_heads=heads, vocab_size=V,
+        d_model=d,
+        d_kv=kv,
+        d_ff=ff,
+        num_layers=num_layers,
+        num_heads=heads,
+        vocab_size=V,
         relative_attention_num_buckets=buckets,
     )
     model = transformers.T5ForConditionalGeneration(config)
@@ -319,8 +328,15 @@ def test_t5_four_way_tie_and_two_trunks(num_layers):
 def test_bart_encoder_decoder():
     d, ff, V, P, L = 32, 37, 99, 64, 2
     config = transformers.BartConfig(
-        d_model=d, encoder_layers=L, decoder_layers=L, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=ff, decoder_ffn_dim=ff, vocab_size=V, max_position_embeddings=P,
+        d_model=d,
+        encoder_layers=L,
+        decoder_layers=L,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=ff,
+        decoder_ffn_dim=ff,
+        vocab_size=V,
+        max_position_embeddings=P,
     )
     model = transformers.BartForConditionalGeneration(config)
     inv, b = _analyze(model)
@@ -346,10 +362,23 @@ def test_bart_encoder_decoder():
 
 def test_whisper_encoder_decoder():
     config = transformers.WhisperConfig(
-        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=37, decoder_ffn_dim=37, vocab_size=99, max_source_positions=30, max_target_positions=40,
-        num_mel_bins=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
-        suppress_tokens=[], begin_suppress_tokens=[],
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        vocab_size=99,
+        max_source_positions=30,
+        max_target_positions=40,
+        num_mel_bins=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
     )
     model = transformers.WhisperForConditionalGeneration(config)
     inv, b = _analyze(model)
@@ -363,13 +392,17 @@ def test_whisper_encoder_decoder():
 
 def test_llama_7b_on_meta_exact_and_fast():
     config = transformers.LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
     )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
-    H, I, V, L = 4096, 11008, 32000, 32
-    layer = 4 * H * H + 3 * H * I + 2 * H
+    H, FF, V, L = 4096, 11008, 32000, 32
+    layer = 4 * H * H + 3 * H * FF + 2 * H
     expected = V * H + L * layer + H + V * H
     assert expected == 6_738_415_616
     start = time.perf_counter()
@@ -384,10 +417,16 @@ def test_llama_7b_on_meta_exact_and_fast():
 
 
 def test_mixtral_fused_experts():
-    C, I, V, L, E = 32, 37, 99, 2, 4
+    C, FF, V, L, E = 32, 37, 99, 2, 4
     config = transformers.MixtralConfig(
-        hidden_size=C, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=V, num_local_experts=E, num_experts_per_tok=2,
+        hidden_size=C,
+        intermediate_size=FF,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        num_local_experts=E,
+        num_experts_per_tok=2,
     )
     model = transformers.MixtralForCausalLM(config)
     inv, b = _analyze(model)
@@ -400,10 +439,24 @@ def test_mixtral_fused_experts():
 
 def _deepseek_v3():
     config = transformers.DeepseekV3Config(
-        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-        vocab_size=64, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
-        n_group=1, topk_group=1,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        vocab_size=64,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
     )
     return transformers.DeepseekV3ForCausalLM(config)
 
@@ -418,8 +471,18 @@ def test_deepseek_v3_first_dense_layer_is_a_block():
 
 def test_switch_transformers_alternating_sparse_blocks():
     config = transformers.SwitchTransformersConfig(
-        d_model=16, d_kv=4, d_ff=24, num_layers=4, num_decoder_layers=4, num_heads=4, num_experts=4, vocab_size=50,
-        encoder_sparse_step=2, decoder_sparse_step=2, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
+        d_model=16,
+        d_kv=4,
+        d_ff=24,
+        num_layers=4,
+        num_decoder_layers=4,
+        num_heads=4,
+        num_experts=4,
+        vocab_size=50,
+        encoder_sparse_step=2,
+        decoder_sparse_step=2,
+        num_sparse_encoder_layers=2,
+        num_sparse_decoder_layers=2,
     )
     model = transformers.SwitchTransformersForConditionalGeneration(config)
     inv, b = _analyze(model)

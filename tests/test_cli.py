@@ -30,7 +30,9 @@ def write_sgd_script(path: Path, iterations: int, *, setup: str = "", after_step
     ``setup`` is one line run once ``opt`` exists; ``after_step`` one line run after
     each ``opt.step()`` (``i`` is the iteration).
     """
-    return write(path, f"""
+    return write(
+        path,
+        f"""
         import torch
         model = torch.nn.Linear(8, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -40,7 +42,8 @@ def write_sgd_script(path: Path, iterations: int, *, setup: str = "", after_step
             opt.step()
             {after_step}
             opt.zero_grad()
-    """)
+    """,
+    )
 
 
 def models_of(json_path: Path) -> dict[str, dict]:
@@ -214,7 +217,7 @@ def test_script_that_raises_keeps_its_traceback(tmp_path, source, error, model_c
     assert err.count("Traceback") == 1
 
     # The report is still printed after the traceback, and the JSON still written.
-    assert model_class in err[err.index(error):]
+    assert model_class in err[err.index(error) :]
     models = models_of(tmp_path / "out.json")
     assert [(m["class"], m["parameters"]["total"]) for m in models.values()] == [(model_class, total)]
     assert "model" in models
@@ -271,13 +274,16 @@ def _error_case(tmp_path: Path, case: str) -> list[str]:
         write(tmp_path / "pkg_without_main" / "__init__.py", "")
         return ["-m", "pkg_without_main"]
     if case == "batch flag the script lacks":
-        write(tmp_path / "bs.py", """
+        write(
+            tmp_path / "bs.py",
+            """
             import argparse
             parser = argparse.ArgumentParser()
             parser.add_argument("--bs", type=int, default=4)
             parser.add_argument("--lr", type=float, default=0.1)
             print("the script ran", parser.parse_args())
-        """)
+        """,
+        )
         return ["--fit-batches", "8", "bs.py"]
     if case == "json dir unwritable":
         ro = tmp_path / "ro"
@@ -302,7 +308,9 @@ ERROR_CASES = [
     "unknown card",
     "bad batches",
     "json empty path",
-    pytest.param("json where nobody may write", marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")),
+    pytest.param(
+        "json where nobody may write", marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")
+    ),
     "plot with no steps",
     "fit with no steps",
     "stop after no steps",
@@ -565,21 +573,27 @@ def test_a_failure_writing_the_json_still_prints_the_report(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert code == 1
     assert "Memory of a training step" in err  # the report is still printed
-    assert err.strip().splitlines()[-1] == "python -m profiler: error: could not write the report files: ValueError: simulated bug"
+    assert (
+        err.strip().splitlines()[-1]
+        == "python -m profiler: error: could not write the report files: ValueError: simulated bug"
+    )
     assert "Traceback" not in err
 
 
 def test_an_interrupted_script_ends_as_under_python(tmp_path):
     # Uncaught Ctrl-C: Python runs atexit handlers, then dies by SIGINT (the
     # parent sees -2, a shell 130). The report is written first.
-    script = write(tmp_path / "interrupted.py", """
+    script = write(
+        tmp_path / "interrupted.py",
+        """
         import atexit
         import torch
         atexit.register(lambda: print("atexit ran"))
         model = torch.nn.Linear(4, 2)
         model(torch.randn(3, 4)).sum().backward()
         raise KeyboardInterrupt
-    """)
+    """,
+    )
     out = tmp_path / "r.json"
     got, plain = run_both(["--json", out, "--no-sampler", script], [script], tmp_path)
     assert got.returncode == plain.returncode == -2
@@ -591,8 +605,12 @@ def test_an_interrupted_script_ends_as_under_python(tmp_path):
 def test_stop_after_steps_lets_the_last_iteration_finish(tmp_path):
     # The last measured step ends inside optimizer.step(); what the script does
     # after it in that iteration (scheduler, logging, a checkpoint) still runs.
-    script = write_sgd_script(tmp_path / "sched.py", 4, setup="sched = torch.optim.lr_scheduler.StepLR(opt, 1)",
-                              after_step='sched.step(); print("finished iteration", i, flush=True)')
+    script = write_sgd_script(
+        tmp_path / "sched.py",
+        4,
+        setup="sched = torch.optim.lr_scheduler.StepLR(opt, 1)",
+        after_step='sched.step(); print("finished iteration", i, flush=True)',
+    )
     proc = run_profiler(["-q", "--no-sampler", "--steps", "2", "--stop-after-steps", script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().splitlines() == ["finished iteration 0", "finished iteration 1"]
@@ -611,7 +629,9 @@ def test_an_error_of_ours_never_stops_the_script_under_stop_after_steps(tmp_path
         phase_begin(self, step, name)
 
     monkeypatch.setattr(PhaseClock, "begin", broken)
-    code = cli.main(["-q", "--no-sampler", "--steps", "3", "--stop-after-steps", "--json", str(tmp_path / "r.json"), str(script)])
+    code = cli.main(
+        ["-q", "--no-sampler", "--steps", "3", "--stop-after-steps", "--json", str(tmp_path / "r.json"), str(script)]
+    )
     assert code == 0
     assert capsys.readouterr().out.splitlines() == [f"iteration {i}" for i in range(5)]
     (model,) = models_of(tmp_path / "r.json").values()
@@ -621,11 +641,14 @@ def test_an_error_of_ours_never_stops_the_script_under_stop_after_steps(tmp_path
 def test_a_failure_rendering_the_report_is_said_once(tmp_path, monkeypatch, capsys):
     from profiler import Report, cli
 
-    script = write(tmp_path / "one.py", """
+    script = write(
+        tmp_path / "one.py",
+        """
         import torch
         model = torch.nn.Linear(4, 2)
         model(torch.randn(3, 4)).sum().backward()
-    """)
+    """,
+    )
 
     def broken(self, depth=2):
         raise ValueError("simulated bug")
@@ -648,10 +671,13 @@ def test_fit_batches_the_script_ignores_are_said_not_measured(tmp_path):
 
 
 def test_this_tools_options_after_the_script_get_a_warning(tmp_path):
-    script = write(tmp_path / "args.py", """
+    script = write(
+        tmp_path / "args.py",
+        """
         import sys
         print(sys.argv[1:])
-    """)
+    """,
+    )
     got, plain = run_both(["-q", script, "--json", "x.json"], [script, "--json", "x.json"], tmp_path)
     assert got.stdout == plain.stdout == b"['--json', 'x.json']\n"  # the script still gets them
     assert "warning: --json after the script goes to the script, not to this tool" in got.stderr.decode()

@@ -64,7 +64,9 @@ def test_a_model_compiled_in_place_is_measured_by_profile():
             opt.step()
             opt.zero_grad()
     steps = memory(prof)["steps"]
-    assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["complete"]) for s in steps] == [(1, 1, 1, True)] * 2
+    assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["complete"]) for s in steps] == [
+        (1, 1, 1, True)
+    ] * 2
     assert all(s["categories"]["gradients"] == unique_param_bytes(model) for s in steps)
     assert any("compile" in n for n in memory(prof)["notes"])
     assert model._compiled_call_impl is compiled_call  # our wrapper is gone
@@ -73,8 +75,9 @@ def test_a_model_compiled_in_place_is_measured_by_profile():
 
 def test_the_runner_measures_a_model_compiled_in_place(tmp_path):
     script = tmp_path / "compiled.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
         model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
@@ -87,14 +90,17 @@ def test_the_runner_measures_a_model_compiled_in_place(tmp_path):
             opt.zero_grad()
         print("compile is torch's again:", nn.Module.compile.__module__ == "torch.nn.modules.module")
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Dynamo" not in proc.stderr and "Traceback" not in proc.stderr
     (model,) = read_json(out)["models"]
     steps = model["memory"]["steps"]
-    assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["complete"]) for s in steps] == [(1, 1, 1, True)] * 2
+    assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["complete"]) for s in steps] == [
+        (1, 1, 1, True)
+    ] * 2
     trained = 8 * 64 + 64 + 64 + 1
     assert all(s["categories"]["gradients"] == trained * 4 for s in steps)
 
@@ -103,8 +109,9 @@ def test_a_model_compiled_in_place_and_dropped_is_freed_under_the_runner(tmp_pat
     # Its compiled call refers to it: neither the watcher's wrapper nor the
     # tracker's may keep that alive once the script drops the model.
     script = tmp_path / "compiled_folds.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import gc, weakref
         import torch
         from torch import nn
@@ -123,7 +130,8 @@ def test_a_model_compiled_in_place_and_dropped_is_freed_under_the_runner(tmp_pat
         gc.collect()
         print("compiled model alive:", fold() is not None)
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -176,8 +184,12 @@ def test_what_compiled_graphs_save_is_measured_and_planned_on():
     for how in ("in place", "wrapper"):
         compiled = run(how)
         steps = compiled.memory["steps"]
-        assert [s["categories"]["activations"] for s in steps] == [s["categories"]["activations"] for s in eager.memory["steps"]]
-        assert steps[-1]["categories"]["activations"] == 4 * 8 * 4 + 4 * 64 * 4 + 4 * 4  # input, ReLU output, pow's input
+        assert [s["categories"]["activations"] for s in steps] == [
+            s["categories"]["activations"] for s in eager.memory["steps"]
+        ]
+        assert (
+            steps[-1]["categories"]["activations"] == 4 * 8 * 4 + 4 * 64 * 4 + 4 * 4
+        )  # input, ReLU output, pow's input
         assert compiled.fit["available"] is True and compiled.fit["bytes_per_sample"] > 0
         assert "n/a" not in next(line for line in compiled.render().splitlines() if line.startswith("activations"))
 
@@ -240,7 +252,9 @@ def test_profile_of_a_model_trained_through_its_compile_wrapper_measures_the_ste
                 opt.zero_grad()
         mem = memory(prof)
         steps = mem["steps"]
-        assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["input_shape"]) for s in steps] == [(1, 1, 1, [4, 16])] * 2, made
+        assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["input_shape"]) for s in steps] == [
+            (1, 1, 1, [4, 16])
+        ] * 2, made
         assert [s["categories"]["activations"] for s in steps] == [truth] * 2, made
         assert steps[-1]["activations_inside_compiled"] == truth  # compiled whole: no block known
         assert any("torch.compile'd module" in n for n in mem["notes"])
@@ -255,8 +269,9 @@ def test_the_runner_compiles_a_model_no_more_often_than_a_plain_run(tmp_path):
     import sys
 
     script = tmp_path / "compiled_loop.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
         from torch._dynamo.utils import counters
@@ -270,7 +285,8 @@ def test_the_runner_compiles_a_model_no_more_often_than_a_plain_run(tmp_path):
             opt.zero_grad()
         print("graphs", counters["stats"]["unique_graphs"], "breaks", sum(counters["graph_break"].values()))
         """
-    ))
+        )
+    )
     plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)

@@ -14,16 +14,34 @@ MiB = 1024**2
 def cuda_step(index: int, batch: int, peak: int) -> dict:
     """A step as memory_section() writes it on CUDA (allocator and NVML figures present)."""
     return {
-        "index": index, "kind": "steady", "complete": True, "input_shape": [batch, 512], "input_is_tokens": True,
-        "categories": {"parameters": 400 * MiB, "gradients": 400 * MiB, "optimizer_state": 800 * MiB,
-                       "activations": 100 * MiB * batch, "autocast_copies": 200 * MiB,
-                       "other": peak - (1800 * MiB + 100 * MiB * batch)},
+        "index": index,
+        "kind": "steady",
+        "complete": True,
+        "input_shape": [batch, 512],
+        "input_is_tokens": True,
+        "categories": {
+            "parameters": 400 * MiB,
+            "gradients": 400 * MiB,
+            "optimizer_state": 800 * MiB,
+            "activations": 100 * MiB * batch,
+            "autocast_copies": 200 * MiB,
+            "other": peak - (1800 * MiB + 100 * MiB * batch),
+        },
         "optimizer_state": {"by_name": {"exp_avg": 400 * MiB, "exp_avg_sq": 400 * MiB}, "by_group": [800 * MiB]},
         "activations_by_bucket": {"embedding": 0, "block": 80 * MiB * batch, "head": 20 * MiB * batch, "other": 0},
-        "phases": {p: {"seconds": 0.1, "peak_allocated": peak, "host_rss_peak": 3 * 1024 * MiB,
-                       "nvml_process_used_peak": peak + 900 * MiB} for p in ("forward", "backward", "optimizer")},
-        "peak_allocated": peak, "reserved": peak + 300 * MiB,
-        "nvml_process_used_peak": peak + 900 * MiB, "nvml_device_used_peak": peak + 1000 * MiB,
+        "phases": {
+            p: {
+                "seconds": 0.1,
+                "peak_allocated": peak,
+                "host_rss_peak": 3 * 1024 * MiB,
+                "nvml_process_used_peak": peak + 900 * MiB,
+            }
+            for p in ("forward", "backward", "optimizer")
+        },
+        "peak_allocated": peak,
+        "reserved": peak + 300 * MiB,
+        "nvml_process_used_peak": peak + 900 * MiB,
+        "nvml_device_used_peak": peak + 1000 * MiB,
         "host_rss_peak": 3 * 1024 * MiB,
     }
 
@@ -40,8 +58,17 @@ def test_fit_uses_the_allocator_peak_and_the_measured_context():
 
 
 def test_memory_table_names_the_cuda_context():
-    text = "\n".join(render_memory({"device": "cuda:0", "optimizer": "AdamW", "steps": [cuda_step(1, 4, 3000 * MiB)],
-                                    "activations_step": 1, "notes": []}))
+    text = "\n".join(
+        render_memory(
+            {
+                "device": "cuda:0",
+                "optimizer": "AdamW",
+                "steps": [cuda_step(1, 4, 3000 * MiB)],
+                "activations_step": 1,
+                "notes": [],
+            }
+        )
+    )
     assert "CUDA context + library workspaces (NVML process - reserved)" in text
     assert "600.00 MiB" in text
     assert "n/a" not in text.split("Phases")[0]
@@ -179,7 +206,9 @@ def test_capture_is_checked_on_the_models_device_not_the_current_one(monkeypatch
     monkeypatch.setattr(cuda, "device", device)
     monkeypatch.setattr(cuda, "is_current_stream_capturing", lambda: current[0] == 1)
     monkeypatch.setattr(cuda, "current_stream", lambda device=None: None)
-    monkeypatch.setattr(cuda, "Event", lambda enable_timing=False: type("E", (), {"record": lambda self, s=None: recorded.append(1)})())
+    monkeypatch.setattr(
+        cuda, "Event", lambda enable_timing=False: type("E", (), {"record": lambda self, s=None: recorded.append(1)})()
+    )
     assert DeviceClock(torch.device("cuda", 1)).mark() is None and not recorded
     assert DeviceClock(torch.device("cuda", 0)).mark() is not None and recorded == [1]
     assert current == [0]

@@ -39,7 +39,15 @@ def test_formulas_use_the_observed_shape_and_report_errors():
     entry = measured(model, opt, b=4, t=16)
     est = entry.estimates
     assert est["available"]
-    assert est["shape"] == {"layers": 3, "hidden": 32, "heads": 2, "vocab": 64, "batch": 4, "seq": 16, "seq_source": None}
+    assert est["shape"] == {
+        "layers": 3,
+        "hidden": 32,
+        "heads": 2,
+        "vocab": 64,
+        "batch": 4,
+        "seq": 16,
+        "seq_source": None,
+    }
     by_name = {f["name"]: f for f in est["formulas"]}
     n = entry.inventory.total
     tut = by_name["tutorial"]

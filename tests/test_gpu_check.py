@@ -48,4 +48,9 @@ def test_a_cpu_dry_run_writes_valid_json_where_told(gpu_check, tmp_path):
     result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert result["settings"]["dry_run_on_cpu"] == (not torch.cuda.is_available())
     assert "error" not in result["nvml_vs_smi"]
-    assert set(result["target_met"]) == {"peak_within_2pct", "peak_within_2pct_loss_outside", "overhead_le_1.05x", "fit_within_3pct"}
+    assert set(result["target_met"]) == {
+        "peak_within_2pct",
+        "peak_within_2pct_loss_outside",
+        "overhead_le_1.05x",
+        "fit_within_3pct",
+    }

@@ -181,7 +181,7 @@ def test_the_peak_marker_sits_in_the_phase_its_legend_names(nanogpt, autocast):
         if phase == "end of step":
             assert x >= step["seconds"] * 0.999
         elif phase.startswith("after "):  # between the phases' end and the step's
-            assert x >= max(b for a, b in spans[phase[len("after "):]]), (phase, x, spans)
+            assert x >= max(b for a, b in spans[phase[len("after ") :]]), (phase, x, spans)
         else:
             assert any(a <= x <= b for a, b in spans[phase]), (phase, x, spans)
 

@@ -168,8 +168,9 @@ def test_a_module_runs_as_under_python_dash_m(tmp_path):
     _write(pkg / "__main__.py", "from trainer import train  # noqa: F401\n")
     cwd = tmp_path / "proj"
     out = cwd / "r.json"
-    got, expected = run_both(["--no-sampler", "--json", out, "-m", "trainer.train", "a", "--b"],
-                             ["-m", "trainer.train", "a", "--b"], cwd)
+    got, expected = run_both(
+        ["--no-sampler", "--json", out, "-m", "trainer.train", "a", "--b"], ["-m", "trainer.train", "a", "--b"], cwd
+    )
     assert expected.returncode == 0, expected.stderr.decode()
     assert got.returncode == 0, got.stderr.decode()
     assert got.stdout == expected.stdout  # "__main__ trainer.train trainer ['a', '--b'] True"

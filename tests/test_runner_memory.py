@@ -8,7 +8,20 @@ import pytest
 from support import EXAMPLES, read_json
 from support import run_profiler_text as run_profiler
 
-TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--vocab_size", "64", "--block_size", "16", "--seq-len", "8"]
+TINY = [
+    "--n_layer",
+    "2",
+    "--n_embd",
+    "32",
+    "--n_head",
+    "2",
+    "--vocab_size",
+    "64",
+    "--block_size",
+    "16",
+    "--seq-len",
+    "8",
+]
 
 
 def test_nanogpt_steps_are_measured_then_hooks_removed(tmp_path):
@@ -32,7 +45,9 @@ def test_nanogpt_steps_are_measured_then_hooks_removed(tmp_path):
 
 def test_stop_after_steps_ends_the_script_with_exit_0(tmp_path):
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "1", "--stop-after-steps", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "50"], tmp_path)
+    proc = run_profiler(
+        ["--steps", "1", "--stop-after-steps", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "50"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("step ") < 50
     assert len(read_json(out)["models"][0]["memory"]["steps"]) == 1
@@ -40,8 +55,9 @@ def test_stop_after_steps_ends_the_script_with_exit_0(tmp_path):
 
 def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
     script = tmp_path / "by_hand.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch.nn.modules import module as m
         net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -54,7 +70,8 @@ def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
                     p -= 0.1 * p.grad
         print("module hooks left:", sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in net.modules()))
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "3", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -68,8 +85,9 @@ def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
 
 def test_failing_script_still_gets_a_memory_report(tmp_path):
     script = tmp_path / "fails.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         net = torch.nn.Linear(4, 4)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -79,7 +97,8 @@ def test_failing_script_still_gets_a_memory_report(tmp_path):
             opt.zero_grad()
         raise RuntimeError("diverged")
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--json", out, script], tmp_path)
     assert proc.returncode == 1
@@ -106,9 +125,23 @@ def test_hf_trainer_steps_measured(tmp_path):
 def test_fit_batches_reruns_the_script_and_fits_a_line(tmp_path):
     out = tmp_path / "r.json"
     proc = run_profiler(
-        ["--steps", "2", "--stop-after-steps", "--fit", "T4", "--fit-batches", "4", "--json", out,
-         EXAMPLES / "nanogpt.py", *TINY, "--batch-size", "2"],
-        tmp_path, timeout=300,
+        [
+            "--steps",
+            "2",
+            "--stop-after-steps",
+            "--fit",
+            "T4",
+            "--fit-batches",
+            "4",
+            "--json",
+            out,
+            EXAMPLES / "nanogpt.py",
+            *TINY,
+            "--batch-size",
+            "2",
+        ],
+        tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     fit = read_json(out)["models"][0]["fit"]
@@ -124,7 +157,7 @@ def test_plot_option_writes_a_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-REAL_WORLD_MIX = '''
+REAL_WORLD_MIX = """
 import os, sys
 import torch
 from torch import nn
@@ -169,7 +202,7 @@ print("post hooks called", len(steps_seen))
 sys.stdout.flush()
 sys.stdout = open(os.devnull, "w")  # a script that swaps its stdout and closes it at the end
 sys.stdout.close()
-'''
+"""
 
 
 def test_a_real_world_mix_trains_identically_and_is_reported(tmp_path):
@@ -212,8 +245,9 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold):
     # steps per fold no forward follows the last measured one: measuring ends
     # at that step's optimizer.step().
     script = tmp_path / "kfold.py"
-    script.write_text(textwrap.dedent(
-        f"""
+    script.write_text(
+        textwrap.dedent(
+            f"""
         import gc, weakref
         import torch
         from torch import nn
@@ -230,7 +264,8 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold):
             gc.collect()
             print("folds alive:", sum(r() is not None for r in refs))
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -242,8 +277,9 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold):
 
 def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path):
     script = tmp_path / "lazy.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
         model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(1))
@@ -255,7 +291,8 @@ def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path):
             opt.zero_grad()
         print(type(__builtins__).__name__)  # as under plain python: the builtins module
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -269,8 +306,9 @@ def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path
     # The unused lazy layer never gets a shape: the model is found at its
     # second call all the same, and the layer is named, not counted.
     script = tmp_path / "lazy_unused.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
 
@@ -289,7 +327,8 @@ def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path
             opt.step()
             opt.zero_grad()
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -300,15 +339,19 @@ def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path
     assert model["parameters"]["uninitialized"] == ["unused.weight", "unused.bias"]
     steps = model["memory"]["steps"]
     assert len(steps) == 2
-    assert all(s["categories"]["gradients"] == trained * 4 and s["categories"]["optimizer_state"] == 2 * trained * 4 + 4 * 4 for s in steps)
+    assert all(
+        s["categories"]["gradients"] == trained * 4 and s["categories"]["optimizer_state"] == 2 * trained * 4 + 4 * 4
+        for s in steps
+    )
 
 
 def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
     # The model is first called inside LBFGS's step(closure): measuring begins
     # in that step, and its closure evaluations still make one step.
     script = tmp_path / "lbfgs.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
         model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
@@ -324,7 +367,8 @@ def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
         for _ in range(3):
             opt.step(closure)
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -338,8 +382,9 @@ def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
 def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_path):
     # Two trackers on one model: the script's `with profile(model)` and the runner's.
     script = tmp_path / "self_profiled.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
         from profiler import profile
@@ -352,7 +397,8 @@ def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_p
                 opt.zero_grad()
         print([s["categories"]["activations"] for s in prof.to_dict()["models"][0]["memory"]["steps"]])
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -364,8 +410,9 @@ def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_p
 
 def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
     script = tmp_path / "short_folds.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import gc, weakref
         import torch
         from torch import nn
@@ -382,7 +429,8 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
             gc.collect()
             print("folds alive:", sum(r() is not None for r in refs))
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -395,8 +443,9 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
 
 def test_a_model_can_be_copied_saved_and_scripted_while_it_is_measured(tmp_path):
     script = tmp_path / "snapshots.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import copy, io
         import torch
         from torch import nn
@@ -416,7 +465,8 @@ def test_a_model_can_be_copied_saved_and_scripted_while_it_is_measured(tmp_path)
             torch.jit.script(model)
             print("copied", torch.equal(best[0].weight, model[0].weight), buffer.tell() > 0)
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -431,8 +481,9 @@ def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path):
     # a few checkpoints in). The estimates of a dropped transformer still read
     # its head count, taken when it was found.
     script = tmp_path / "evaluate.py"
-    script.write_text(textwrap.dedent(
-        f"""
+    script.write_text(
+        textwrap.dedent(
+            f"""
         import gc, sys, weakref
         import torch
         sys.path.insert(0, {str(EXAMPLES)!r})
@@ -463,7 +514,8 @@ def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path):
         gc.collect()
         print("trained alive:", trained() is not None)
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -480,8 +532,9 @@ def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):
     # The flattened size found by running self.features on a dummy input in
     # __init__: features looked like a model of its own at that call.
     script = tmp_path / "probe.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
 
@@ -503,7 +556,8 @@ def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):
             opt.step()
             opt.zero_grad()
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -517,8 +571,9 @@ def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):
 
 def test_a_replaced_optimizer_is_freed_and_the_new_one_measured(tmp_path):
     script = tmp_path / "switch.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import gc, weakref
         import torch
         from torch import nn
@@ -534,21 +589,28 @@ def test_a_replaced_optimizer_is_freed_and_the_new_one_measured(tmp_path):
             opt.step()
             opt.zero_grad()
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "4", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "old optimizer alive: False"
     (model,) = read_json(out)["models"]
     trained = (32 * 32 + 32) * 4
-    assert [s["categories"]["optimizer_state"] for s in model["memory"]["steps"]] == [0, 0, 2 * trained + 2 * 4, 2 * trained + 2 * 4]
+    assert [s["categories"]["optimizer_state"] for s in model["memory"]["steps"]] == [
+        0,
+        0,
+        2 * trained + 2 * 4,
+        2 * trained + 2 * 4,
+    ]
     assert any("SGD, then AdamW" in n for n in model["memory"]["notes"])
 
 
 def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path):
     script = tmp_path / "distill.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
         teacher = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).requires_grad_(False)
@@ -561,7 +623,8 @@ def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path):
             opt.step()
             opt.zero_grad()
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -577,8 +640,9 @@ def test_a_model_traced_while_it_is_measured_leaves_the_report_whole(tmp_path):
     # torch.jit.trace runs the model with gradients on: not a training step,
     # and its symbolic sizes must not reach the JSON.
     script = tmp_path / "trace.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from torch import nn
         model = nn.Linear(4, 2)
@@ -589,7 +653,8 @@ def test_a_model_traced_while_it_is_measured_leaves_the_report_whole(tmp_path):
         traced = torch.jit.trace(model, x)
         print("traced", type(traced).__name__)
         """
-    ))
+        )
+    )
     out = tmp_path / "r.json"
     proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -669,7 +734,9 @@ def test_stop_after_one_step_waits_for_the_other_model_of_a_gan(tmp_path):
     script = tmp_path / "gan.py"
     script.write_text(GAN_ONE_STEP)
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
+    proc = run_profiler(
+        ["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0"]
     models = {m["name"]: m for m in read_json(out)["models"]}
@@ -703,6 +770,8 @@ def test_a_model_that_trains_only_after_the_stop_is_named(tmp_path):
     script = tmp_path / "n_critic.py"
     script.write_text(N_CRITIC)
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
+    proc = run_profiler(
+        ["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert any("G had no training step before the stop" in n for n in read_json(out)["notes"])

@@ -246,9 +246,7 @@ def test_pid_not_visible_is_stated_not_guessed(monkeypatch: pytest.MonkeyPatch) 
         s.sample_now()
     assert s.peak_nvml_process_used is None
     assert all(x.nvml_process_used is None for x in s.timeline)
-    assert s.sources["process"] == (
-        "unavailable: pid not visible to NVML (container?); use device used minus baseline"
-    )
+    assert s.sources["process"] == ("unavailable: pid not visible to NVML (container?); use device used minus baseline")
     assert s.peak_nvml_device_used == 100 * MiB  # the device figure still works
 
 
@@ -370,15 +368,14 @@ def test_uuid_maps_torch_index_to_the_right_nvml_device(monkeypatch: pytest.Monk
     # As with CUDA_VISIBLE_DEVICES=1: torch's cuda:0 is NVML's device 1.
     install(monkeypatch, FakeNVML(two_gpus()))
     monkeypatch.setattr(
-        sampler_mod, "_torch_device_uuid",
+        sampler_mod,
+        "_torch_device_uuid",
         lambda index: {0: "BBBBBBBB-1111-2222-3333-444444444444"}.get(index),
     )
     with MemorySampler(torch.device("cuda", 0), interval=SLOW) as s:
         pass
     assert s.peak_nvml_device_used == 20 * MiB
-    assert s.sources["device_handle"] == (
-        "uuid GPU-bbbbbbbb-1111-2222-3333-444444444444 (torch device properties)"
-    )
+    assert s.sources["device_handle"] == ("uuid GPU-bbbbbbbb-1111-2222-3333-444444444444 (torch device properties)")
 
 
 def test_a_gpu_we_may_not_query_is_skipped_in_the_uuid_search(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -392,7 +389,8 @@ def test_a_gpu_we_may_not_query_is_skipped_in_the_uuid_search(monkeypatch: pytes
 
     monkeypatch.setattr(sys.modules["pynvml"], "nvmlDeviceGetHandleByIndex", refuse_the_first)
     monkeypatch.setattr(
-        sampler_mod, "_torch_device_uuid",
+        sampler_mod,
+        "_torch_device_uuid",
         lambda index: {0: "BBBBBBBB-1111-2222-3333-444444444444"}.get(index),
     )
     with MemorySampler(torch.device("cuda", 0), interval=SLOW) as s:
@@ -403,9 +401,14 @@ def test_a_gpu_we_may_not_query_is_skipped_in_the_uuid_search(monkeypatch: pytes
 
 def test_process_query_falls_back_to_v2_for_an_older_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     # nvidia-ml-py's default query is v3; a driver without it fails the call.
-    fake = install(monkeypatch, FakeNVML([FakeHandle("GPU-aaaa", processes=[(PID, 300 * MiB)])], process_error="Function Not Found"))
+    fake = install(
+        monkeypatch,
+        FakeNVML([FakeHandle("GPU-aaaa", processes=[(PID, 300 * MiB)])], process_error="Function Not Found"),
+    )
     module = sys.modules["pynvml"]
-    module.nvmlDeviceGetComputeRunningProcesses_v2 = lambda h: [SimpleNamespace(pid=p, usedGpuMemory=u) for p, u in h.processes]
+    module.nvmlDeviceGetComputeRunningProcesses_v2 = lambda h: [
+        SimpleNamespace(pid=p, usedGpuMemory=u) for p, u in h.processes
+    ]
     with MemorySampler("cuda:0", interval=SLOW) as s:
         pass
     assert s.sources["process"] == "nvml compute processes"
@@ -417,9 +420,7 @@ def test_uuid_maps_to_a_mig_instance(monkeypatch: pytest.MonkeyPatch) -> None:
     mig = FakeHandle("MIG-cccccccc-1111-2222-3333-444444444444", used_v2=5 * MiB)
     gpus = [FakeHandle("GPU-aaaaaaaa-1111-2222-3333-444444444444", used_v2=70 * MiB, migs=[mig])]
     install(monkeypatch, FakeNVML(gpus))
-    monkeypatch.setattr(
-        sampler_mod, "_torch_device_uuid", lambda index: "cccccccc-1111-2222-3333-444444444444"
-    )
+    monkeypatch.setattr(sampler_mod, "_torch_device_uuid", lambda index: "cccccccc-1111-2222-3333-444444444444")
     with MemorySampler("cuda:0", interval=SLOW) as s:
         pass
     assert s.peak_nvml_device_used == 5 * MiB

@@ -119,7 +119,13 @@ def test_zero_grad_between_forward_and_backward_releases_the_old_gradients():
         assert gradients_at_end_of_timeline(step) == grads
     last = memory(prof)["steps"][-1]
     assert last["baseline"]["gradients"] == grads  # alive when the step began: zero_grad came later
-    assert last["categories_live_peak"] < last["categories"]["parameters"] + 2 * grads + last["categories"]["optimizer_state"] + last["categories"]["activations"]
+    assert (
+        last["categories_live_peak"]
+        < last["categories"]["parameters"]
+        + 2 * grads
+        + last["categories"]["optimizer_state"]
+        + last["categories"]["activations"]
+    )
 
 
 def test_lbfgs_closures_that_clear_gradients_hold_one_set():
@@ -137,7 +143,9 @@ def test_saved_tensors_moved_off_the_device_by_the_script_are_not_activations():
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(8, 16)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: (t.to("meta"), t.device), lambda s: torch.zeros(s[0].shape, device=s[1])):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: (t.to("meta"), t.device), lambda s: torch.zeros(s[0].shape, device=s[1])
+    ):
         with profile(model, sample_interval=None) as prof:
             model(x).sum().backward()
             opt.step()
@@ -315,7 +323,9 @@ def test_nested_blocks_on_one_model_both_see_the_saved_tensors():
     for prof in (outer, inner):
         steps = memory(prof)["steps"]
         assert [s["categories"]["activations"] for s in steps] == [saved, saved]
-    assert [s["categories_live_peak"] for s in memory(outer)["steps"]] == [s["categories_live_peak"] for s in memory(inner)["steps"]]
+    assert [s["categories_live_peak"] for s in memory(outer)["steps"]] == [
+        s["categories_live_peak"] for s in memory(inner)["steps"]
+    ]
     assert_no_hooks(model)
 
 
@@ -376,7 +386,9 @@ def test_a_step_that_fails_before_any_forward_leaves_no_stale_state():
         opt.step()
         opt.zero_grad()
     steps = memory(prof)["steps"]
-    assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["optimizer_failed"]) for s in steps] == [(2, 2, 1, False)]
+    assert [(s["forwards"], s["backwards"], s["optimizer_steps"], s["optimizer_failed"]) for s in steps] == [
+        (2, 2, 1, False)
+    ]
 
 
 def test_reentrant_checkpointing_of_the_whole_model_is_measured():
@@ -629,11 +641,16 @@ def test_a_probe_whose_output_is_kept_is_no_part_of_the_step():
     assert out.grad_fn is not None  # (kept to the end)
     entry = prof.report.models[0]
     steps = entry.memory["steps"]
-    assert [(s["forwards"], s["forwards_left_out"], s["input_shape"]) for s in steps] == [(1, 1, [16, 32]), (1, 0, [16, 32])]
+    assert [(s["forwards"], s["forwards_left_out"], s["input_shape"]) for s in steps] == [
+        (1, 1, [16, 32]),
+        (1, 0, [16, 32]),
+    ]
     assert [s["categories"]["activations"] for s in steps] == truths
     assert steps[0]["activations_left_out"] > 0
     assert steps[0]["categories_live_peak"] == categories_live_peak(prof.tracker.steps[0])
-    assert any("1 forward(s) with gradients on whose output no backward reached (step(s) 1" in n for n in entry.memory["notes"])
+    assert any(
+        "1 forward(s) with gradients on whose output no backward reached (step(s) 1" in n for n in entry.memory["notes"]
+    )
     assert entry.fit["bytes_per_sample"] > 0
 
 
@@ -710,7 +727,10 @@ def test_a_check_with_gradients_on_after_the_last_step_is_no_step():
             opt.zero_grad()
         print(round(model(torch.randn(64, 32)).mean().item(), 4))  # a quick look, no torch.no_grad()
     mem = memory(prof)
-    assert [(s["index"], s["complete"], s["input_shape"]) for s in mem["steps"]] == [(1, True, [16, 32]), (2, True, [16, 32])]
+    assert [(s["index"], s["complete"], s["input_shape"]) for s in mem["steps"]] == [
+        (1, True, [16, 32]),
+        (2, True, [16, 32]),
+    ]
     assert any("1 forward(s) with gradients on but no backward" in n for n in mem["notes"])
 
 
@@ -760,7 +780,9 @@ def test_saves_freed_before_the_backward_are_not_what_it_held():
             x = torch.randn(16, 32)
             s = student(x)
             t = teacher(x).detach()
-            loss = nn.functional.kl_div(nn.functional.log_softmax(s, -1), nn.functional.softmax(t, -1), reduction="batchmean")
+            loss = nn.functional.kl_div(
+                nn.functional.log_softmax(s, -1), nn.functional.softmax(t, -1), reduction="batchmean"
+            )
             truths.append(graph_saved_bytes(loss, student))
             loss.backward()
             opt.step()
@@ -827,7 +849,9 @@ def test_a_gradient_penalty_is_part_of_the_critics_step():
             opt.step()
     steps = memory(prof)["steps"]
     assert [(s["kind"], s["forwards"], s["backwards"], s["optimizer_steps"]) for s in steps] == [
-        ("first", 3, 2, 1), ("steady", 3, 2, 1), ("steady", 3, 2, 1)
+        ("first", 3, 2, 1),
+        ("steady", 3, 2, 1),
+        ("steady", 3, 2, 1),
     ]
     # The penalty's forward is retained (create_graph) and alive with the other two at the loss's backward.
     assert steps[-1]["categories"]["activations"] >= 3 * (8 * 16 + 8 * 64) * 4

@@ -324,7 +324,7 @@ def test_a_model_measured_can_be_copied_saved_and_scripted_inside_the_block(tmp_
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with profile(model, sample_interval=None) as prof:
-        for step in range(2):
+        for _ in range(2):
             model(torch.randn(4, 8)).sum().backward()
             opt.step()
             opt.zero_grad()
@@ -491,7 +491,7 @@ def test_the_scripts_own_saved_tensor_hooks_still_run():
         packed.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             if profiled:
-                with profile(model, sample_interval=None) as prof:
+                with profile(model, sample_interval=None):
                     _, loss = model(x, y)
                     loss.backward()
             else:
@@ -524,7 +524,11 @@ def test_two_models_in_one_forward_each_count_their_own_saves():
     # enc: Linear's input (4x8 fp32), Tanh's output (4x32). The loss after both
     # models saves the head's output: the head's, whose pair is innermost.
     assert enc_rows == {"0": 4 * 8 * 4, "1": 4 * 32 * 4}
-    assert head_rows == {"0": 4 * 32 * 4, "1": 4 * 32 * 4, "(outside the model)": 4 * 1 * 4}  # (the last Linear saves Tanh's output)
+    assert head_rows == {
+        "0": 4 * 32 * 4,
+        "1": 4 * 32 * 4,
+        "(outside the model)": 4 * 1 * 4,
+    }  # (the last Linear saves Tanh's output)
 
 
 def test_phases_tile_the_step():
@@ -577,7 +581,9 @@ def test_gradient_checkpointing_reports_less(reentrant):
     class Ckpt(nn.Module):
         def __init__(self, use_ckpt):
             super().__init__()
-            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)) for _ in range(3))
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)) for _ in range(3)
+            )
             self.use_ckpt = use_ckpt
 
         def forward(self, x):
@@ -721,8 +727,14 @@ def test_live_peak_mode_bounds_and_cleanup():
         c = s["categories"]
         # The categories never hold more at once than every live tensor together.
         most = s["categories_live_peak"]
-        assert max(c["parameters"] + c["optimizer_state"] + c["gradients"],
-                   c["parameters"] + s["baseline"]["optimizer_state"] + c["activations"]) <= most <= s["live_tensor_peak"]
+        assert (
+            max(
+                c["parameters"] + c["optimizer_state"] + c["gradients"],
+                c["parameters"] + s["baseline"]["optimizer_state"] + c["activations"],
+            )
+            <= most
+            <= s["live_tensor_peak"]
+        )
         assert most < sum(v for k, v in c.items() if k != "other")  # not everything is alive at once
         assert c["other"] is None  # only against an allocator's peak
     assert "live-tensor peak" in prof.render()
@@ -761,6 +773,13 @@ def test_report_json_round_trips(tmp_path):
     data = json.loads(path.read_text())
     assert data["schema"] == "profiler.report/1"
     mem = data["models"][0]["memory"]
-    assert set(mem["steps"][0]["categories"]) == {"parameters", "gradients", "optimizer_state", "activations", "autocast_copies", "other"}
+    assert set(mem["steps"][0]["categories"]) == {
+        "parameters",
+        "gradients",
+        "optimizer_state",
+        "activations",
+        "autocast_copies",
+        "other",
+    }
     assert set(mem["steps"][0]["phases"]) == {"forward", "backward", "optimizer"}
     assert "Memory of a training step" in prof.render()

@@ -70,8 +70,10 @@ def hook_state(model: nn.Module) -> tuple:
     return (
         tuple((id(mod), tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks)) for mod in model.modules()),
         tuple((id(p), tuple(p._post_accumulate_grad_hooks or ())) for p in model.parameters()),
-        tuple(m._global_forward_hooks), tuple(m._global_forward_pre_hooks),
-        tuple(o._global_optimizer_pre_hooks), tuple(o._global_optimizer_post_hooks),
+        tuple(m._global_forward_hooks),
+        tuple(m._global_forward_pre_hooks),
+        tuple(o._global_optimizer_pre_hooks),
+        tuple(o._global_optimizer_post_hooks),
         torch._C._autograd._top_saved_tensors_default_hooks(False) is None,
     )
 
@@ -113,40 +115,72 @@ def _gpt2(attn: str, **kw) -> nn.Module:
 
 def _bert(attn: str) -> nn.Module:
     config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=V,
-        max_position_embeddings=64, attn_implementation=attn,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=V,
+        max_position_embeddings=64,
+        attn_implementation=attn,
     )
     return transformers.BertForMaskedLM(config)
 
 
 def _t5(attn: str) -> nn.Module:
     config = transformers.T5Config(
-        d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=V, relative_attention_num_buckets=8,
-        decoder_start_token_id=0, pad_token_id=0, attn_implementation=attn,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        vocab_size=V,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        attn_implementation=attn,
     )
     return transformers.T5ForConditionalGeneration(config)
 
 
 def _llama(attn: str) -> nn.Module:
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=V, max_position_embeddings=64, attn_implementation=attn,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        max_position_embeddings=64,
+        attn_implementation=attn,
     )
     return transformers.LlamaForCausalLM(config)
 
 
 def _mistral(attn: str) -> nn.Module:
     config = transformers.MistralConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=V, max_position_embeddings=64, sliding_window=4, attn_implementation=attn,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        max_position_embeddings=64,
+        sliding_window=4,
+        attn_implementation=attn,
     )
     return transformers.MistralForCausalLM(config)
 
 
 def _opt(attn: str) -> nn.Module:
     config = transformers.OPTConfig(
-        hidden_size=32, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=V,
-        max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation=attn,
+        hidden_size=32,
+        ffn_dim=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=V,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        attn_implementation=attn,
     )
     return transformers.OPTForCausalLM(config)
 
@@ -346,7 +380,9 @@ def test_gpt2_gradient_checkpointing(ckpt_kwargs):
     assert step["complete"] and [s["kind"] for s in mem["steps"]] == ["first", "steady"]
     assert step["gradient_checkpointing"] and not base["gradient_checkpointing"]
     formulas = prof.to_dict()["models"][0]["estimates"]["formulas"]
-    assert all(any("gradient checkpointing" in m for m in f["misses"]) for f in formulas if f["name"].startswith("korthikanti"))
+    assert all(
+        any("gradient checkpointing" in m for m in f["misses"]) for f in formulas if f["name"].startswith("korthikanti")
+    )
     assert cat["gradients"] == unique_param_bytes(model)
     assert step["optimizer_state"]["by_name"]["exp_avg"] == unique_param_bytes(model)
     assert 0 < cat["activations"] < base["categories"]["activations"]
@@ -640,9 +676,10 @@ def test_random_stacks_one_step(spec):
             torch.testing.assert_close(new, old - 0.1 * grads[id(p)], rtol=0, atol=1e-6)
         elif bool((grads[id(p)].abs() > 1e-6).any()):  # Adam's first step moves by about lr where |grad| >> eps
             assert not torch.equal(old, new)
-    assert any(not torch.equal(before[id(p)], p.detach()) for p in trainable) or max(
-        float(g.abs().max()) for g in grads.values()
-    ) < 1e-6
+    assert (
+        any(not torch.equal(before[id(p)], p.detach()) for p in trainable)
+        or max(float(g.abs().max()) for g in grads.values()) < 1e-6
+    )
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -693,8 +730,14 @@ def test_tensors_a_custom_function_keeps_on_ctx_are_activations():
 def test_a_vision_transformer_gets_its_sequence_length_from_its_blocks_input():
     # Pixels in, no token ids: the blocks' (batch, patches + 1, hidden) input says what the formula needs.
     config = transformers.ViTConfig(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, num_labels=10,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=10,
     )
     torch.manual_seed(0)
     model = transformers.ViTForImageClassification(config)

@@ -8,4 +8,13 @@ from .buckets import BUCKETS, Buckets, bucket_resolver, find_buckets
 from .inventory import Inventory, take_inventory
 from .traits import ModelTraits, model_traits
 
-__all__ = ["BUCKETS", "Buckets", "Inventory", "ModelTraits", "bucket_resolver", "find_buckets", "model_traits", "take_inventory"]
+__all__ = [
+    "BUCKETS",
+    "Buckets",
+    "Inventory",
+    "ModelTraits",
+    "bucket_resolver",
+    "find_buckets",
+    "model_traits",
+    "take_inventory",
+]

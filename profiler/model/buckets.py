@@ -75,7 +75,10 @@ def _signature(module: nn.Module) -> tuple:
     """What two blocks must share to be "the same block": types and parameter shapes."""
     return (
         type(module).__name__,
-        tuple((n, None if is_lazy(p) else tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters(remove_duplicate=False)),
+        tuple(
+            (n, None if is_lazy(p) else tuple(p.shape), str(p.dtype))
+            for n, p in module.named_parameters(remove_duplicate=False)
+        ),
         tuple(type(m).__name__ for m in module.modules()),
     )
 

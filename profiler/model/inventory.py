@@ -151,7 +151,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _group_tensors(named: list[tuple[str, torch.Tensor]], persistent: dict[str, bool] | None = None) -> list[TensorInfo]:
+def _group_tensors(
+    named: list[tuple[str, torch.Tensor]], persistent: dict[str, bool] | None = None
+) -> list[TensorInfo]:
     """Group (name, tensor) pairs by identity, keeping first-seen order."""
     groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     for name, t in named:
@@ -180,7 +182,7 @@ def owner_path(name: str) -> str:
 
 
 def _ancestors(path: str) -> list[str]:
-    """"a.b.c" -> ["", "a", "a.b", "a.b.c"]: the module and everything above it."""
+    """ "a.b.c" -> ["", "a", "a.b", "a.b.c"]: the module and everything above it."""
     if not path:
         return [""]
     parts = path.split(".")

@@ -29,7 +29,9 @@ def analyze_model(model: nn.Module, name: str | None = None) -> ModelReport:
     counted too: zero parameters is an answer, not an error.
     """
     if not isinstance(model, nn.Module):
-        raise ProfilerError(f"analyze() needs a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}")
+        raise ProfilerError(
+            f"analyze() needs a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}"
+        )
     inventory = take_inventory(model)
     return ModelReport(name=name or type(model).__name__, inventory=inventory, buckets=find_buckets(model, inventory))
 

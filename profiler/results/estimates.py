@@ -41,7 +41,9 @@ class ModelShape:
         return None not in (self.layers, self.hidden, self.heads, self.batch, self.seq)
 
 
-def model_shape(model_report: ModelReport, traits: ModelTraits | None = None, step: StepJSON | None = None) -> ModelShape:
+def model_shape(
+    model_report: ModelReport, traits: ModelTraits | None = None, step: StepJSON | None = None
+) -> ModelShape:
     """Layers, hidden size, heads, vocab from the structure; batch and sequence from the step."""
     traits = traits or ModelTraits()
     reasons = []
@@ -51,7 +53,8 @@ def model_shape(model_report: ModelReport, traits: ModelTraits | None = None, st
         reasons.append("no repeated trunk of blocks was found")
     # The token embedding is the largest 2-D parameter charged to the embedding bucket.
     emb = [
-        p for p in model_report.inventory.parameters
+        p
+        for p in model_report.inventory.parameters
         if model_report.buckets.param_bucket.get(p.name) == "embedding" and len(p.shape) == 2
     ]
     token_table = max(emb, key=lambda p: p.numel) if emb else None
@@ -71,7 +74,9 @@ def model_shape(model_report: ModelReport, traits: ModelTraits | None = None, st
         if step.get("input_is_tokens") and len(shape) >= 2:
             seq = shape[1]
         elif (
-            len(trunk) == 3 and trunk[0] == batch and (traits.hidden or trunk[2]) == trunk[2]
+            len(trunk) == 3
+            and trunk[0] == batch
+            and (traits.hidden or trunk[2]) == trunk[2]
             and _block_has_width(model_report, trunk[2])
         ):
             # Not token ids (a ViT's pixels): the blocks' input is (batch, sequence,
@@ -81,8 +86,10 @@ def model_shape(model_report: ModelReport, traits: ModelTraits | None = None, st
             source = "from the first block's input"
             reasons = [r for r in reasons if not r.startswith("hidden size unknown")]
         else:
-            reasons.append("the model's input is not a batch of token ids, and its blocks' input is not "
-                           "(batch, sequence, hidden), so there is no sequence length")
+            reasons.append(
+                "the model's input is not a batch of token ids, and its blocks' input is not "
+                "(batch, sequence, hidden), so there is no sequence length"
+            )
     else:
         reasons.append("no measured step with a batch input")
     return ModelShape(layers, hidden, heads, vocab, batch, seq, tuple(reasons), source)
@@ -106,7 +113,14 @@ def _row(term: str, estimate: int | None, measured: int | None) -> dict[str, Any
     return {"term": term, "estimate": estimate, "measured": measured, "error": error}
 
 
-def _formula(name: str, source: str, rows: list[dict[str, Any]], misses: list[str], applicable: bool = True, reason: str | None = None) -> dict[str, Any]:
+def _formula(
+    name: str,
+    source: str,
+    rows: list[dict[str, Any]],
+    misses: list[str],
+    applicable: bool = True,
+    reason: str | None = None,
+) -> dict[str, Any]:
     est = sum(r["estimate"] or 0 for r in rows) if applicable else None
     known = [r["measured"] for r in rows if r["measured"] is not None]
     meas = sum(known) if known else None
@@ -151,8 +165,13 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
         "available": True,
         "step": step["index"],
         "shape": {
-            "layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads, "vocab": shape.vocab,
-            "batch": shape.batch, "seq": shape.seq, "seq_source": shape.seq_source,
+            "layers": shape.layers,
+            "hidden": shape.hidden,
+            "heads": shape.heads,
+            "vocab": shape.vocab,
+            "batch": shape.batch,
+            "seq": shape.seq,
+            "seq_source": shape.seq_source,
         },
         "mixed_precision": _mixed_precision(step),
         "formulas": formulas,
@@ -163,9 +182,12 @@ def _common_misses(cat: CategoriesJSON, opt_name: str | None, n: int) -> list[st
     """What every parameter-based formula misses for this step: frozen parameters, an optimizer not Adam."""
     # Measured, not from the inventory: a script may freeze parameters after the model was found.
     misses = (
-        [f"frozen parameters: only {cat['gradients'] / cat['parameters']:.0%} of the weight bytes have a gradient "
-         "(and optimizer state); the formula counts every parameter"]
-        if 0 < cat["gradients"] < 0.99 * cat["parameters"] else []
+        [
+            f"frozen parameters: only {cat['gradients'] / cat['parameters']:.0%} of the weight bytes have a gradient "
+            "(and optimizer state); the formula counts every parameter"
+        ]
+        if 0 < cat["gradients"] < 0.99 * cat["parameters"]
+        else []
     )
     # Adam's two moments are in every formula: say so when the script used something else.
     if opt_name is None:
@@ -216,13 +238,17 @@ def _model_state_rules(step: StepJSON, n: int, common: list[str]) -> list[dict[s
     states_measured = model_states(step["categories"])
     amp = _mixed_precision(step)
     if amp:
-        zero_misses = ["PyTorch autocast keeps fp32 gradients (4 bytes/param, ZeRO counts fp16: 2) and makes 16-bit weight copies on top"]
+        zero_misses = [
+            "PyTorch autocast keeps fp32 gradients (4 bytes/param, ZeRO counts fp16: 2) "
+            "and makes 16-bit weight copies on top"
+        ]
     else:
         zero_misses = ["this step ran without autocast: no fp16 copies exist, see the fp32 Adam rule"]
     return [
         _formula(
             "zero-mixed-adam",
-            "Rajbhandari et al. 2020 (ZeRO), mixed-precision Adam: 16 bytes/param (2 fp16 weights + 2 fp16 grads + 12 fp32 master/momentum/variance)",
+            "Rajbhandari et al. 2020 (ZeRO), mixed-precision Adam: 16 bytes/param "
+            "(2 fp16 weights + 2 fp16 grads + 12 fp32 master/momentum/variance)",
             [_row("model states", 16 * n, states_measured)],
             zero_misses + common + ["activations are not model states: not in the 16"],
         ),
@@ -255,21 +281,28 @@ def _activation_formulas(step: StepJSON, shape: ModelShape, traits: ModelTraits)
     if step.get("activations_inside_compiled"):
         # Measured, but inside one compiled graph: which part the blocks saved is not known.
         block_measured = None
-        compiled_whole = ["the model is compiled whole: its activations are measured in total, not per block "
-                          "(compile the blocks one by one to have them compared)"]
+        compiled_whole = [
+            "the model is compiled whole: its activations are measured in total, not per block "
+            "(compile the blocks one by one to have them compared)"
+        ]
     s, b, h, a, layers = shape.seq, shape.batch, shape.hidden, shape.heads, shape.layers
     act_bytes = 2 if _mixed_precision(step) else 4
     scale = act_bytes / 2  # the paper counts 16-bit activations
     linear = int(layers * 34 * s * b * h * scale)
     quadratic = int(layers * 5 * a * s * s * b * scale)
     checkpointed = (
-        ["gradient checkpointing: what is checkpointed keeps only its inputs and recomputes the rest in backward; "
-         "the formula counts every activation a full forward keeps"] if step.get("gradient_checkpointing") else []
+        [
+            "gradient checkpointing: what is checkpointed keeps only its inputs and recomputes the rest in backward; "
+            "the formula counts every activation a full forward keeps"
+        ]
+        if step.get("gradient_checkpointing")
+        else []
     )
     return [
         _formula(
             name,
-            f"Korthikanti et al. 2022, {note}; x{scale:g} for {act_bytes}-byte activations; compared with the block bucket",
+            f"Korthikanti et al. 2022, {note}; x{scale:g} for {act_bytes}-byte activations; "
+            "compared with the block bucket",
             [_row("block activations", est, block_measured)],
             compiled_whole
             + ["embedding, final norm, logits and loss activations (outside the layers)"]
@@ -290,5 +323,3 @@ def _dropout_misses(traits: ModelTraits) -> list[str]:
     if traits.active_dropout:
         return []  # the model has dropout: its masks are saved, as the formula assumes
     return ["includes dropout masks (1 byte per element) that this model, with no active dropout, never saves"]
-
-

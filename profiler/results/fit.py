@@ -126,7 +126,10 @@ def plan_fit(
     if context is None:
         notes.append("CUDA context and library workspaces not measured (no NVML process figure): not included")
     if points[0].source.startswith("sum"):
-        notes.append("measured on CPU: temporaries are not counted (--live-peak counts them), and the projection assumes the same dtype on the GPU")
+        notes.append(
+            "measured on CPU: temporaries are not counted (--live-peak counts them), "
+            "and the projection assumes the same dtype on the GPU"
+        )
     elif points[0].source.startswith("live"):
         notes.append("measured on CPU: the projection assumes the same dtype on the GPU")
     ctx = context or 0
@@ -166,7 +169,8 @@ def plan_fit(
         "context_bytes": context,
         "margin": margin,
         "points": [
-            {"batch": p.batch, "seq": p.seq, "required": p.required, "fixed": p.fixed, "context": p.context} for p in points
+            {"batch": p.batch, "seq": p.seq, "required": p.required, "fixed": p.fixed, "context": p.context}
+            for p in points
         ],
         "cards": rows,
         "notes": notes,

@@ -149,7 +149,7 @@ def _per_block_module(by_module: list[dict[str, Any]], buckets: Buckets) -> list
         key = path
         for trunk_path, block in blocks:
             if path == block or path.startswith(block + "."):
-                key = (f"{trunk_path}." if trunk_path else "") + "*" + path[len(block):]
+                key = (f"{trunk_path}." if trunk_path else "") + "*" + path[len(block) :]
                 break
         group = (key, row["bucket"])
         if group not in groups:
@@ -198,7 +198,9 @@ def _measuring_notes(tracker: StepTracker) -> list[str]:
         if tracker.phases.live_peak:
             notes.append(CPU_UNAVAILABLE + "; the peak is the live-tensor counter's (opt-in dispatch tracking)")
         else:
-            notes.append(CPU_UNAVAILABLE + "; 'other' and the phase peaks are null (--live-peak measures a live-tensor peak)")
+            notes.append(
+                CPU_UNAVAILABLE + "; 'other' and the phase peaks are null (--live-peak measures a live-tensor peak)"
+            )
     else:
         notes.append(
             "phase 'seconds' are host time (CUDA runs kernels asynchronously, so the host sees launches); "
@@ -207,7 +209,10 @@ def _measuring_notes(tracker: StepTracker) -> list[str]:
     if tracker.phases.device_clock.error:
         notes.append(tracker.phases.device_clock.error)
     if not tracker.phases.sample_interval:
-        notes.append("no sampler thread (--no-sampler, or sample_interval=None): host RSS and NVML were not sampled, so their peaks are null")
+        notes.append(
+            "no sampler thread (--no-sampler, or sample_interval=None): "
+            "host RSS and NVML were not sampled, so their peaks are null"
+        )
     return notes
 
 
@@ -223,10 +228,13 @@ def _step_notes(tracker: StepTracker) -> list[str]:
         else:
             notes.append("no training step was seen (no forward with gradients enabled)")
     elif not any(s.complete for s in steps):
-        notes.append("no complete step (a forward and a backward that finished) was seen: did the script's forward or "
-                     "backward raise, or was its loss computed from other tensors than the model's output (a hook's "
-                     "features)?" if any(s.forwards for s in steps) else
-                     "no complete step (a forward and a backward that finished) was seen")
+        notes.append(
+            "no complete step (a forward and a backward that finished) was seen: did the script's forward or "
+            "backward raise, or was its loss computed from other tensors than the model's output (a hook's "
+            "features)?"
+            if any(s.forwards for s in steps)
+            else "no complete step (a forward and a backward that finished) was seen"
+        )
     left_out = [s for s in steps if s.forwards_left_out]
     if left_out:
         notes.append(
@@ -247,19 +255,24 @@ def _step_notes(tracker: StepTracker) -> list[str]:
         notes.append(
             f"{skipped} iteration(s) ended without an optimizer step after their gradients were cleared "
             "(what a GradScaler does when fp16 gradients overflow): measured, marked optimizer_skipped, "
-            + ("and left out of the tables, estimates and fit" if updated else
-               "and shown as they are, since no measured step updated the weights (more --steps may reach one)")
+            + (
+                "and left out of the tables, estimates and fit"
+                if updated
+                else "and shown as they are, since no measured step updated the weights (more --steps may reach one)"
+            )
         )
     if any(s.saves_after_forward_unseen for s in steps):
         notes.append(
-            "saved-tensor hooks of the script's (save_on_cpu, a compressor, a checkpoint of the whole model) were active around the model: what "
+            "saved-tensor hooks of the script's (save_on_cpu, a compressor, a checkpoint of the whole model) "
+            "were active around the model: what "
             "was saved after its forward (a loss computed outside the model) went to them unseen and is not in "
             "'activations' (saves_after_forward_unseen); call the loss inside the model to have it counted"
         )
     history = tracker.optimizers.history
     if len(history) > 1:
         notes.append(
-            "the script replaced the optimizer while steps were measured (" + ", then ".join(history)
+            "the script replaced the optimizer while steps were measured ("
+            + ", then ".join(history)
             + "): each step counts the state of the one that stepped it"
         )
     failed = [s.index for s in steps if s.optimizer_failed]

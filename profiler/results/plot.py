@@ -38,7 +38,9 @@ from .steps import described_step
 
 __all__ = ["plot_step", "plot_report", "matplotlib_available", "MISSING_MATPLOTLIB"]
 
-MISSING_MATPLOTLIB = "drawing the plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
+MISSING_MATPLOTLIB = (
+    "drawing the plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
+)
 
 # Bottom to top: what lives across steps first, what comes and goes on top,
 # so the transient part of the stack is the part that moves.
@@ -240,10 +242,19 @@ def _draw_timeline(ax: Any, memory: MemoryJSON, s: StepJSON) -> list[Any]:
     i = int(np.argmax(total))
     spans = s.get("phase_spans") or {}
     where = "end of step" if times[i] >= step_end else _phase_at(spans, times[i])
-    label = f"peak of the stack: {format_bytes(int(round(total[i] * _MIB)))}, reached at {_fmt_time(times[i] * scale)} {unit}"
+    peak = format_bytes(int(round(total[i] * _MIB)))
+    label = f"peak of the stack: {peak}, reached at {_fmt_time(times[i] * scale)} {unit}"
     above = mtransforms.offset_copy(ax.transData, fig=ax.figure, y=5, units="points")
-    (peak_marker,) = ax.plot([times[i] * scale], [total[i]], marker="v", color="black", markersize=7, linestyle="none",
-                             transform=above, label=label + (f" ({where})" if where else ""))
+    (peak_marker,) = ax.plot(
+        [times[i] * scale],
+        [total[i]],
+        marker="v",
+        color="black",
+        markersize=7,
+        linestyle="none",
+        transform=above,
+        label=label + (f" ({where})" if where else ""),
+    )
     handles.append(peak_marker)
 
     # The caching allocator's own peak per phase (CUDA only): ticks across each phase.
@@ -254,7 +265,9 @@ def _draw_timeline(ax: Any, memory: MemoryJSON, s: StepJSON) -> list[Any]:
         if peak is None:
             continue
         for a, b in spans.get(name, []) or []:
-            line = ax.hlines(peak / _MIB, a * scale, b * scale, colors="black", linestyles="--", linewidth=1.5, label=tick_label)
+            line = ax.hlines(
+                peak / _MIB, a * scale, b * scale, colors="black", linestyles="--", linewidth=1.5, label=tick_label
+            )
             if tick_label:
                 handles.append(line)
                 tick_label = None
@@ -262,12 +275,23 @@ def _draw_timeline(ax: Any, memory: MemoryJSON, s: StepJSON) -> list[Any]:
 
     samples = _samples_in_step(memory, s, end)
     rss_ax = None
-    device_key = "nvml_process_used" if "nvml_process_used" in samples else ("nvml_device_used" if "nvml_device_used" in samples else None)
+    device_key = (
+        "nvml_process_used"
+        if "nvml_process_used" in samples
+        else ("nvml_device_used" if "nvml_device_used" in samples else None)
+    )
     if device_key is not None:
         xs, ys = samples[device_key]
         label = "NVML process used" if device_key == "nvml_process_used" else "NVML device used (all processes)"
-        (line,) = ax.plot(np.asarray(xs) * scale, np.asarray(ys) / _MIB, color=_NVML_COLOR, marker=_marker(xs), markersize=3,
-                          linewidth=1.6, label=label)
+        (line,) = ax.plot(
+            np.asarray(xs) * scale,
+            np.asarray(ys) / _MIB,
+            color=_NVML_COLOR,
+            marker=_marker(xs),
+            markersize=3,
+            linewidth=1.6,
+            label=label,
+        )
         handles.append(line)
         top = max(top, max(ys) / _MIB)
     elif "host_rss" in samples:
@@ -275,8 +299,16 @@ def _draw_timeline(ax: Any, memory: MemoryJSON, s: StepJSON) -> list[Any]:
         # not the step's. Its own axis keeps the stack readable; the shape is what matters.
         xs, ys = samples["host_rss"]
         rss_ax = ax.twinx()
-        (line,) = rss_ax.plot(np.asarray(xs) * scale, np.asarray(ys) / _MIB, color=_RSS_COLOR, linestyle="--",
-                              marker=_marker(xs), markersize=3, linewidth=1.0, label="host RSS (psutil), right axis")
+        (line,) = rss_ax.plot(
+            np.asarray(xs) * scale,
+            np.asarray(ys) / _MIB,
+            color=_RSS_COLOR,
+            linestyle="--",
+            marker=_marker(xs),
+            markersize=3,
+            linewidth=1.0,
+            label="host RSS (psutil), right axis",
+        )
         rss_ax.set_ylabel("host RSS (psutil), MiB", color=_RSS_COLOR)
         rss_ax.tick_params(axis="y", colors=_RSS_COLOR)
         lo, hi = min(ys) / _MIB, max(ys) / _MIB
@@ -301,8 +333,17 @@ def _draw_timeline(ax: Any, memory: MemoryJSON, s: StepJSON) -> list[Any]:
             ax.axvline(a * scale, color=color, alpha=0.5, linewidth=0.8, zorder=0.5)
             ax.add_patch(_strip_patch(a * scale, b * scale, strip, color))
             if (b - a) * scale >= 0.06 * width:  # room for the name above the span
-                ax.text((a + b) / 2 * scale, 1.012, name, transform=strip, ha="center", va="bottom",
-                        fontsize=9, color=color, clip_on=False)
+                ax.text(
+                    (a + b) / 2 * scale,
+                    1.012,
+                    name,
+                    transform=strip,
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                    color=color,
+                    clip_on=False,
+                )
                 named = True
         if ranges and not named:  # every span too short to name: say in the legend what the colour is
             handles.append(Patch(color=color, alpha=0.9, label=f"{name} (bar above the plot)"))
@@ -334,8 +375,15 @@ def _draw_buckets(ax: Any, s: StepJSON) -> None:
     ax.set_ylim(0, max(values) * 1.22)
     for bar, v in zip(bars, values):
         share = 100 * v / total
-        ax.annotate(f"{format_bytes(int(round(v * _MIB)))}\n{share:.0f}%", (bar.get_x() + bar.get_width() / 2, v), xytext=(0, 2),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{format_bytes(int(round(v * _MIB)))}\n{share:.0f}%",
+            (bar.get_x() + bar.get_width() / 2, v),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
 
 
 def _default_title(memory: MemoryJSON, s: StepJSON) -> str:

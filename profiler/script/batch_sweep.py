@@ -58,8 +58,10 @@ def check_batch_flag(source: str | None, flag: str, args: list[str]) -> None:
     if flag in options or len(prefixed) == 1:
         return
     batchy = sorted(o for o in options if "batch" in o.lower())
-    hint = f"its options that mention a batch: {', '.join(batchy)}" if batchy else (
-        f"its options: {', '.join(sorted(options)[:8])}{', ...' if len(options) > 8 else ''}"
+    hint = (
+        f"its options that mention a batch: {', '.join(batchy)}"
+        if batchy
+        else (f"its options: {', '.join(sorted(options)[:8])}{', ...' if len(options) > 8 else ''}")
     )
     raise ProfilerError(
         f"--fit-batches: the script's argparse options have no {flag} ({hint}); "
@@ -101,8 +103,9 @@ def measure_batches(options: Options, say: Callable[[str], None]) -> SweepResult
             done = sorted({p.batch for points in result.points.values() for p in points})
             result.notes.append(
                 f"--fit-batches was interrupted ({what}) during the run at {flag} {batch}: the fit points are "
-                "partial, the fit uses " + (f"the batch sizes measured before it ({', '.join(map(str, done))}) and "
-                                            if done else "") + "the main run's step"
+                "partial, the fit uses "
+                + (f"the batch sizes measured before it ({', '.join(map(str, done))}) and " if done else "")
+                + "the main run's step"
             )
             result.interrupted = exc
             break
@@ -117,16 +120,32 @@ def _measure_one(options: Options, batch: int, say: Callable[[str], None], resul
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         cmd = [
-            sys.executable, "-m", "profiler", "-q", "--no-sampler", "--steps", str(max(options.steps, 2)),
-            "--stop-after-steps", "--json", out, *(["--live-peak"] if options.live_peak else []),
-            *target, *options.args, flag, str(batch),
+            sys.executable,
+            "-m",
+            "profiler",
+            "-q",
+            "--no-sampler",
+            "--steps",
+            str(max(options.steps, 2)),
+            "--stop-after-steps",
+            "--json",
+            out,
+            *(["--live-peak"] if options.live_peak else []),
+            *target,
+            *options.args,
+            flag,
+            str(batch),
         ]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        say(f"--fit-batches: {flag} {batch} {'done' if proc.returncode == 0 else 'failed'} "
-            f"in {time.monotonic() - started:.1f} s")
+        say(
+            f"--fit-batches: {flag} {batch} {'done' if proc.returncode == 0 else 'failed'} "
+            f"in {time.monotonic() - started:.1f} s"
+        )
         if proc.returncode != 0 or not os.path.exists(out):
             # The script's own last words, not the child profiler's.
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and not ln.startswith("python -m profiler:")]
+            lines = [
+                ln for ln in proc.stderr.strip().splitlines() if ln.strip() and not ln.startswith("python -m profiler:")
+            ]
             last = lines[-1].strip() if lines else "no output"
             result.notes.append(f"--fit-batches: the run at {flag} {batch} failed (exit {proc.returncode}): {last}")
             return

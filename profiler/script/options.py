@@ -59,13 +59,20 @@ def validate(ns: argparse.Namespace) -> Options:
             raise ProfilerError(f"--{option} needs a file path")
     if ns.steps == 0:
         asked = [
-            flag for flag, value in (
-                ("--fit", ns.fit), ("--gpu", ns.gpu), ("--fit-batches", ns.fit_batches), ("--plot", ns.plot),
+            flag
+            for flag, value in (
+                ("--fit", ns.fit),
+                ("--gpu", ns.gpu),
+                ("--fit-batches", ns.fit_batches),
+                ("--plot", ns.plot),
                 ("--stop-after-steps", ns.stop_after_steps),
-            ) if value
+            )
+            if value
         ]
         if asked:
-            raise ProfilerError(f"{', '.join(asked)} {'needs' if len(asked) == 1 else 'need'} measured steps; drop --steps 0")
+            raise ProfilerError(
+                f"{', '.join(asked)} {'needs' if len(asked) == 1 else 'need'} measured steps; drop --steps 0"
+            )
     json_path = _writable_path(ns.json, "--json") if ns.json else None
     plot_path = None
     if ns.plot:

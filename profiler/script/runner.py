@@ -76,8 +76,13 @@ def load_script(path: str) -> Program:
         code=code,
         argv0=path,
         path0=os.path.dirname(os.path.realpath(path)),  # Python resolves a symlinked script here
-        dunders={"__file__": os.path.abspath(path), "__cached__": None, "__loader__": None, "__package__": None,
-                 "__spec__": None},
+        dunders={
+            "__file__": os.path.abspath(path),
+            "__cached__": None,
+            "__loader__": None,
+            "__package__": None,
+            "__spec__": None,
+        },
         source_path=os.path.abspath(path),
     )
 
@@ -108,8 +113,13 @@ def load_module(name: str) -> Program:
         code=code,
         argv0=origin,
         path0=os.getcwd(),
-        dunders={"__file__": origin, "__cached__": spec.cached, "__loader__": loader, "__package__": spec.parent,
-                 "__spec__": spec},
+        dunders={
+            "__file__": origin,
+            "__cached__": spec.cached,
+            "__loader__": loader,
+            "__package__": spec.parent,
+            "__spec__": spec,
+        },
         source_path=spec.origin if spec.has_location else None,
     )
 
@@ -173,7 +183,7 @@ def run_program(program: Program, args: list[str]) -> ScriptResult:
     except KeyboardInterrupt as exc:
         _print_user_traceback(exc)
         result = ScriptResult(exit_code=130, exception=exc)
-    except BaseException as exc:  # the script's own failure: show it, keep going to the report
+    except BaseException as exc:  # noqa: BLE001 - the script's own failure: show it, keep going to the report
         _print_user_traceback(exc)
         result = ScriptResult(exit_code=1, exception=exc)
     finally:

@@ -97,7 +97,9 @@ class ScriptSession:
         the rest of that iteration, scheduler and logging included, still runs).
         """
         try:
-            with ModelWatcher(on_new_model=self.on_new_model, on_compiled_first_call_end=self.on_compiled_first_call_end) as watcher:
+            with ModelWatcher(
+                on_new_model=self.on_new_model, on_compiled_first_call_end=self.on_compiled_first_call_end
+            ) as watcher:
                 self._watcher = watcher
                 return run_program(program, self.options.args)
         finally:
@@ -213,7 +215,8 @@ class ScriptSession:
     def unfinished(self) -> list[str]:
         """Models that began training but ran fewer steps than asked for (so far)."""
         return [
-            f.entry.name for f in self._found
+            f.entry.name
+            for f in self._found
             if f.tracker is not None and f.tracker.started_measuring and not f.tracker.measured_all_steps
         ]
 
@@ -226,18 +229,24 @@ class ScriptSession:
         drop_retired_hooks()
 
     def report(self, result: ScriptResult, sweep: SweepResult | None = None) -> Report:
-        """The Report of the run: one entry per model found (alive or let go), with what is known of the run in notes."""
+        """The Report of the run: one entry per model found (alive or let go), and notes on how the run went."""
         fallback = []
         if not self._found:
             fallback = script_models(result.globals)
             if fallback:
                 self.notes.append("no model was called; reporting the models left in the script's globals")
         if isinstance(result.exception, Terminated):
-            self.notes.append(f"the script was {result.exception} (a time limit?); the report covers what ran before it")
+            self.notes.append(
+                f"the script was {result.exception} (a time limit?); the report covers what ran before it"
+            )
         elif result.failed:
-            self.notes.append(f"the script raised {type(result.exception).__name__}; the report covers what ran before it")
+            self.notes.append(
+                f"the script raised {type(result.exception).__name__}; the report covers what ran before it"
+            )
         elif isinstance(result.exception, StopAfterSteps):
-            self.notes.append("the script was ended by --stop-after-steps once its models' steps were measured (exit 0)")
+            self.notes.append(
+                "the script was ended by --stop-after-steps once its models' steps were measured (exit 0)"
+            )
         if sweep is not None:
             self.notes.extend(sweep.notes)
         report = self._entries(result.globals, fallback, sweep.points if sweep is not None else {})
@@ -252,7 +261,11 @@ class ScriptSession:
         notes = []
         steps = self.options.steps
         if isinstance(result.exception, StopAfterSteps):
-            waiting = [m.name for m in report.models if m.memory is not None and not m.memory.get("steps") and m.inventory.trainable]
+            waiting = [
+                m.name
+                for m in report.models
+                if m.memory is not None and not m.memory.get("steps") and m.inventory.trainable
+            ]
             if waiting:
                 notes.append(
                     f"{', '.join(waiting)} had no training step before the stop: a model whose training begins later "
@@ -277,7 +290,9 @@ class ScriptSession:
             rows = [(m, f) for m, f in zip(alive, self._found) if m is None or id(m) in roots]
         else:
             rows = [(m, None) for m in fallback]
-        names = name_models([m for m, _ in rows], script_globals, [f.entry.name if f else type(m).__name__ for m, f in rows])
+        names = name_models(
+            [m for m, _ in rows], script_globals, [f.entry.name if f else type(m).__name__ for m, f in rows]
+        )
         reports = []
         for (model, found), name in zip(rows, names):
             try:

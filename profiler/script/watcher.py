@@ -129,7 +129,9 @@ class ModelWatcher:
         for _, post in self._listeners:
             post(module, args, output)
 
-    def listen(self, pre: Callable[[nn.Module, tuple], None], post: Callable[[nn.Module, tuple, object], None]) -> Listening:
+    def listen(
+        self, pre: Callable[[nn.Module, tuple], None], post: Callable[[nn.Module, tuple, object], None]
+    ) -> Listening:
         """Have ``pre`` and ``post`` called at every module call, from this watcher's global hooks.
 
         The runner's trackers observe through these rather than global hooks

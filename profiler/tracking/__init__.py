@@ -12,4 +12,13 @@ from .optimizers import drop_retired_hooks
 from .step_record import PHASES, ForwardSaves, PhaseRecord, StepRecord
 from .tracker import StepState, StepTracker
 
-__all__ = ["OUTSIDE", "PHASES", "ForwardSaves", "PhaseRecord", "StepRecord", "StepState", "StepTracker", "drop_retired_hooks"]
+__all__ = [
+    "OUTSIDE",
+    "PHASES",
+    "ForwardSaves",
+    "PhaseRecord",
+    "StepRecord",
+    "StepState",
+    "StepTracker",
+    "drop_retired_hooks",
+]

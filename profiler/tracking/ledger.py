@@ -84,7 +84,9 @@ class Ledger:
         self._locate = locate
         self._accumulated = accumulated
         self.fail = fail  # for @guarded
-        self.live: dict[int, tuple[str, int, ForwardSaves]] = {}  # saved storages not yet released: (category, bytes, forward)
+        self.live: dict[
+            int, tuple[str, int, ForwardSaves]
+        ] = {}  # saved storages not yet released: (category, bytes, forward)
         self.gradients_seen: dict[int, int] = {}  # gradient storages on the step's timeline -> bytes
         self._grad_hooked: set[int] = set()
         self._grad_handles: list[Any] = []
@@ -127,7 +129,7 @@ class Ledger:
         return key[0] if key[0] in forward.saved or key[0] in forward.copies else None
 
     def count_saved(self, f: ForwardSaves, t: torch.Tensor, ptr: int, nbytes: int, path: str | None = None) -> None:
-        """Charge a saved storage, once, to the autocast copies or to the running module's activations (or ``path``'s)."""
+        """Charge a saved storage once: to autocast copies, or to the running module's (or ``path``'s) activations."""
         if ptr in self.parameters.storages or _is_parameter(t):
             return
         if ptr in f.freed:

@@ -61,7 +61,11 @@ class LiveTensorCounter(TorchDispatchMode):
             if ptr in self._sizes:
                 continue
             if inputs is None:
-                inputs = {s.data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) and (s := _storage(a)) is not None}
+                inputs = {
+                    s.data_ptr()
+                    for a in tree_leaves((args, kwargs))
+                    if isinstance(a, torch.Tensor) and (s := _storage(a)) is not None
+                }
             if ptr in inputs:
                 continue
             size = storage.nbytes()

@@ -189,7 +189,8 @@ class ModuleCalls:
         # Compiled modules whose inside spans buckets (a model compiled whole): what
         # they save is measured, but no module hook runs inside to say where.
         self._compiled_mixed = {
-            id(m) for path, m in model.named_modules()
+            id(m)
+            for path, m in model.named_modules()
             if is_compiled(m) and bucket_of(path, "before") != bucket_of(path, "after")
         }
         if any(is_compiled(m) for m in model.modules()):

@@ -89,7 +89,9 @@ def find_optimizer(param_ids: set[int]) -> torch.optim.Optimizer | None:
 
 def grad_scaler_alive() -> bool:
     """Whether an enabled GradScaler exists, the one thing that skips optimizer steps by itself."""
-    classes = tuple(c for c in (getattr(torch.amp, "GradScaler", None), getattr(torch.cuda.amp, "GradScaler", None)) if c)
+    classes = tuple(
+        c for c in (getattr(torch.amp, "GradScaler", None), getattr(torch.cuda.amp, "GradScaler", None)) if c
+    )
     return any(issubclass(type(obj), classes) and obj.is_enabled() for obj in gc.get_objects())
 
 
@@ -224,7 +226,7 @@ class OptimizerWatch:
 
     # ------------------------------------------------------------ lifecycle
     def adopt_running_step(self) -> None:
-        """Measuring begins inside a ``step()`` of the model's optimizer (an LBFGS closure): its forwards are one step."""
+        """Measuring begins inside a ``step()`` of the model's optimizer (an LBFGS closure): one step, its forwards."""
         running = optimizer_step_on_stack(self._param_ids)
         if running is not None and self.optimizer in (None, running[0]):
             self.optimizer, self.frame = running[0], frame_identity(running[1])
@@ -233,7 +235,11 @@ class OptimizerWatch:
     def install(self) -> None:
         for register, hook, hooks in (
             (optimizer_hooks.register_optimizer_step_pre_hook, self._pre, optimizer_hooks._global_optimizer_pre_hooks),
-            (optimizer_hooks.register_optimizer_step_post_hook, self._post, optimizer_hooks._global_optimizer_post_hooks),
+            (
+                optimizer_hooks.register_optimizer_step_post_hook,
+                self._post,
+                optimizer_hooks._global_optimizer_post_hooks,
+            ),
         ):
             handle = register(hook)
             hooks.move_to_end(handle.id, last=False)

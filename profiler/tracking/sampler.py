@@ -58,12 +58,9 @@ _SOURCE_HOST = "psutil rss"
 _SOURCE_DEVICE_V2 = "nvml memory_info v2"
 _SOURCE_DEVICE_V1 = "nvml memory_info v1"
 _SOURCE_PROCESS = "nvml compute processes"
-_PID_NOT_VISIBLE = (
-    "unavailable: pid not visible to NVML (container?); use device used minus baseline"
-)
+_PID_NOT_VISIBLE = "unavailable: pid not visible to NVML (container?); use device used minus baseline"
 _PROCESS_VALUE_NOT_AVAILABLE = (
-    "unavailable: NVML lists this pid but its usedGpuMemory is not available "
-    "(Windows WDDM or insufficient permissions)"
+    "unavailable: NVML lists this pid but its usedGpuMemory is not available (Windows WDDM or insufficient permissions)"
 )
 
 _FIELDS = ("host_rss", "nvml_device_used", "nvml_process_used")
@@ -112,7 +109,7 @@ def _normalise_uuid(uuid: Any) -> str:
     text = text.strip().lower()
     for prefix in ("gpu-", "mig-"):
         if text.startswith(prefix):
-            return text[len(prefix):]
+            return text[len(prefix) :]
     return text
 
 
@@ -330,9 +327,7 @@ class MemorySampler:
         if entry is not None and entry.lower().startswith(("gpu-", "mig-")):
             # CUDA accepts a unique prefix of a UUID, so match on prefix.
             matches = [
-                (uuid, handle)
-                for uuid, handle in self._nvml_devices(nv)
-                if uuid.lower().startswith(entry.lower())
+                (uuid, handle) for uuid, handle in self._nvml_devices(nv) if uuid.lower().startswith(entry.lower())
             ]
             if len(matches) == 1:
                 uuid, handle = matches[0]
@@ -340,12 +335,8 @@ class MemorySampler:
             notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r} matched {len(matches)} NVML devices")
         elif entry is not None and entry.isdigit():
             nvml_index = int(entry)
-            notes.append(
-                f"CUDA_VISIBLE_DEVICES entry {entry!r}; assumes CUDA and NVML order agree"
-            )
-            return nv.nvmlDeviceGetHandleByIndex(nvml_index), (
-                f"index {nvml_index} ({'; '.join(notes)})"
-            )
+            notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r}; assumes CUDA and NVML order agree")
+            return nv.nvmlDeviceGetHandleByIndex(nvml_index), (f"index {nvml_index} ({'; '.join(notes)})")
 
         notes.append("CUDA_VISIBLE_DEVICES may remap indices, so this may be another GPU")
         return nv.nvmlDeviceGetHandleByIndex(index), f"index {index} ({'; '.join(notes)})"
@@ -406,9 +397,7 @@ class MemorySampler:
             self._running = True
             self._baseline = self._take()
             self._stop_event = threading.Event()
-            self._thread = threading.Thread(
-                target=self._run, name="profiler-memory-sampler", daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, name="profiler-memory-sampler", daemon=True)
             self._thread.start()
         except BaseException:
             self._running = False
@@ -605,8 +594,7 @@ class MemorySampler:
             out["device_handle"] = self._handle_source
         if self._read_errors:
             out["read_errors"] = "; ".join(
-                f"{what}: {count} failed (last: {last})"
-                for what, (count, last) in sorted(self._read_errors.items())
+                f"{what}: {count} failed (last: {last})" for what, (count, last) in sorted(self._read_errors.items())
             )
         return out
 

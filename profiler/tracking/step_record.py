@@ -184,7 +184,9 @@ class StepRecord:
                 for ptr in f.saved:
                     if k is None or f.alive_at(ptr, k, self.pass_of_task):
                         saved.setdefault(ptr, f)
-                copies.update((ptr, n) for ptr, n in f.copies.items() if k is None or f.alive_at(ptr, k, self.pass_of_task))
+                copies.update(
+                    (ptr, n) for ptr, n in f.copies.items() if k is None or f.alive_at(ptr, k, self.pass_of_task)
+                )
             total = sum(f.saved[ptr] for ptr, f in saved.items())
             if total >= self.activations:
                 by_module: dict[tuple[str, str], int] = {}

@@ -121,13 +121,21 @@ class StepTracker:
         self.parameters = ModelParameters(lambda: self.model)
         self.device = model_device(self.parameters.shaped())
         self.calls = ModuleCalls(
-            self, model, bucket_of or _no_buckets, self.notes, hooks_host,
+            self,
+            model,
+            bucket_of or _no_buckets,
+            self.notes,
+            hooks_host,
             foreign_saved_hooks=lambda: self.saved_hooks.foreign_pair_on_top(),
         )
         self.optimizers = OptimizerWatch(self, self.parameters.ids, optimizer, self.notes)
         self.ledger = Ledger(
-            self.parameters, self.device, current_step=self._measured_step, locate=self.calls.where,
-            accumulated=self._gradient_accumulated, fail=self.fail,
+            self.parameters,
+            self.device,
+            current_step=self._measured_step,
+            locate=self.calls.where,
+            accumulated=self._gradient_accumulated,
+            fail=self.fail,
         )
         self.saved_hooks = SavedHooks(self, self.ledger)
         self.phases = PhaseClock(self.device, sample_interval=sample_interval, live_peak=live_peak, notes=self.notes)
@@ -178,8 +186,10 @@ class StepTracker:
         if self._running:
             return self
         if isinstance(self.model, torch.jit.ScriptModule):
-            self.notes.append("TorchScript module: PyTorch runs no Python hooks on it, so its steps are not measured "
-                              "(its parameters are counted)")
+            self.notes.append(
+                "TorchScript module: PyTorch runs no Python hooks on it, so its steps are not measured "
+                "(its parameters are counted)"
+            )
             self.finished = True
             return self
         self._running = True
@@ -349,7 +359,9 @@ class StepTracker:
         """The open step's forwards had no backward and their graphs are gone: no training step at all."""
         forwards = self._step.open_forwards if self._step is not None else []
         return (
-            self._only_forwards() and not self.optimizers.in_step and bool(forwards)
+            self._only_forwards()
+            and not self.optimizers.in_step
+            and bool(forwards)
             and all(f.graph_freed for f in forwards)
         )
 
@@ -387,7 +399,8 @@ class StepTracker:
             return  # a frozen model (a teacher) run with gradients on: nothing of it trains
         self._end_step_before_next_forward()
         if self._open_step_unused() or (
-            self._only_forwards() and not self.optimizers.in_step
+            self._only_forwards()
+            and not self.optimizers.in_step
             and self._step.forwards >= FORWARDS_WITHOUT_BACKWARD_LIMIT
         ):
             # The forward before had no backward and its graph is gone: a shape
@@ -415,8 +428,10 @@ class StepTracker:
         gradient penalty's): the step goes on, the next forward is one more of it.
         """
         if not (
-            self._step is not None and self._state is StepState.AFTER_BACKWARD
-            and not self.optimizers.in_step and self._pass_accumulated
+            self._step is not None
+            and self._state is StepState.AFTER_BACKWARD
+            and not self.optimizers.in_step
+            and self._pass_accumulated
         ):
             return
         # A step ended without an optimizer step: weights updated by hand (no
@@ -559,7 +574,9 @@ class StepTracker:
         step.optimizer_steps += 1
         self._take_optimizer_state(step, opt)
         if step.optimizer_state != step.optimizer_state_before:
-            step.events.append((time.perf_counter(), "optimizer_state", step.optimizer_state - step.optimizer_state_before))
+            step.events.append(
+                (time.perf_counter(), "optimizer_state", step.optimizer_state - step.optimizer_state_before)
+            )
         self._finish_step()
         if self._enough_steps():
             # Done now, not at the next forward: a model trained exactly these
@@ -594,4 +611,3 @@ class StepTracker:
             return PASS_ON
         step.saved_tensors += 1
         return self.ledger.observe(step, t, packed)
-
