@@ -18,13 +18,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from profiler.tracking import nvml as nvml_mod
 from profiler.tracking import sampler as sampler_mod
 from profiler.tracking.sampler import MemorySampler, Sample
 
 MiB = 1 << 20
 PID = os.getpid()
 SLOW = 60.0  # an interval so long that the thread never ticks: only explicit samples
-REAL_TORCH_UUID = sampler_mod._torch_device_uuid  # before the autouse fixture replaces it
+REAL_TORCH_UUID = nvml_mod.torch_device_uuid  # before the autouse fixture replaces it
 
 
 # --------------------------------------------------------------------- fakes
@@ -130,7 +131,7 @@ class FakeNVML:
 @pytest.fixture(autouse=True)
 def _no_cuda_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests decide torch's UUID and CUDA_VISIBLE_DEVICES themselves."""
-    monkeypatch.setattr(sampler_mod, "_torch_device_uuid", lambda index: None)
+    monkeypatch.setattr(nvml_mod, "torch_device_uuid", lambda index: None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
@@ -368,8 +369,8 @@ def test_uuid_maps_torch_index_to_the_right_nvml_device(monkeypatch: pytest.Monk
     # As with CUDA_VISIBLE_DEVICES=1: torch's cuda:0 is NVML's device 1.
     install(monkeypatch, FakeNVML(two_gpus()))
     monkeypatch.setattr(
-        sampler_mod,
-        "_torch_device_uuid",
+        nvml_mod,
+        "torch_device_uuid",
         lambda index: {0: "BBBBBBBB-1111-2222-3333-444444444444"}.get(index),
     )
     with MemorySampler(torch.device("cuda", 0), interval=SLOW) as s:
@@ -389,8 +390,8 @@ def test_a_gpu_we_may_not_query_is_skipped_in_the_uuid_search(monkeypatch: pytes
 
     monkeypatch.setattr(sys.modules["pynvml"], "nvmlDeviceGetHandleByIndex", refuse_the_first)
     monkeypatch.setattr(
-        sampler_mod,
-        "_torch_device_uuid",
+        nvml_mod,
+        "torch_device_uuid",
         lambda index: {0: "BBBBBBBB-1111-2222-3333-444444444444"}.get(index),
     )
     with MemorySampler(torch.device("cuda", 0), interval=SLOW) as s:
@@ -420,7 +421,7 @@ def test_uuid_maps_to_a_mig_instance(monkeypatch: pytest.MonkeyPatch) -> None:
     mig = FakeHandle("MIG-cccccccc-1111-2222-3333-444444444444", used_v2=5 * MiB)
     gpus = [FakeHandle("GPU-aaaaaaaa-1111-2222-3333-444444444444", used_v2=70 * MiB, migs=[mig])]
     install(monkeypatch, FakeNVML(gpus))
-    monkeypatch.setattr(sampler_mod, "_torch_device_uuid", lambda index: "cccccccc-1111-2222-3333-444444444444")
+    monkeypatch.setattr(nvml_mod, "torch_device_uuid", lambda index: "cccccccc-1111-2222-3333-444444444444")
     with MemorySampler("cuda:0", interval=SLOW) as s:
         pass
     assert s.peak_nvml_device_used == 5 * MiB
@@ -429,7 +430,7 @@ def test_uuid_maps_to_a_mig_instance(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_no_uuid_match_falls_back_to_index_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
     install(monkeypatch, FakeNVML(two_gpus()))
-    monkeypatch.setattr(sampler_mod, "_torch_device_uuid", lambda index: "dddddddd-0000")
+    monkeypatch.setattr(nvml_mod, "torch_device_uuid", lambda index: "dddddddd-0000")
     with MemorySampler("cuda:1", interval=SLOW) as s:
         pass
     assert s.peak_nvml_device_used == 20 * MiB

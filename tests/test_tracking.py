@@ -305,7 +305,7 @@ def test_a_tracker_not_holding_its_model_lets_the_script_free_it():
     dropped = weakref.ref(model)
     del model, opt
     gc.collect()
-    assert dropped() is None and tracker.model is None and tracker.model_dropped
+    assert dropped() is None and tracker.model is None and tracker.parameters.model_dropped
     other = tiny_gpt()
     train(other, torch.optim.AdamW(other.parameters()), steps=2)
     tracker.stop()

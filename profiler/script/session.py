@@ -129,7 +129,7 @@ class ScriptSession:
                     hooks_host=self._watcher,
                 )
                 tracker.start()
-                tracker.enter_current_forward(args, kwargs)
+                tracker.calls.enter_root(args, kwargs)  # the call it was found in is running
             except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
                 self.notes.append(f"could not measure {entry.name}: {type(exc).__name__}: {exc}")
                 if tracker is not None:
@@ -142,7 +142,7 @@ class ScriptSession:
         for found in self._found:
             if found.model() is model and found.tracker is not None:
                 try:
-                    found.tracker.leave_current_forward(args, output)
+                    found.tracker.calls.leave_root(args, output)
                 except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
                     self.notes.append(f"could not measure {found.entry.name}'s first call: {type(exc).__name__}: {exc}")
 
@@ -199,7 +199,7 @@ class ScriptSession:
         tracker ignores every hook.
         """
         for found in self._found:
-            if found.tracker is not None and not found.measured and found.tracker.model_dropped:
+            if found.tracker is not None and not found.measured and found.tracker.parameters.model_dropped:
                 found.tracker.stop()
                 self._take_measurements(found)
 

@@ -145,6 +145,9 @@ class CallsOwner(Protocol):
     def step(self) -> Any:
         """The step being measured, or None: inside the model only a step's calls matter."""
 
+    @property
+    def measuring(self) -> bool: ...
+
     def fail(self, where: str, exc: Exception) -> None: ...
 
     def root_forward_begins(self, args: Any) -> None: ...
@@ -400,14 +403,23 @@ class ModuleCalls:
 
     # -------------------------------------------------- a call already running
     def enter_root(self, args: Any, kwargs: Any) -> None:
-        """Begin a root forward that is already running (its pre-hooks were gathered before we were installed)."""
-        if not self.stack:
+        """Begin measuring a root forward that is already running.
+
+        The runner creates the tracker from inside the model's first call, when
+        that call's pre-hooks have already been gathered; this does what the
+        root pre-hook would have done.
+        """
+        if self.owner.measuring and not self.stack:
             self.owner.root_forward_begins(args)
             self.stack.append(id(self.owner.model))
             self._note_inputs(args, kwargs)
 
     def leave_root(self, args: Any, output: Any) -> None:
-        """End the root forward begun by ``enter_root`` when no hook of ours will."""
+        """End the root forward begun by ``enter_root`` when no hook of ours will.
+
+        A model compiled in place is found inside its compiled call, which our
+        wrapper (installed then) is not around: the runner ends that call here.
+        """
         model = self.owner.model
-        if self.stack == [id(model)]:
+        if self.owner.measuring and self.stack == [id(model)]:
             self._post(model, args, output)

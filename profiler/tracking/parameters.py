@@ -1,16 +1,15 @@
-"""The measured model's parameters, as the tracker's parts need them.
+"""The measured model and its parameters, as the tracker's parts need them.
 
-Held weakly: the runner lets the script drop a model (an evaluation loop over
-checkpoints, folds shorter than ``--steps``) and get its memory back as in a
-plain run. Lazy parameters keep their identity when their first forward gives
-them a shape, so they are known from the start and their storage once they
-have one.
+Held weakly when asked (the runner does): a script that drops a model (an
+evaluation loop over checkpoints, folds shorter than ``--steps``) gets its
+memory back as in a plain run. Lazy parameters keep their identity when their
+first forward gives them a shape, so they are known from the start and their
+storage once they have one.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,16 +34,26 @@ def unique_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 class ModelParameters:
-    """Identities, storages and gradients of one model's parameters."""
+    """One model, held weakly (``hold=False``) or not, and the identities, storages and gradients of its parameters."""
 
-    def __init__(self, model_of: Callable[[], nn.Module | None]) -> None:
-        model = model_of()
-        self._model_of = model_of
+    def __init__(self, model: nn.Module, hold: bool = True) -> None:
+        self._ref: weakref.ref | None = weakref.ref(model)
+        self._held = model if hold else None
         unique = {id(p): p for p in model.parameters()}
         self.ids: set[int] = set(unique)  # every parameter, lazy ones included
         self._refs = [weakref.ref(p) for p in unique.values()]
         self.lazy_left = any(is_lazy(p) for p in unique.values())
         self.storages: set[int] = set()  # data pointers of their storages, taken when measuring starts
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model; None once released, or once the script dropped it (held weakly)."""
+        return self._ref() if self._ref is not None else None
+
+    @property
+    def model_dropped(self) -> bool:
+        """The script let go of the model before it was released here."""
+        return self._ref is not None and self._ref() is None
 
     def shaped(self) -> list[nn.Parameter]:
         """The parameters with a shape, or, once the script dropped the model, those still alive.
@@ -52,7 +61,7 @@ class ModelParameters:
         ``loss = Net()(x).sum(); loss.backward()``: the module is gone before its
         backward, its parameters live on in the graph, and get gradients.
         """
-        model = self._model_of()
+        model = self.model
         if model is not None:
             return shaped_parameters(model)
         return [p for ref in self._refs if (p := ref()) is not None and not is_lazy(p)]
@@ -64,11 +73,11 @@ class ModelParameters:
     def adopt_materialized(self) -> None:
         """Lazy parameters that got their shapes since: know their storage."""
         self.take_storages()
-        model = self._model_of()
+        model = self.model
         self.lazy_left = model is not None and any(is_lazy(p) for p in model.parameters())
 
     def any_trainable(self) -> bool:
-        model = self._model_of()
+        model = self.model
         return model is not None and any(p.requires_grad for p in model.parameters())
 
     def gradients(self) -> dict[int, int]:
@@ -80,5 +89,5 @@ class ModelParameters:
         return all(p.grad is None for p in self.shaped() if p.requires_grad)
 
     def release(self) -> None:
-        """Forget the parameters (the model was let go of)."""
-        self._refs = []
+        """Let go of the model and forget its parameters (their figures were taken out)."""
+        self._ref, self._held, self._refs = None, None, []

@@ -49,6 +49,8 @@ from typing import Any
 import psutil
 import torch
 
+from .nvml import find_handle
+
 __all__ = ["Sample", "MemorySampler"]
 
 # NVML's "not available" marker for usedGpuMemory (pynvml usually maps it to None).
@@ -75,46 +77,6 @@ class Sample:
     nvml_device_used: int | None  # bytes used on the whole device
     nvml_process_used: int | None  # bytes NVML charges to this process
     label: str | None  # phase label set by mark() when the sample was taken
-
-
-def _torch_device_uuid(index: int) -> str | None:
-    """torch's UUID for ``cuda:index``, read only if CUDA is already initialised.
-
-    Reading device properties initialises CUDA, which creates this process's
-    CUDA context on the device. Doing that here would put our own context
-    into the baseline and hide it from "device used minus baseline", so when
-    CUDA is not yet initialised the device is found through
-    ``CUDA_VISIBLE_DEVICES`` instead (see ``MemorySampler._find_handle``).
-    """
-    try:
-        if not torch.cuda.is_initialized():
-            return None
-        return str(torch.cuda.get_device_properties(index).uuid)
-    except Exception:  # no CUDA build, bad index, driver error: no UUID
-        return None
-
-
-def _visible_devices_entry(index: int) -> str | None:
-    """The ``CUDA_VISIBLE_DEVICES`` entry that CUDA index ``index`` stands for."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is None:
-        return None
-    entries = [e.strip() for e in env.split(",") if e.strip()]
-    return entries[index] if 0 <= index < len(entries) else None
-
-
-def _normalise_uuid(uuid: Any) -> str:
-    """UUID without its 'GPU-'/'MIG-' prefix, lower case: NVML has the prefix, torch not."""
-    text = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
-    text = text.strip().lower()
-    for prefix in ("gpu-", "mig-"):
-        if text.startswith(prefix):
-            return text[len(prefix) :]
-    return text
-
-
-def _as_text(uuid: Any) -> str:
-    return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
 
 
 class _Peaks:
@@ -152,8 +114,8 @@ class MemorySampler:
     NVML is used only for a CUDA device: an explicit ``cuda`` device, or, with
     ``device=None``, the current CUDA device if CUDA is already initialised.
     The NVML handle is found by UUID, because ``CUDA_VISIBLE_DEVICES``
-    renumbers devices and NVML indices are physical; ``sources["device_handle"]``
-    says how the device was found.
+    renumbers devices and NVML indices are physical (see ``nvml.find_handle``);
+    ``sources["device_handle"]`` says how the device was found.
 
     The process list is read on every tick, not every few ticks: at the
     default 10 ms interval it costs about 0.4% of one core, and a
@@ -261,7 +223,7 @@ class MemorySampler:
 
         index = dev.index if dev.index is not None else self._current_cuda_index()
         try:
-            self._handle, self._handle_source = self._find_handle(pynvml, index)
+            self._handle, self._handle_source = find_handle(pynvml, index)
         except Exception as exc:
             reason = f"unavailable: no NVML handle for {dev}: {exc}"
             self._device_source = self._process_reason = reason
@@ -278,68 +240,6 @@ class MemorySampler:
         except Exception:
             pass
         return 0
-
-    @staticmethod
-    def _nvml_devices(nv: ModuleType) -> list[tuple[str, Any]]:
-        """(UUID, handle) of every NVML GPU and every MIG instance on it."""
-        found: list[tuple[str, Any]] = []
-        for i in range(nv.nvmlDeviceGetCount()):
-            try:
-                handle = nv.nvmlDeviceGetHandleByIndex(i)
-                found.append((_as_text(nv.nvmlDeviceGetUUID(handle)), handle))
-            except Exception:  # a GPU this process may not query (NoPermission on a shared host)
-                continue
-            try:
-                if nv.nvmlDeviceGetMigMode(handle)[0] != 1:
-                    continue
-                n_mig = nv.nvmlDeviceGetMaxMigDeviceCount(handle)
-            except Exception:  # no MIG support, old driver, fake module
-                continue
-            for j in range(n_mig or 0):
-                try:
-                    mig = nv.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)
-                    found.append((_as_text(nv.nvmlDeviceGetUUID(mig)), mig))
-                except Exception:  # empty MIG slot
-                    continue
-        return found
-
-    def _find_handle(self, nv: ModuleType, index: int) -> tuple[Any, str]:
-        """NVML handle for torch's ``cuda:index`` and a note on how it was found.
-
-        Order: torch's UUID (when CUDA is initialised); a UUID entry in
-        ``CUDA_VISIBLE_DEVICES``; an integer entry there; the torch index
-        itself. The last two assume CUDA numbers devices as NVML does (PCI
-        order), which holds only with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or on
-        machines with identical GPUs, hence the note.
-        """
-        notes: list[str] = []
-        torch_uuid = _torch_device_uuid(index)
-        if torch_uuid:
-            want = _normalise_uuid(torch_uuid)
-            for uuid, handle in self._nvml_devices(nv):
-                if _normalise_uuid(uuid) == want:
-                    return handle, f"uuid {uuid} (torch device properties)"
-            notes.append(f"no NVML UUID matched torch's {torch_uuid!r}")
-        else:
-            notes.append("torch UUID not read (CUDA not initialised)")
-
-        entry = _visible_devices_entry(index)
-        if entry is not None and entry.lower().startswith(("gpu-", "mig-")):
-            # CUDA accepts a unique prefix of a UUID, so match on prefix.
-            matches = [
-                (uuid, handle) for uuid, handle in self._nvml_devices(nv) if uuid.lower().startswith(entry.lower())
-            ]
-            if len(matches) == 1:
-                uuid, handle = matches[0]
-                return handle, f"uuid {uuid} (CUDA_VISIBLE_DEVICES)"
-            notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r} matched {len(matches)} NVML devices")
-        elif entry is not None and entry.isdigit():
-            nvml_index = int(entry)
-            notes.append(f"CUDA_VISIBLE_DEVICES entry {entry!r}; assumes CUDA and NVML order agree")
-            return nv.nvmlDeviceGetHandleByIndex(nvml_index), (f"index {nvml_index} ({'; '.join(notes)})")
-
-        notes.append("CUDA_VISIBLE_DEVICES may remap indices, so this may be another GPU")
-        return nv.nvmlDeviceGetHandleByIndex(index), f"index {index} ({'; '.join(notes)})"
 
     def _probe_memory_info(self, nv: ModuleType) -> None:
         """Pick memory info v2 if the driver and pynvml support it, else v1."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import nn
 from ..errors import guarded
 from .backward_watch import OutputWatch
 from .ledger import Ledger
-from .module_calls import PROCESS, ModuleCalls
+from .module_calls import ModuleCalls
 from .optimizers import OptimizerWatch
 from .parameters import ModelParameters
 from .phases import PhaseClock
@@ -98,10 +97,7 @@ class StepTracker:
         hold_model: bool = True,
         hooks_host: Any = None,
     ) -> None:
-        self._model_ref: weakref.ref | None = None
-        self._model_held: nn.Module | None = None
-        self._hold_model = hold_model
-        self.model = model
+        self.parameters = ModelParameters(model, hold=hold_model)
         self.max_steps = max_steps
         self.steps: list[StepRecord] = []
         self.notes: list[str] = []
@@ -115,10 +111,8 @@ class StepTracker:
         self._backward_task = -1  # autograd's id of the backward call running the step's backward pass
         self._pass_accumulated = False  # the last backward pass accumulated a parameter's .grad
         self._seq_floor = -1  # the highest autograd node number among the running root forward's inputs
-        self._forks = PROCESS.forks  # a forked child (a DataLoader worker) has more: the hooks do nothing there
         self._thread = threading.get_ident()
 
-        self.parameters = ModelParameters(lambda: self.model)
         self.device = model_device(self.parameters.shaped())
         self.calls = ModuleCalls(
             self,
@@ -151,17 +145,7 @@ class StepTracker:
     @property
     def model(self) -> nn.Module | None:
         """The model measured; None once released, or once the script dropped it (``hold_model=False``)."""
-        return self._model_ref() if self._model_ref is not None else None
-
-    @model.setter
-    def model(self, model: nn.Module | None) -> None:
-        self._model_ref = weakref.ref(model) if model is not None else None
-        self._model_held = model if self._hold_model else None
-
-    @property
-    def model_dropped(self) -> bool:
-        """The script let go of the model before this tracker did (it was not released)."""
-        return self._model_ref is not None and self._model_ref() is None
+        return self.parameters.model
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -248,7 +232,6 @@ class StepTracker:
     def release(self) -> None:
         """Stop, then let go of the model and its optimizer (their figures were taken out)."""
         self.stop()
-        self.model = None
         self.optimizers.optimizer = None
         self.parameters.release()
 
@@ -464,25 +447,6 @@ class StepTracker:
     def forwarding(self) -> bool:
         """A root forward of the model is running (not yet returned)."""
         return self._state is StepState.FORWARD
-
-    def enter_current_forward(self, args: Any = (), kwargs: Any = None) -> None:
-        """Start measuring a root forward that is already running.
-
-        The runner creates the tracker from inside the model's first call, when
-        that call's pre-hooks have already been gathered; this does what the
-        root pre-hook would have done.
-        """
-        if self._running:
-            self.calls.enter_root(args, kwargs)
-
-    def leave_current_forward(self, args: Any, output: Any) -> None:
-        """End the root forward begun by ``enter_current_forward`` when no hook of ours will.
-
-        A model compiled in place is found inside its compiled call, which our
-        wrapper (installed then) is not around: the runner ends that call here.
-        """
-        if self._running:
-            self.calls.leave_root(args, output)
 
     # ------------------------------------------------------------- backward
     @guarded
