@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from profiler import profile
+from profiler import analyze, profile
+from profiler.model import BUCKETS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -78,15 +79,60 @@ def memory(prof) -> dict:
     return prof.to_dict()["models"][0]["memory"]
 
 
-def assert_no_hooks(model: nn.Module) -> None:
+def unique_params(params) -> list[torch.Tensor]:
+    return list({id(p): p for p in params}.values())
+
+
+def nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in unique_params(params))
+
+
+def trainable_bytes(model: nn.Module) -> int:
+    return nbytes(p for p in model.parameters() if p.requires_grad)
+
+
+def hook_state(model: nn.Module) -> tuple:
+    """Every hook that could be ours: per module, per parameter, global, saved-tensor hooks."""
     from torch.nn.modules import module as m
     from torch.optim import optimizer as o
 
-    for mod in model.modules():
-        assert not mod._forward_hooks and not mod._forward_pre_hooks
-    assert not m._global_forward_hooks and not m._global_forward_pre_hooks
-    assert not o._global_optimizer_pre_hooks and not o._global_optimizer_post_hooks
-    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    return (
+        tuple((id(mod), tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks)) for mod in model.modules()),
+        tuple((id(p), tuple(p._post_accumulate_grad_hooks or ())) for p in model.parameters()),
+        tuple(m._global_forward_hooks),
+        tuple(m._global_forward_pre_hooks),
+        tuple(o._global_optimizer_pre_hooks),
+        tuple(o._global_optimizer_post_hooks),
+        torch._C._autograd._top_saved_tensors_default_hooks(False) is None,
+    )
+
+
+def assert_no_hooks(model: nn.Module, before: tuple | None = None) -> None:
+    """No hook of the profiler is left: none at all, or exactly those that were there ``before``
+    (transformers' gradient checkpointing puts a forward hook of its own on the input embedding)."""
+    now = hook_state(model)
+    if before is not None:
+        assert now == before
+        return
+    mods, params, *globals_, saved_none = now
+    assert all(not fh and not fph for _, fh, fph in mods)
+    assert all(not hooks for _, hooks in params)
+    assert not any(globals_)
+    assert saved_none
+
+
+def timeline_sum(step: dict, category: str) -> int:
+    """What a step's timeline added to ``category`` (its growth events)."""
+    tl = step["timeline"]
+    return sum(d for c, d in zip(tl["category"], tl["delta"]) if c == category and d > 0)
+
+
+def rows_by_bucket(rows: list[dict]) -> dict[str, int]:
+    """The per-module activation rows added up under the bucket each row is labelled with."""
+    out = dict.fromkeys(BUCKETS, 0)
+    for r in rows:
+        out[r["bucket"]] += r["bytes"]
+    return out
 
 
 def profile_lbfgs(steps: int = 2):
@@ -105,6 +151,39 @@ def profile_lbfgs(steps: int = 2):
         for _ in range(steps):
             opt.step(closure)
     return model, prof
+
+
+# --------------------------------------------------------------------------- the static count
+def inventory_and_buckets(model):
+    """``analyze(model)``'s inventory and buckets."""
+    entry = analyze(model).models[0]
+    return entry.inventory, entry.buckets
+
+
+def unique_numel(model: nn.Module) -> int:
+    """The independent count: one per Parameter object, whatever its names."""
+    return sum(p.numel() for p in {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}.values())
+
+
+def alias_groups(model: nn.Module) -> list[set[str]]:
+    """Every Parameter object reached by more than one name, with all its names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return sorted((set(v) for v in names.values() if len(v) > 1), key=sorted)
+
+
+def check_buckets(model, inv, b, expected_total: int) -> None:
+    """What holds for every model: exact unique total, buckets sum to it, ties complete."""
+    assert inv.total == expected_total
+    assert inv.total == unique_numel(model)
+    assert inv.total_with_duplicates == sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    assert set(b.totals) == set(BUCKETS)
+    assert sum(b.totals.values()) == inv.total
+    assert sorted((set(g.aliases) for g in inv.tie_groups), key=sorted) == alias_groups(model)
+    for g in inv.tie_groups:
+        assert set(g.aliases) <= set(b.alias_bucket)
+        assert b.param_bucket[g.name] in BUCKETS
 
 
 # --------------------------------------------------------------------------- python -m profiler in a subprocess
@@ -155,3 +234,54 @@ def run_profiler_text(args, cwd, timeout: float = 180) -> subprocess.CompletedPr
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- python -m profiler in this interpreter
+def run_in_process(args, cwd, capfd) -> subprocess.CompletedProcess:
+    """``python -m profiler ARGS`` from ``cwd``, run by ``cli.main`` in this interpreter; output as text.
+
+    A fraction of a second where a fresh interpreter spends two importing
+    torch: for tests of what is measured. What only a real process shows
+    (exit by a signal, stdout byte for byte beside plain Python, tracebacks,
+    multiprocessing) is tested with ``run_profiler``. What a script leaves
+    behind in the interpreter is undone: global module and optimizer hooks
+    it registered, the modules it imported from its own folder, warning
+    filters, grad mode and the default dtype.
+    """
+    import warnings
+
+    from torch.nn.modules import module as module_hooks
+    from torch.optim import optimizer as optimizer_hooks
+
+    from profiler import cli
+
+    hook_dicts = [
+        module_hooks._global_forward_pre_hooks,
+        module_hooks._global_forward_hooks,
+        module_hooks._global_backward_pre_hooks,
+        module_hooks._global_backward_hooks,
+        optimizer_hooks._global_optimizer_pre_hooks,
+        optimizer_hooks._global_optimizer_post_hooks,
+    ]
+    hooks_before = [set(d) for d in hook_dicts]
+    modules_before, filters = set(sys.modules), warnings.filters[:]
+    grad, dtype, cwd_before = torch.is_grad_enabled(), torch.get_default_dtype(), os.getcwd()
+    capfd.readouterr()  # what came before is not this run's
+    os.chdir(cwd)
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    finally:
+        os.chdir(cwd_before)
+        for hooks, before in zip(hook_dicts, hooks_before):
+            for key in [k for k in hooks if k not in before]:
+                del hooks[key]
+        for name in set(sys.modules) - modules_before:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(cwd)):
+                del sys.modules[name]
+        warnings.filters[:] = filters
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+    out = capfd.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "profiler", *map(str, args)], code, out.out, out.err)

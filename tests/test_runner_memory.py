@@ -5,8 +5,15 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from support import EXAMPLES, read_json
+from support import EXAMPLES, read_json, run_in_process
 from support import run_profiler_text as run_profiler
+
+
+@pytest.fixture
+def run(capfd):
+    """``python -m profiler ARGS`` in this interpreter (``support.run_in_process``): what is measured."""
+    return lambda args, cwd, timeout=None: run_in_process(args, cwd, capfd)
+
 
 TINY = [
     "--n_layer",
@@ -24,9 +31,9 @@ TINY = [
 ]
 
 
-def test_nanogpt_steps_are_measured_then_hooks_removed(tmp_path):
+def test_nanogpt_steps_are_measured_then_hooks_removed(tmp_path, run):
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "5"], tmp_path)
+    proc = run(["--steps", "2", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "5"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("step ") == 5  # the script ran all its steps after the measured two
     model = read_json(out)["models"][0]
@@ -43,9 +50,9 @@ def test_nanogpt_steps_are_measured_then_hooks_removed(tmp_path):
     assert "Memory of a training step" in proc.stderr
 
 
-def test_stop_after_steps_ends_the_script_with_exit_0(tmp_path):
+def test_stop_after_steps_ends_the_script_with_exit_0(tmp_path, run):
     out = tmp_path / "r.json"
-    proc = run_profiler(
+    proc = run(
         ["--steps", "1", "--stop-after-steps", "--json", out, EXAMPLES / "nanogpt.py", *TINY, "--steps", "50"], tmp_path
     )
     assert proc.returncode == 0, proc.stderr
@@ -53,7 +60,7 @@ def test_stop_after_steps_ends_the_script_with_exit_0(tmp_path):
     assert len(read_json(out)["models"][0]["memory"]["steps"]) == 1
 
 
-def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
+def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path, run):
     script = tmp_path / "by_hand.py"
     script.write_text(
         textwrap.dedent(
@@ -73,7 +80,7 @@ def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "3", "--json", out, script], tmp_path)
+    proc = run(["--steps", "3", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "module hooks left: 0" in proc.stdout
     mem = read_json(out)["models"][0]["memory"]
@@ -83,7 +90,7 @@ def test_script_without_optimizer_and_hooks_gone_afterwards(tmp_path):
     assert any("no optimizer step" in n for n in mem["notes"])
 
 
-def test_failing_script_still_gets_a_memory_report(tmp_path):
+def test_failing_script_still_gets_a_memory_report(tmp_path, run):
     script = tmp_path / "fails.py"
     script.write_text(
         textwrap.dedent(
@@ -100,7 +107,7 @@ def test_failing_script_still_gets_a_memory_report(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--json", out, script], tmp_path)
+    proc = run(["--json", out, script], tmp_path)
     assert proc.returncode == 1
     assert "RuntimeError: diverged" in proc.stderr
     report = read_json(out)
@@ -108,23 +115,9 @@ def test_failing_script_still_gets_a_memory_report(tmp_path):
     assert any("raised RuntimeError" in n for n in report["notes"])
 
 
-def test_hf_trainer_steps_measured(tmp_path):
+def test_fit_batches_reruns_the_script_and_fits_a_line(tmp_path, run):
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--json", out, EXAMPLES / "hf_trainer.py"], tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    model = read_json(out)["models"][0]
-    assert model["class"] == "GPT2LMHeadModel"
-    mem = model["memory"]
-    assert mem["optimizer"] is not None
-    assert len(mem["steps"]) == 2 and mem["steps"][-1]["categories"]["optimizer_state"] > 0
-    assert mem["steps"][-1]["categories"]["activations"] > 0
-    # The Trainer calls model(**inputs): the first step's batch is in keyword arguments.
-    assert [s["input_shape"] is not None for s in mem["steps"]] == [True, True]
-
-
-def test_fit_batches_reruns_the_script_and_fits_a_line(tmp_path):
-    out = tmp_path / "r.json"
-    proc = run_profiler(
+    proc = run(
         [
             "--steps",
             "2",
@@ -150,9 +143,9 @@ def test_fit_batches_reruns_the_script_and_fits_a_line(tmp_path):
     assert [c["card"] for c in fit["cards"]] == ["T4"]
 
 
-def test_plot_option_writes_a_png(tmp_path):
+def test_plot_option_writes_a_png(tmp_path, run):
     png = tmp_path / "step.png"
-    proc = run_profiler(["--steps", "2", "--stop-after-steps", "--plot", png, EXAMPLES / "nanogpt.py", *TINY], tmp_path)
+    proc = run(["--steps", "2", "--stop-after-steps", "--plot", png, EXAMPLES / "nanogpt.py", *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -239,7 +232,7 @@ def test_a_real_world_mix_trains_identically_and_is_reported(tmp_path):
 
 
 @pytest.mark.parametrize("steps_per_fold", [4, 2])
-def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold):
+def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold, run):
     # K-fold or a sweep: each fold's model must be freed when the script drops
     # it, or a GPU run ends out of memory a few folds in. With exactly --steps
     # steps per fold no forward follows the last measured one: measuring ends
@@ -267,7 +260,7 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
+    proc = run(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["folds alive: 0"] * 3
     models = read_json(out)["models"]
@@ -275,7 +268,7 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold):
     assert all(len(m["memory"]["steps"]) == 2 and m["memory"]["optimizer"] == "AdamW" for m in models)
 
 
-def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path):
+def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path, run):
     script = tmp_path / "lazy.py"
     script.write_text(
         textwrap.dedent(
@@ -294,7 +287,7 @@ def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
+    proc = run(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "module"
     (model,) = read_json(out)["models"]
@@ -302,7 +295,7 @@ def test_a_lazy_model_is_measured_once_it_has_shapes(tmp_path):
     assert len(model["memory"]["steps"]) == 2
 
 
-def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path):
+def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path, run):
     # The unused lazy layer never gets a shape: the model is found at its
     # second call all the same, and the layer is named, not counted.
     script = tmp_path / "lazy_unused.py"
@@ -330,7 +323,7 @@ def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
+    proc = run(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "2 lazy parameter(s) not initialised yet" in proc.stderr
     (model,) = read_json(out)["models"]
@@ -345,7 +338,7 @@ def test_a_model_with_a_lazy_part_that_never_runs_is_found_and_measured(tmp_path
     )
 
 
-def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
+def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path, run):
     # The model is first called inside LBFGS's step(closure): measuring begins
     # in that step, and its closure evaluations still make one step.
     script = tmp_path / "lbfgs.py"
@@ -370,7 +363,7 @@ def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--json", out, script], tmp_path)
+    proc = run(["--steps", "2", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (model,) = read_json(out)["models"]
     steps = model["memory"]["steps"]
@@ -379,7 +372,7 @@ def test_lbfgs_first_step_under_the_runner_is_one_step(tmp_path):
     assert all(s["forwards"] == s["backwards"] > 1 and not s["optimizer_skipped"] for s in steps)
 
 
-def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_path):
+def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_path, run):
     # Two trackers on one model: the script's `with profile(model)` and the runner's.
     script = tmp_path / "self_profiled.py"
     script.write_text(
@@ -400,7 +393,7 @@ def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_p
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (model,) = read_json(out)["models"]
     ours = [s["categories"]["activations"] for s in model["memory"]["steps"]]
@@ -408,7 +401,7 @@ def test_a_script_that_profiles_itself_gets_the_same_activations_from_both(tmp_p
     assert ours[0] > 0
 
 
-def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
+def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path, run):
     script = tmp_path / "short_folds.py"
     script.write_text(
         textwrap.dedent(
@@ -432,7 +425,7 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["folds alive: 0"] * 2  # as in a plain run
     assert "Linear, Linear#2 completed fewer than 3 training step(s)" in proc.stderr
@@ -441,7 +434,7 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path):
     assert all(m["memory"]["steps"][-1]["categories"]["gradients"] == 36 for m in models)
 
 
-def test_a_model_can_be_copied_saved_and_scripted_while_it_is_measured(tmp_path):
+def test_a_model_can_be_copied_saved_and_scripted_while_it_is_measured(tmp_path, run):
     script = tmp_path / "snapshots.py"
     script.write_text(
         textwrap.dedent(
@@ -468,14 +461,14 @@ def test_a_model_can_be_copied_saved_and_scripted_while_it_is_measured(tmp_path)
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["copied True True"] * 2
     models = {m["name"]: m for m in read_json(out)["models"]}
     assert len(models["model"]["memory"]["steps"]) == 2 and models["teacher"]["memory"]["steps"] == []
 
 
-def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path):
+def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path, run):
     # An evaluation loop over checkpoints: a model never trained used to be kept
     # by its tracker until the script ended (on a GPU, an out-of-memory error
     # a few checkpoints in). The estimates of a dropped transformer still read
@@ -517,7 +510,7 @@ def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["alive: 0"] * 3 + ["trained alive: False"]
     models = read_json(out)["models"]
@@ -528,7 +521,7 @@ def test_models_evaluated_and_dropped_are_freed_and_reported(tmp_path):
     assert trained["estimates"]["shape"]["heads"] == 4 and trained["estimates"]["shape"]["seq"] == 8
 
 
-def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):
+def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path, run):
     # The flattened size found by running self.features on a dummy input in
     # __init__: features looked like a model of its own at that call.
     script = tmp_path / "probe.py"
@@ -559,7 +552,7 @@ def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (model,) = read_json(out)["models"]
     rows = {r["path"] for r in model["memory"]["activations_by_module"]}
@@ -569,7 +562,7 @@ def test_a_part_run_alone_first_does_not_take_the_models_activations(tmp_path):
     assert acts >= 4 * 3 * 8 * 8 * 4 + 4 * 8 * 8 * 8 * 4 + 4 * 128 * 4
 
 
-def test_a_replaced_optimizer_is_freed_and_the_new_one_measured(tmp_path):
+def test_a_replaced_optimizer_is_freed_and_the_new_one_measured(tmp_path, run):
     script = tmp_path / "switch.py"
     script.write_text(
         textwrap.dedent(
@@ -592,7 +585,7 @@ def test_a_replaced_optimizer_is_freed_and_the_new_one_measured(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "4", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "4", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "old optimizer alive: False"
     (model,) = read_json(out)["models"]
@@ -606,7 +599,7 @@ def test_a_replaced_optimizer_is_freed_and_the_new_one_measured(tmp_path):
     assert any("SGD, then AdamW" in n for n in model["memory"]["notes"])
 
 
-def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path):
+def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path, run):
     script = tmp_path / "distill.py"
     script.write_text(
         textwrap.dedent(
@@ -626,7 +619,7 @@ def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     models = {m["name"]: m for m in read_json(out)["models"]}
     assert models["teacher"]["memory"]["steps"] == []
@@ -636,7 +629,7 @@ def test_a_frozen_teacher_run_with_gradients_on_is_not_training(tmp_path):
     assert "held until the script ended" not in proc.stderr
 
 
-def test_a_model_traced_while_it_is_measured_leaves_the_report_whole(tmp_path):
+def test_a_model_traced_while_it_is_measured_leaves_the_report_whole(tmp_path, run):
     # torch.jit.trace runs the model with gradients on: not a training step,
     # and its symbolic sizes must not reach the JSON.
     script = tmp_path / "trace.py"
@@ -656,7 +649,7 @@ def test_a_model_traced_while_it_is_measured_leaves_the_report_whole(tmp_path):
         )
     )
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "traced TopLevelTracedModule\n"
     (model,) = read_json(out)["models"]
@@ -684,14 +677,14 @@ for step in range(4):
 """
 
 
-def test_models_run_with_gradients_on_but_never_trained_take_nothing_from_the_trained_one(tmp_path):
+def test_models_run_with_gradients_on_but_never_trained_take_nothing_from_the_trained_one(tmp_path, run):
     # The other model's open "step" kept its saved-tensor hooks on the stack: the
     # trained model's loss went to it (2 KiB measured where 16 KiB were saved),
     # and with --stop-after-steps the script never stopped.
     script = tmp_path / "ema_eval.py"
     script.write_text(EVALUATED_WITH_GRADIENTS_ON)
     out = tmp_path / "r.json"
-    proc = run_profiler(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
+    proc = run(["--steps", "2", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     models = {m["name"]: m for m in read_json(out)["models"]}
     # Linear input 8x16, ReLU output 8x64 (ReLU and Linear 2), the loss's log-softmax 8x500, its targets
@@ -704,7 +697,7 @@ def test_models_run_with_gradients_on_but_never_trained_take_nothing_from_the_tr
     assert any("no backward went through any of its forwards" in n for n in other["notes"])
     assert "other completed fewer than" not in proc.stderr
 
-    stopped = run_profiler(["--steps", "1", "--stop-after-steps", "--no-sampler", "-q", script], tmp_path, timeout=60)
+    stopped = run(["--steps", "1", "--stop-after-steps", "--no-sampler", "-q", script], tmp_path, timeout=60)
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.splitlines() == ["(2, 500)"]  # stopped at the first module call after the step
 
@@ -728,15 +721,13 @@ for step in range(20):
 """
 
 
-def test_stop_after_one_step_waits_for_the_other_model_of_a_gan(tmp_path):
+def test_stop_after_one_step_waits_for_the_other_model_of_a_gan(tmp_path, run):
     # D's one step ends while G's forward has run and its backward has not: G
     # is not "never trained", and is measured before the script is stopped.
     script = tmp_path / "gan.py"
     script.write_text(GAN_ONE_STEP)
     out = tmp_path / "r.json"
-    proc = run_profiler(
-        ["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60
-    )
+    proc = run(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0"]
     models = {m["name"]: m for m in read_json(out)["models"]}
@@ -764,14 +755,12 @@ for step in range(20):
 """
 
 
-def test_a_model_that_trains_only_after_the_stop_is_named(tmp_path):
+def test_a_model_that_trains_only_after_the_stop_is_named(tmp_path, run):
     # The critic's one step is done before the generator has trained at all: the
     # stop does not wait for it (it cannot know it will), and the report says so.
     script = tmp_path / "n_critic.py"
     script.write_text(N_CRITIC)
     out = tmp_path / "r.json"
-    proc = run_profiler(
-        ["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60
-    )
+    proc = run(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert any("G had no training step before the stop" in n for n in read_json(out)["notes"])

@@ -11,7 +11,6 @@ A key added here is added for all of them (``docs/report-schema.md`` lists
 them, and a test checks the list against this shape).
 """
 
-from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
