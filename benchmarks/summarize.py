@@ -1,7 +1,7 @@
-"""Print the README's performance tables from the committed JSON results.
+"""Print the performance tables of benchmarks/README.md from the committed JSON results.
 
-The README must not carry numbers that no run produced; this script is how
-its tables are made: ``python benchmarks/summarize.py`` reads
+The documentation must not carry numbers that no run produced; this script is
+how its tables are made: ``python benchmarks/summarize.py`` reads
 ``benchmarks/results/*.json`` and prints Markdown tables with the machine
 each number came from.
 """
@@ -59,11 +59,24 @@ def overhead_table() -> str:
                     f"{plain:.4g}",
                     f"{d['medians'][mode]['per_step_s']:.4g}",
                     f"{r['ratio_of_medians']:.3f}x",
+                    f"{r['steps_only_ratio_of_medians']:.3f}x" if "steps_only_ratio_of_medians" in r else "n/a",
+                    f"{r['ratio_of_mins']:.3f}x",
                 ]
             )
     return tabulate(
         rows,
-        headers=["file", "model", "threads", "machine", "tool", "plain s/step", "tool s/step", "ratio"],
+        headers=[
+            "file",
+            "model",
+            "threads",
+            "machine",
+            "tool",
+            "plain s/step",
+            "tool s/step",
+            "ratio",
+            "steps only",
+            "ratio of mins",
+        ],
         tablefmt="github",
     )
 
