@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .model.buckets import bucket_resolver
-from .results.assemble import analyze_model, attach_memory
+from .results.assemble import analyze_model, attach_memory, rebucketing
 from .results.report import Report
 from .tracking import StepTracker, drop_retired_hooks
 
@@ -73,6 +73,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
     ) -> None:
         self._model_report = analyze_model(model, name)
         self._model, self._name = model, name
+        self._run_order: dict[str, int] | None = None
         self.tracker = StepTracker(
             model,
             optimizer,
@@ -80,8 +81,13 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             sample_interval=sample_interval,
             bucket_of=bucket_resolver(self._model_report.buckets),
             live_peak=live_peak,
+            rebucket=self._rebucket,
         )
         self.report: Report | None = None
+
+    def _rebucket(self, order: dict[str, int]) -> object:
+        self._run_order = order  # (kept for a lazy model analysed again when the block ends)
+        return rebucketing(self._model_report, self._model)(order)
 
     def __enter__(self) -> profile:
         self.tracker.start()
@@ -92,7 +98,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             self.tracker.stop()
             drop_retired_hooks()  # the block is over: no optimizer step of its is running
             if self._model_report.inventory.uninitialized:  # lazy parameters got shapes in the block
-                self._model_report = analyze_model(self._model, self._name)
+                self._model_report = analyze_model(self._model, self._name, self._run_order)
         finally:
             attach_memory(self._model_report, self.tracker)
             self.report = Report(models=[self._model_report])

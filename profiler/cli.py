@@ -284,10 +284,11 @@ def main(argv: Sequence[str] | None = None, *, end_like_python: bool = False) ->
             sweep = measure_batches(
                 options, (lambda text: None) if options.quiet else (lambda text: say(f"{PROG}: {text}"))
             )
-            for note in sweep.notes:  # said even with -q: a planning point is missing
-                say(f"{PROG}: warning: {note}")
         guard.defer()  # from here a SIGTERM waits until the report is out
         report = session.report(result, sweep)
+        if options.quiet:  # said even with -q: a planning point is missing
+            for note in (n for n in report.notes if n.startswith("--fit-batches")):
+                say(f"{PROG}: warning: {note}")
         # Files first: a script that closed its stderr still gets them.
         written, failure = _write_files(report, options)
         failure = _print_report(report, options, failure)

@@ -47,6 +47,7 @@ def test_formulas_use_the_observed_shape_and_report_errors():
         "batch": 4,
         "seq": 16,
         "seq_source": None,
+        "batch_source": "the input's first dimension (nothing in the model says otherwise)",
     }
     by_name = {f["name"]: f for f in est["formulas"]}
     n = entry.inventory.total

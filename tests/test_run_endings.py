@@ -96,6 +96,7 @@ def test_sigterm_writes_the_report_and_ends_by_the_signal(tmp_path):
     assert "Traceback" not in err and "Memory of a training step" in err
     report = json.loads(out.read_text())
     assert any("terminated by SIGTERM" in n for n in report["notes"])
+    assert report["script"]["exit_code"] == 143 and report["script"]["interrupted_by"] == "SIGTERM"
     assert len(report["models"][0]["memory"]["steps"]) == 2
 
 
@@ -128,6 +129,8 @@ def test_ctrl_c_during_fit_batches_keeps_the_report_and_says_the_fit_is_partial(
     assert "Will it fit?" in err  # the report is printed, with what the main run measured
     report = json.loads(out.read_text())
     assert any("interrupted (Ctrl-C)" in n and "partial" in n for n in report["notes"])
+    # The script itself ended well (its status), the run did not: both are said.
+    assert report["script"]["exit_code"] == 0 and report["script"]["interrupted_by"] == "SIGINT (Ctrl-C)"
     assert report["models"][0]["fit"]["measured_batches"] == [4]
     child = int(pids.read_text().split()[0])
     deadline = time.monotonic() + 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 from support import EXAMPLES, read_json, run_in_process
@@ -264,7 +265,8 @@ def test_a_model_per_fold_is_let_go_once_measured(tmp_path, steps_per_fold, run)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["folds alive: 0"] * 3
     models = read_json(out)["models"]
-    assert [m["name"] for m in models] == ["Sequential", "Sequential#2", "Sequential#3"]
+    # Each found as the script's `model` (its name when it was found: the name is rebound per fold).
+    assert [m["name"] for m in models] == ["model", "model#2", "model#3"]
     assert all(len(m["memory"]["steps"]) == 2 and m["memory"]["optimizer"] == "AdamW" for m in models)
 
 
@@ -428,7 +430,7 @@ def test_a_model_trained_fewer_steps_than_asked_is_said_so_and_freed(tmp_path, r
     proc = run(["--steps", "3", "--no-sampler", "--json", out, script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["folds alive: 0"] * 2  # as in a plain run
-    assert "Linear, Linear#2 completed fewer than 3 training step(s)" in proc.stderr
+    assert "model, model#2 completed fewer than 3 training step(s)" in proc.stderr
     models = read_json(out)["models"]
     assert [len(m["memory"]["steps"]) for m in models] == [2, 2]
     assert all(m["memory"]["steps"][-1]["categories"]["gradients"] == 36 for m in models)
@@ -764,3 +766,64 @@ def test_a_model_that_trains_only_after_the_stop_is_named(tmp_path, run):
     proc = run(["--steps", "1", "--stop-after-steps", "--no-sampler", "--json", out, script], tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert any("G had no training step before the stop" in n for n in read_json(out)["notes"])
+
+
+GAN_SAMPLING = """
+# A DCGAN-shaped loop that renders samples from fixed noise every other iteration, with gradients
+# on and never backpropagated (the output kept until the next render); the truth of each model's
+# steps from an independent walk of the autograd graph.
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+from torch import nn
+from autograd_walk import graph_saved_bytes
+
+torch.manual_seed(0)
+netG = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 128), nn.Tanh())
+netD = nn.Sequential(nn.Linear(128, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+crit = nn.BCEWithLogitsLoss()
+optD = torch.optim.Adam(netD.parameters(), lr=2e-4)
+optG = torch.optim.Adam(netG.parameters(), lr=2e-4)
+fixed_noise = torch.randn(8, 16)
+truth = {{"netD": [], "netG": [], "sample": None}}
+for i in range(6):
+    real = torch.randn(32, 128)
+    netD.zero_grad()
+    err_real = crit(netD(real), torch.ones(32, 1))
+    d_real = graph_saved_bytes(err_real, netD)
+    err_real.backward()
+    fake = netG(torch.randn(32, 16))
+    truth["netG"].append(graph_saved_bytes(fake, netG))
+    err_fake = crit(netD(fake.detach()), torch.zeros(32, 1))
+    truth["netD"].append(max(d_real, graph_saved_bytes(err_fake, netD)))  # one pass after the other
+    err_fake.backward()
+    optD.step()
+    netG.zero_grad()
+    crit(netD(fake), torch.ones(32, 1)).backward()  # through D too; D's gradients are cleared unused
+    optG.step()
+    if i % 2 == 0:
+        sample = netG(fixed_noise)
+        truth["sample"] = graph_saved_bytes(sample, netG)
+json.dump(truth, open("truth.json", "w"))
+"""
+
+
+def test_a_gan_rendering_samples_gets_each_models_steps_exact(tmp_path, run):
+    # The sampling forward's pair once sat above D's, so D's later steps read 0 B and its saves went
+    # to G's left-out forward; D's forward in G's step was a step of D's of its own.
+    script = tmp_path / "gan.py"
+    script.write_text(GAN_SAMPLING.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "r.json"
+    proc = run(["--steps", "5", "--no-sampler", "--json", out, script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    truth = read_json(tmp_path / "truth.json")
+    models = {m["name"]: m["memory"] for m in read_json(out)["models"]}
+    for name in ("netD", "netG"):
+        steps = models[name]["steps"]
+        assert [s["categories"]["activations"] for s in steps] == truth[name][:5], name
+        assert all(s["optimizer_steps"] == 1 and s["complete"] for s in steps), name
+    # G's sampling forwards are left out of the steps they came in, with exactly what they saved.
+    assert [s["activations_left_out"] for s in models["netG"]["steps"]] == [0, truth["sample"], 0, truth["sample"], 0]
+    # D's passes in G's steps train nothing: left out, and said.
+    assert models["netD"]["backward_passes_discarded"] == 4
+    assert any("cleared without an optimizer step" in n for n in models["netD"]["notes"])

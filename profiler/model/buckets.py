@@ -8,6 +8,13 @@ before it is the embedding, what it registers after it is the head. An
 encoder-decoder has two trunks, and each part is judged against the trunk(s)
 in its own scope (an encoder's final norm is after the encoder's trunk).
 
+A model without a trunk but with a recurrent core (an LSTM, a GRU) has that
+core as its block bucket, placed the same way; an ``nn.Embedding`` is the
+embedding bucket wherever it is registered (outside a trunk block). Once a
+forward has run, the order in which the modules ran replaces the order in
+which they were registered: a Transformer whose input embedding is registered
+after its encoder still has it run first.
+
 Every unique parameter lands in exactly one bucket, so buckets always sum to
 the unique total. A tied tensor is charged to the first bucket (in the order
 embedding, block, head, other) that reaches it, and its other aliases are
@@ -69,6 +76,8 @@ class Buckets:
     alias_bucket: dict[str, str]  # every alias -> the bucket of the module that registers it
     totals: dict[str, int]
     bytes: dict[str, int]
+    cores: list[str] = field(default_factory=list)  # recurrent modules that are the block bucket (no trunk)
+    run_order: bool = False  # placed by the order the modules ran in (a forward was seen), not registered in
 
 
 def _signature(module: nn.Module) -> tuple:
@@ -196,29 +205,61 @@ def _breakdown(block: nn.Module) -> list[BlockParam]:
     return out
 
 
-def _trunk_spans(inventory: Inventory, trunks: list[Trunk]) -> tuple[dict[str, int], list[tuple[str, int, int]]]:
-    """Pre-order index of every module, and the index range each trunk's blocks cover."""
+def _recurrent_cores(model: nn.Module) -> list[str]:
+    """The outermost recurrent modules (``nn.RNNBase``: LSTM, GRU, RNN), the body of a model without a trunk."""
+    found = [path for path, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    return [p for p in found if not any(o != p and _inside(p, o) for o in found)]
+
+
+def _anchors(trunks: list[Trunk], cores: list[str]) -> list[tuple[str, list[str]]]:
+    """(scope, block paths) of what the other buckets are placed around: each trunk, or each recurrent core."""
+    return [(t.path, t.block_paths) for t in trunks] + [(c, [c]) for c in cores]
+
+
+def _trunk_spans(
+    inventory: Inventory, anchors: list[tuple[str, list[str]]], run_order: dict[str, int] | None = None
+) -> tuple[dict[str, int], list[tuple[str, int, int]]]:
+    """An index of every module, and the index range each anchor's blocks cover.
+
+    The order the modules ran in when it is known and covers every anchor
+    (modules that did not run keep no index); else their registration order.
+    """
     order = {m.path: i for i, m in enumerate(inventory.modules)}
+    if run_order and all(any(_inside(p, b) for p in run_order for b in blocks) for _, blocks in anchors):
+        order = dict(run_order)
     spans = []
-    for t in trunks:
-        inside = [order[m.path] for m in inventory.modules if any(_inside(m.path, b) for b in t.block_paths)]
-        spans.append((t.path, min(inside), max(inside)))
+    for scope, blocks in anchors:
+        inside = [i for path, i in order.items() if any(_inside(path, b) for b in blocks)]
+        spans.append((scope, min(inside), max(inside)))
     return order, spans
 
 
-def _bucket_of_modules(inventory: Inventory, trunks: list[Trunk]) -> dict[str, str]:
-    order, spans = _trunk_spans(inventory, trunks)
-    blocks = [b for t in trunks for b in t.block_paths]
+def _bucket_of_modules(
+    inventory: Inventory,
+    anchors: list[tuple[str, list[str]]],
+    embeddings: set[str],
+    run_order: dict[str, int] | None,
+) -> dict[str, str]:
+    registered, registered_spans = _trunk_spans(inventory, anchors)
+    order, spans = _trunk_spans(inventory, anchors, run_order)
+    blocks = [b for _, paths in anchors for b in paths]
     result: dict[str, str] = {}
     for m in inventory.modules:
         path = m.path
         if any(_inside(path, b) for b in blocks):
             result[path] = "block"
             continue
+        if any(_inside(path, e) for e in embeddings):
+            result[path] = "embedding"  # a lookup table of the input, wherever it is registered
+            continue
         if any(_inside(s[0], path) for s in spans):
             result[path] = "mixed"  # holds a trunk: its own parameters are judged below
             continue
-        result[path] = _position_bucket(path, order[path], spans)
+        if path in order:
+            result[path] = _position_bucket(path, order[path], spans)
+        else:  # (did not run in the forward seen)
+            result[path] = _position_bucket(path, registered[path], registered_spans)
+    order, spans = registered, registered_spans  # parameters of a container: where they are registered
     # A container of a trunk whose subtree holds one bucket only (the ModuleList
     # of blocks itself) is that bucket, not "mixed".
     for m in inventory.modules:
@@ -249,11 +290,18 @@ def _position_bucket(path: str, index: int, spans: list[tuple[str, int, int]]) -
     return "other"
 
 
-def find_buckets(model: nn.Module, inventory: Inventory) -> Buckets:
-    """Label every parameter embedding / block / head / other from the structure."""
+def find_buckets(model: nn.Module, inventory: Inventory, run_order: dict[str, int] | None = None) -> Buckets:
+    """Label every parameter embedding / block / head / other from the structure.
+
+    ``run_order``: module path -> the order of its first call in a forward that
+    was seen; modules are then placed by when they ran.
+    """
     trunks = _find_trunks(model, inventory)
-    module_bucket = _bucket_of_modules(inventory, trunks)
-    order, spans = _trunk_spans(inventory, trunks)
+    cores = [] if trunks else _recurrent_cores(model)
+    anchors = _anchors(trunks, cores)
+    embeddings = {p for p, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    module_bucket = _bucket_of_modules(inventory, anchors, embeddings, run_order)
+    order, spans = _trunk_spans(inventory, anchors)
 
     alias_bucket: dict[str, str] = {}
     param_bucket: dict[str, str] = {}
@@ -275,7 +323,7 @@ def find_buckets(model: nn.Module, inventory: Inventory) -> Buckets:
         param_bucket[p.name] = charged
         totals[charged] += p.numel
         nbytes[charged] += p.nbytes
-    return Buckets(trunks, module_bucket, param_bucket, alias_bucket, totals, nbytes)
+    return Buckets(trunks, module_bucket, param_bucket, alias_bucket, totals, nbytes, cores, bool(run_order))
 
 
 _STATE_BUCKET = {"before": "embedding", "in": "block", "after": "head"}
@@ -290,7 +338,7 @@ def bucket_resolver(buckets: Buckets) -> Callable[[str, str], str]:
     Needed before any measurement: the tracker charges each saved tensor with it.
     """
     module_bucket = buckets.module_bucket
-    has_trunk = bool(buckets.trunks)
+    has_trunk = bool(buckets.trunks or buckets.cores)
 
     def resolve(path: str, state: str) -> str:
         bucket = module_bucket.get(path)

@@ -35,6 +35,8 @@ __all__ = [
 # Bytes per element of the weights if they were stored in each format; used for
 # the "weight memory at ..." table. int8 ignores quantisation scales.
 WEIGHT_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+# A format the weights are stored in that the table above lacks gets a row of its own.
+_OTHER_FORMATS: dict[str, tuple[str, int]] = {"float64": ("fp64", 8), "complex64": ("complex64", 8)}
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,14 @@ class Inventory:
         return sum(b.nbytes for b in self.buffers)
 
     def weight_memory(self) -> dict[str, int]:
-        """Bytes the unique parameters would take in each storage format."""
-        return {fmt: self.total * size for fmt, size in WEIGHT_DTYPE_BYTES.items()}
+        """Bytes the unique parameters would take in each storage format, the formats they are in included.
+
+        fp32, fp16, bf16 and int8 always; fp64 (and complex64) too where the
+        model stores some of its weights so, as a float64 model does.
+        """
+        sizes = dict(WEIGHT_DTYPE_BYTES)
+        sizes.update(_OTHER_FORMATS[p.dtype] for p in self.parameters if p.dtype in _OTHER_FORMATS)
+        return {fmt: self.total * size for fmt, size in sizes.items()}
 
     def dtype_counts(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)

@@ -7,10 +7,13 @@ model measured either way is reported the same way.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 from torch import nn
 
 from ..errors import ProfilerError
-from ..model.buckets import find_buckets
+from ..model.buckets import bucket_resolver, find_buckets
 from ..model.inventory import take_inventory
 from ..model.traits import ModelTraits
 from ..tracking import StepTracker
@@ -19,21 +22,40 @@ from .fit import FitPoint, plan_fit
 from .memory_section import memory_section
 from .report import ModelReport
 
-__all__ = ["analyze_model", "attach_measurements", "attach_memory"]
+__all__ = ["analyze_model", "attach_measurements", "attach_memory", "rebucketing"]
 
 
-def analyze_model(model: nn.Module, name: str | None = None) -> ModelReport:
+def analyze_model(model: nn.Module, name: str | None = None, run_order: dict[str, int] | None = None) -> ModelReport:
     """Inventory and buckets of one model, as one entry of a Report.
 
     A module without parameters (``nn.ReLU()``, an empty ``Sequential``) is
-    counted too: zero parameters is an answer, not an error.
+    counted too: zero parameters is an answer, not an error. ``run_order``:
+    the order its modules were seen to run in, when a forward was measured.
     """
     if not isinstance(model, nn.Module):
         raise ProfilerError(
             f"analyze() needs a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}"
         )
     inventory = take_inventory(model)
-    return ModelReport(name=name or type(model).__name__, inventory=inventory, buckets=find_buckets(model, inventory))
+    buckets = find_buckets(model, inventory, run_order)
+    return ModelReport(name=name or type(model).__name__, inventory=inventory, buckets=buckets)
+
+
+def rebucketing(entry: ModelReport, model: nn.Module) -> Callable[[dict[str, int]], Callable[[str, str], str]]:
+    """What a tracker calls once a forward showed the order the modules run in: the entry's buckets follow it.
+
+    Returns the bucket resolver the tracker charges saves with from then on.
+    The model is held weakly (the runner lets the script drop it).
+    """
+    model_ref = weakref.ref(model)
+
+    def rebucket(order: dict[str, int]) -> Callable[[str, str], str]:
+        model = model_ref()
+        if model is not None:
+            entry.buckets = find_buckets(model, entry.inventory, order)
+        return bucket_resolver(entry.buckets)
+
+    return rebucket
 
 
 def attach_measurements(model_report: ModelReport, tracker: StepTracker, traits: ModelTraits | None = None) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from ..model.traits import ModelTraits, model_traits
 from .report import ModelReport
 from .schema import CategoriesJSON, StepJSON
-from .steps import described_step
+from .steps import batch_and_sequence, described_step
 
 __all__ = ["ModelShape", "estimates_section", "model_shape", "model_states"]
 
@@ -68,11 +68,10 @@ def model_shape(
     batch = seq = None
     source = None
     if step is not None and step.get("input_shape"):
-        shape = step["input_shape"]
-        batch = shape[0]
+        batch, token_seq = batch_and_sequence(step)
         trunk = step.get("trunk_input_shape") or []
-        if step.get("input_is_tokens") and len(shape) >= 2:
-            seq = shape[1]
+        if token_seq is not None:
+            seq = token_seq
         elif (
             len(trunk) == 3
             and trunk[0] == batch
@@ -172,6 +171,7 @@ def estimates_section(model_report: ModelReport, model: nn.Module | ModelTraits 
             "batch": shape.batch,
             "seq": shape.seq,
             "seq_source": shape.seq_source,
+            "batch_source": step.get("batch_source"),
         },
         "mixed_precision": _mixed_precision(step),
         "formulas": formulas,

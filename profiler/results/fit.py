@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ProfilerError
 from .estimates import model_states
 from .schema import MemoryJSON
-from .steps import described_steps
+from .steps import batch_and_sequence, described_step, described_steps
 
 __all__ = ["CARDS", "FitPoint", "check_margin", "fit_points", "plan_fit", "predict_required", "resolve_card"]
 
@@ -51,7 +51,7 @@ class FitPoint:
     source: str
 
 
-def fit_points(memory: MemoryJSON) -> list[FitPoint]:
+def fit_points(memory: MemoryJSON, batch_dim: int | None = None) -> list[FitPoint]:
     """The measured steps as planning points, one per batch size (the largest need)."""
     best: dict[tuple[int, int | None], FitPoint] = {}
     for step in described_steps(memory.get("steps", [])):
@@ -68,9 +68,10 @@ def fit_points(memory: MemoryJSON) -> list[FitPoint]:
         context = None
         if step.get("nvml_process_used_peak") is not None and step.get("reserved") is not None:
             context = max(0, step["nvml_process_used_peak"] - step["reserved"])
-        shape = step["input_shape"]
-        seq = shape[1] if step.get("input_is_tokens") and len(shape) >= 2 else None
-        point = FitPoint(shape[0], seq, required, fixed, context, source)
+        batch, seq = batch_and_sequence(step, batch_dim)
+        if batch is None:
+            continue
+        point = FitPoint(batch, seq, required, fixed, context, source)
         key = (point.batch, point.seq)
         if key not in best or best[key].required < point.required:
             best[key] = point
@@ -93,14 +94,19 @@ def plan_fit(
     cards: dict[str, float] | None = None,
     margin: float = 0.10,
     focus: str | None = None,
+    batch_dim: int | None = None,
 ) -> dict[str, Any]:
-    """Predict the memory at any batch size and the largest batch each card holds."""
+    """Predict the memory at any batch size and the largest batch each card holds.
+
+    ``batch_dim``: which dimension of the input is the batch, when ``--fit-batches``
+    found it (the one that followed the batch flag); else each step's own.
+    """
     check_margin(margin)
     cards = dict(CARDS if cards is None else cards)
     if focus is not None:
         key = resolve_card(focus, cards)
         cards = {key: cards[key]}
-    own = fit_points(memory)
+    own = fit_points(memory, batch_dim)
     points = own + list(extra_points or [])
     seqs = {p.seq for p in points}
     if not points:
@@ -163,6 +169,7 @@ def plan_fit(
         "sequence_length": points[0].seq,
         "measured_batches": batches,
         "measured_batch": measured_batch,
+        "batch_source": _batch_source(memory, batch_dim),
         "source": points[0].source,
         "bytes_per_sample": per_sample,
         "fixed_bytes": int(fixed),
@@ -175,6 +182,14 @@ def plan_fit(
         "cards": rows,
         "notes": notes,
     }
+
+
+def _batch_source(memory: MemoryJSON, batch_dim: int | None) -> str | None:
+    """How the batch dimension was found: by ``--fit-batches``, or as the described step says."""
+    if batch_dim is not None:
+        return f"the input's dimension {batch_dim} (the one that followed the batch flag in the --fit-batches runs)"
+    step = described_step(memory.get("steps", []))
+    return step.get("batch_source") if step is not None else None
 
 
 def predict_required(fit: dict[str, Any], batch: int, include_context: bool = True) -> int:

@@ -49,6 +49,8 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> StepJSON:
         "seconds": step.seconds,
         "input_shape": list(step.input_shape) if step.input_shape is not None else None,
         "input_is_tokens": step.input_is_tokens,
+        "batch_dim": step.batch_dim,
+        "batch_source": step.batch_source,
         "trunk_input_shape": list(step.trunk_input_shape) if step.trunk_input_shape is not None else None,
         "forwards": step.forwards,
         # Forwards whose output no backward of the step reached (a probe the script kept): not part of it.
@@ -179,6 +181,7 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> MemoryJSON:
         "activations_by_module": by_module,
         "activations_by_block_module": _per_block_module(by_module, buckets),
         "activations_step": last.index if last is not None else None,
+        "backward_passes_discarded": tracker.backward_passes_discarded,
         "notes": _measuring_notes(tracker) + _step_notes(tracker),
     }
     if tracker.phases.sampler is not None:
@@ -193,6 +196,12 @@ def _measuring_notes(tracker: StepTracker) -> list[str]:
         notes.append(
             f"{tracker.forwards_without_backward} forward(s) with gradients on but no backward (a shape check, a "
             "summary, a loss only printed, a model evaluated with gradients on) were left out of the steps"
+        )
+    if tracker.backward_passes_discarded:
+        notes.append(
+            f"{tracker.backward_passes_discarded} backward pass(es) whose gradients were cleared without an optimizer "
+            "step (a GAN's discriminator, backpropagated through by the generator's loss) were left out of the "
+            "steps: they train nothing (backward_passes_discarded)"
         )
     if tracker.device.type != "cuda":
         if tracker.phases.live_peak:
@@ -292,5 +301,8 @@ def _step_notes(tracker: StepTracker) -> list[str]:
     if any(s.complete for s in steps) and not any(s.optimizer_steps or s.optimizer_skipped for s in steps):
         name = tracker.optimizers.name
         held = "not measured" if name is None else f"{name}'s, counted as it stood"
-        notes.append(f"no optimizer step was seen (weights updated by hand?): optimizer state {held}")
+        notes.append(
+            "no optimizer step was seen (weights updated by hand, or the script ended before its first optimizer "
+            f"step?): optimizer state {held}"
+        )
     return notes

@@ -78,8 +78,9 @@ def render_model(m: ModelReport, depth: int = 2) -> str:
             format_bytes(sum(b.bytes.values())),
         ]
     )
+    placed = "; placed by the order the modules ran in" if b.run_order else ""
     parts.append(
-        "Buckets (found from the structure; a tied tensor is charged once)\n"
+        f"Buckets (found from the structure{placed}; a tied tensor is charged once)\n"
         + tabulate(rows, headers=["bucket", "params", "share", "bytes"], colalign=("left", "right", "right", "right"))
     )
 
@@ -92,6 +93,16 @@ def render_model(m: ModelReport, depth: int = 2) -> str:
             + tabulate(
                 rows, headers=["path", "blocks", "params/block", "params"], colalign=("left", "right", "right", "right")
             )
+        )
+    elif b.cores:
+        parts.append(
+            f"Trunks: no run of structurally identical blocks found; the recurrent core ({', '.join(b.cores)}) is "
+            "the block bucket, what runs before it embedding, after it head."
+        )
+    elif b.totals["embedding"]:
+        parts.append(
+            "Trunks: no run of structurally identical blocks found; the embedding tables are 'embedding', every "
+            "other parameter is in 'other'."
         )
     else:
         parts.append("Trunks: no run of structurally identical blocks found; every parameter is in 'other'.")

@@ -45,6 +45,8 @@ class ModelReport:
             "dtypes": inv.dtype_counts(),
             "weight_memory": inv.weight_memory(),
             "buckets": dict(b.totals),
+            "buckets_placed_by": "run order" if b.run_order else "registration order",
+            "recurrent_cores": list(b.cores),
             "bucket_bytes": dict(b.bytes),
             "trunks": [
                 {

@@ -11,7 +11,6 @@ A key added here is added for all of them (``docs/report-schema.md`` lists
 them, and a test checks the list against this shape).
 """
 
-
 from typing import Any, NotRequired, TypedDict
 
 __all__ = [
@@ -76,11 +75,13 @@ class StepJSON(TypedDict):
     """One measured training step (``memory.steps[i]``)."""
 
     index: int
-    kind: str  # "first" (the optimizer created its state) or "steady"
+    kind: str  # "first" (the optimizer created its state; without state, the first, begun with no gradient) or "steady"
     complete: bool  # a forward and a backward that finished
     seconds: float
     input_shape: list[int] | None
     input_is_tokens: bool
+    batch_dim: int | None  # which dimension of input_shape is the batch
+    batch_source: str | None  # how that is known
     trunk_input_shape: list[int] | None
     forwards: int
     forwards_left_out: int
@@ -125,5 +126,6 @@ class MemoryJSON(TypedDict):
     activations_by_module: list[dict[str, Any]]
     activations_by_block_module: list[dict[str, Any]]
     activations_step: int | None
+    backward_passes_discarded: int  # passes whose gradients were cleared without an optimizer step
     notes: list[str]
     sampler: NotRequired[dict[str, Any]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .schema import StepJSON
 
-__all__ = ["described_step", "described_steps", "shown_steps"]
+__all__ = ["batch_and_sequence", "described_step", "described_steps", "shown_steps"]
 
 
 def described_steps(steps: list[StepJSON]) -> list[StepJSON]:
@@ -31,3 +31,20 @@ def shown_steps(steps: list[StepJSON]) -> list[StepJSON]:
     """The first and the last described step, the two that differ (the first creates the optimizer state)."""
     chosen = described_steps(steps)
     return [chosen[0], chosen[-1]] if len(chosen) > 1 else chosen
+
+
+def batch_and_sequence(step: StepJSON, batch_dim: int | None = None) -> tuple[int | None, int | None]:
+    """The step's batch size and, for token ids, sequence length.
+
+    The batch is the input's ``batch_dim`` (the step's own, as measured, unless
+    given: ``--fit-batches`` may have found it); a 2-D batch of token ids has its
+    sequence in the other dimension, so (sequence, batch) ids read right.
+    """
+    shape = step.get("input_shape")
+    dim = (step.get("batch_dim") or 0) if batch_dim is None else batch_dim
+    if not shape or dim >= len(shape):
+        return None, None
+    seq = None
+    if step.get("input_is_tokens") and len(shape) >= 2:
+        seq = shape[1 - dim] if len(shape) == 2 else shape[1 if dim == 0 else 0]
+    return shape[dim], seq

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ProfilerError
 from ..results.fit import FitPoint, fit_points
+from ..results.steps import described_step
 from .options import Options
 from .signals import Terminated
 
@@ -34,11 +35,63 @@ __all__ = ["SweepResult", "check_batch_flag", "measure_batches"]
 
 @dataclass
 class SweepResult:
-    """Fit points per model name, notes on what failed, and the interruption that ended the sweep, if any."""
+    """What each child run measured, per model name; notes on runs that failed; the interruption, if any."""
 
-    points: dict[str, list[FitPoint]] = field(default_factory=dict)
+    flag: str = "--batch-size"
+    runs: dict[str, list[tuple[int, dict]]] = field(default_factory=dict)  # (batch asked for, its memory section)
     notes: list[str] = field(default_factory=list)
     interrupted: BaseException | None = None  # KeyboardInterrupt or Terminated
+
+    def fit_inputs(self, name: str, memory: dict) -> tuple[list[FitPoint], int | None, list[str]]:
+        """The fit points the child runs give model ``name``, the batch dimension they show, and notes.
+
+        ``memory`` is the main run's. The batch is the input dimension the
+        model's steps say it is; where the child runs contradict that (the
+        dimension they measured did not follow the flag), the one dimension
+        that changed from the main run to each child run, to the size asked
+        for, is the batch: a script that feeds (sequence, batch) tensors to a
+        model that does not say so.
+        """
+        runs = self.runs.get(name, [])
+        dim = None
+        if runs and any(all(p.batch != batch for p in fit_points(mem)) for batch, mem in runs):
+            dim = _dimension_that_followed(memory, runs)
+        points, notes = [], []
+        if dim is not None:
+            notes.append(
+                f"--fit-batches: {name}'s batch is its input's dimension {dim}, the one that followed {self.flag} "
+                "from run to run"
+            )
+        for batch, mem in runs:
+            found = fit_points(mem, dim)
+            if not found:
+                notes.append(f"--fit-batches: no complete step of {name} at {self.flag} {batch}")
+            elif all(p.batch != batch for p in found):
+                # The script ignored the flag (or takes the batch size under another name).
+                seen = sorted({p.batch for p in found})
+                notes.append(
+                    f"--fit-batches: the run with {self.flag} {batch} measured {name} at batch "
+                    f"{', '.join(map(str, seen))}, not {batch} (does the script take {self.flag}? see --batch-arg)"
+                )
+            else:
+                points.extend(found)
+        return points, dim, notes
+
+
+def _dimension_that_followed(memory: dict, runs: list[tuple[int, dict]]) -> int | None:
+    """The one input dimension that differs from the main run's in every child run, and is the batch asked for."""
+    main = described_step(memory.get("steps", []))
+    common: set[int] | None = None
+    for batch, mem in runs:
+        child = described_step(mem.get("steps", []))
+        if main is None or child is None or not main.get("input_shape") or not child.get("input_shape"):
+            return None
+        a, b = main["input_shape"], child["input_shape"]
+        if len(a) != len(b):
+            return None
+        dims = {i for i, (x, y) in enumerate(zip(a, b)) if x != y and y == batch}
+        common = dims if common is None else common & dims
+    return next(iter(common)) if common is not None and len(common) == 1 else None
 
 
 def check_batch_flag(source: str | None, flag: str, args: list[str]) -> None:
@@ -92,7 +145,7 @@ def _argparse_options(source: str) -> set[str]:
 
 def measure_batches(options: Options, say: Callable[[str], None]) -> SweepResult:
     """One child run per batch size of ``options.batches``; ``say`` announces each run and its time."""
-    result = SweepResult()
+    result = SweepResult(flag=options.batch_arg)
     flag, total = options.batch_arg, len(options.batches)
     for i, batch in enumerate(options.batches, 1):
         say(f"--fit-batches: run {i} of {total}, the script at {flag} {batch} (a child process) ...")
@@ -100,7 +153,7 @@ def measure_batches(options: Options, say: Callable[[str], None]) -> SweepResult
             _measure_one(options, batch, say, result)
         except (KeyboardInterrupt, Terminated) as exc:  # a running child is killed by subprocess.run
             what = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
-            done = sorted({p.batch for points in result.points.values() for p in points})
+            done = sorted({b for runs in result.runs.values() for b, _ in runs})
             result.notes.append(
                 f"--fit-batches was interrupted ({what}) during the run at {flag} {batch}: the fit points are "
                 "partial, the fit uses "
@@ -151,21 +204,10 @@ def _measure_one(options: Options, batch: int, say: Callable[[str], None], resul
             return
         with open(out, encoding="utf-8") as fh:
             report = json.load(fh)
-    _take_points(report, batch, flag, result)
+    _take_points(report, batch, result)
 
 
-def _take_points(report: dict, batch: int, flag: str, result: SweepResult) -> None:
-    """The child report's fit points, per model; a note where the run did not measure ``batch``."""
+def _take_points(report: dict, batch: int, result: SweepResult) -> None:
+    """Keep what the child run at ``batch`` measured of each model (judged in ``SweepResult.fit_inputs``)."""
     for model in report.get("models", []):
-        found = fit_points(model.get("memory", {}))
-        if not found:
-            result.notes.append(f"--fit-batches: no complete step of {model['name']} at {flag} {batch}")
-        elif all(p.batch != batch for p in found):
-            # The script ignored the flag (or takes the batch size under another name).
-            seen = sorted({p.batch for p in found})
-            result.notes.append(
-                f"--fit-batches: the run with {flag} {batch} measured {model['name']} at batch "
-                f"{', '.join(map(str, seen))}, not {batch} (does the script take {flag}? see --batch-arg)"
-            )
-            continue
-        result.points.setdefault(model["name"], []).extend(found)
+        result.runs.setdefault(model["name"], []).append((batch, model.get("memory", {})))

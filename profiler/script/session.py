@@ -12,6 +12,7 @@ once the script has dropped it.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..model.buckets import bucket_resolver
 from ..model.traits import ModelTraits, model_traits
-from ..results.assemble import analyze_model, attach_measurements
+from ..results.assemble import analyze_model, attach_measurements, rebucketing
 from ..results.fit import plan_fit
 from ..results.report import ModelReport, Report
 from ..tracking import StepTracker, drop_retired_hooks
@@ -55,6 +56,20 @@ def name_models(models: list[nn.Module | None], script_globals: dict, defaults: 
         used.add(name)
         names.append(name)
     return names
+
+
+def _global_name(model: nn.Module) -> str | None:
+    """The script's global name for ``model`` when it is found (its first call), if it has one.
+
+    Kept as the model's name: a script may rebind the name later (a model
+    reloaded from a checkpoint for evaluation), and the model trained under it
+    keeps it.
+    """
+    main = sys.modules.get("__main__")
+    for var, value in vars(main).items() if main is not None else ():
+        if value is model and not var.startswith("_"):
+            return var
+    return None
 
 
 def script_models(script_globals: dict) -> list[nn.Module]:
@@ -110,7 +125,7 @@ class ScriptSession:
         self._let_go_of_dropped_models()
         self._forget_parts_of(model)
         try:
-            entry = analyze_model(model, type(model).__name__)
+            entry = analyze_model(model, _global_name(model) or type(model).__name__)
             traits = model_traits(model)
         except Exception as exc:  # noqa: BLE001 - a report note, never a crash of the script
             self.notes.append(f"could not analyse {type(model).__name__}: {type(exc).__name__}: {exc}")
@@ -127,6 +142,7 @@ class ScriptSession:
                     live_peak=self.options.live_peak,
                     hold_model=False,
                     hooks_host=self._watcher,
+                    rebucket=rebucketing(entry, model),
                 )
                 tracker.start()
                 tracker.calls.enter_root(args, kwargs)  # the call it was found in is running
@@ -247,13 +263,17 @@ class ScriptSession:
             self.notes.append(
                 "the script was ended by --stop-after-steps once its models' steps were measured (exit 0)"
             )
-        if sweep is not None:
-            self.notes.extend(sweep.notes)
-        report = self._entries(result.globals, fallback, sweep.points if sweep is not None else {})
+        sweep = sweep or SweepResult()
+        self.notes.extend(sweep.notes)
+        report = self._entries(result.globals, fallback, sweep)
         report.notes.extend(self._run_notes(report, result))
         report.script = {"path": self.options.target, "args": self.options.args, "exit_code": result.exit_code}
         if self.options.run_module:
             report.script["module"] = True
+        interrupted = sweep.interrupted if sweep.interrupted is not None else result.exception
+        if isinstance(interrupted, (KeyboardInterrupt, Terminated)):
+            # The script's own status stays exit_code; the process ends by the signal (130 or 143 in a shell).
+            report.script["interrupted_by"] = "SIGTERM" if isinstance(interrupted, Terminated) else "SIGINT (Ctrl-C)"
         return report
 
     def _run_notes(self, report: Report, result: ScriptResult) -> list[str]:
@@ -282,7 +302,7 @@ class ScriptSession:
             notes.append(f"{', '.join(unfinished)} completed fewer than {steps} training step(s): what ran is measured")
         return notes
 
-    def _entries(self, script_globals: dict, fallback: list[nn.Module], extra_points: dict) -> Report:
+    def _entries(self, script_globals: dict, fallback: list[nn.Module], sweep: SweepResult) -> Report:
         """One entry per model found (alive or already let go), else per ``fallback`` model."""
         if self._found:
             alive = [f.model() for f in self._found]
@@ -301,7 +321,9 @@ class ScriptSession:
                 if found is not None and found.tracker is not None:
                     if not found.measured:
                         attach_measurements(entry, found.tracker, found.traits)
-                    entry.fit = plan_fit(entry.memory, extra_points=extra_points.get(name), **self.options.plan)
+                    points, dim, notes = sweep.fit_inputs(name, entry.memory)
+                    self.notes.extend(notes)
+                    entry.fit = plan_fit(entry.memory, extra_points=points, batch_dim=dim, **self.options.plan)
             except Exception as exc:  # noqa: BLE001 - one model we cannot describe must not cost the others
                 self.notes.append(f"could not report {name}: {type(exc).__name__}: {exc}")
                 continue

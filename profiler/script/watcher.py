@@ -94,11 +94,14 @@ class ModelWatcher:
             return
         if self._raise_at_next_call is not None and (exc := self._stop_now()) is not None:
             raise exc
-        depth = getattr(self._local, "depth", 0)
-        self._local.depth = depth + 1
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
         listeners = self._listeners  # as before this call: a tracker started by it began the call itself
-        if depth == 0 and module not in self._seen:
-            self._discover(module, args, kwargs)
+        if depth == 0:
+            local.root = module
+            if module not in self._seen:
+                self._discover(module, args, kwargs)
         for pre, _ in listeners:
             pre(module, args)
 
@@ -126,6 +129,8 @@ class ModelWatcher:
         local = self._local
         depth = getattr(local, "depth", 1)
         local.depth = depth - 1 if depth > 0 else 0
+        if depth <= 1:
+            local.root = None
         for _, post in self._listeners:
             post(module, args, output)
 
@@ -142,6 +147,14 @@ class ModelWatcher:
         pair = (pre, post)
         self._listeners = self._listeners + [pair]  # copied, never changed in place: _pre iterates a snapshot
         return Listening(self, pair)
+
+    def model_running(self) -> nn.Module | None:
+        """The model (or a part of one) whose root call is running on this thread now, if any.
+
+        A module without parameters called at the top (a loss module) is no model.
+        """
+        root = getattr(self._local, "root", None)
+        return root if root is not None and root in self._inside_models else None
 
     def stop_listening(self, pair: tuple) -> None:
         """End what ``listen`` began (``Listening.remove`` calls this)."""

@@ -62,8 +62,8 @@ class Ledger:
     """Counts what one model's steps save and hold, and puts it on their timelines.
 
     ``current_step()`` is the step being measured (None when none is);
-    ``locate()`` says where the running code is: (module path, bucket, inside
-    a module compiled whole), from the module-call stack; ``accumulated()`` is
+    ``locate()`` says where the running code is: (module path, where relative
+    to the trunk, inside a module compiled whole), from the module-call stack; ``accumulated()`` is
     told each time a parameter's ``.grad`` is accumulated (a backward pass
     that accumulates none is ``torch.autograd.grad``'s).
     """
@@ -74,7 +74,7 @@ class Ledger:
         device: torch.device,
         *,
         current_step: Callable[[], StepRecord | None],
-        locate: Callable[[], tuple[str, str, bool]],
+        locate: Callable[[], tuple[str, str | None, bool]],
         accumulated: Callable[[], None],
         fail: Callable[[str, Exception], None],
     ) -> None:
@@ -157,12 +157,12 @@ class Ledger:
             f.events.append((now, "activations", nbytes))
             self.live[ptr] = ("activations", nbytes, f)
         if path is not None:
-            bucket = "other"  # (what a custom Function's ctx holds: which module made it is not seen)
+            state = None  # (what a custom Function's ctx holds: which module made it is not seen)
         else:
-            path, bucket, inside_compiled = self._locate()
+            path, state, inside_compiled = self._locate()
             if inside_compiled:
                 f.compiled.add(ptr)  # inside a model compiled whole: which block saved it is not seen
-        f.where[ptr] = (path, bucket)
+        f.where[ptr] = (path, state)
 
     @guarded
     def count_function_ctx(self, step: StepRecord, roots: list, floor: int) -> None:

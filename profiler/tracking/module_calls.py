@@ -154,6 +154,9 @@ class CallsOwner(Protocol):
 
     def root_forward_ends(self, output: Any) -> None: ...
 
+    def run_order_known(self, order: dict[str, int]) -> None:
+        """The first training forward ran its modules in this order (path -> index of its first call)."""
+
     @property
     def forwarding(self) -> bool:
         """A root forward of the model is running (not yet returned)."""
@@ -179,9 +182,10 @@ class ModuleCalls:
         foreign_saved_hooks: Callable[[], bool] = lambda: False,
     ) -> None:
         self.owner = owner
+        self._model_ref = weakref.ref(model)  # (read at every module call: no property chain)
         self._foreign_saved_hooks = foreign_saved_hooks  # a pair not ours is innermost (a checkpoint's)
         self.fail = owner.fail  # for @guarded
-        self._bucket_of = bucket_of
+        self.bucket_of = bucket_of  # replaced once the first forward showed the order the modules run in
         self._notes = notes
         self._host = host
         self._paths: dict[int, str] = {}
@@ -198,6 +202,8 @@ class ModuleCalls:
         }
         if any(is_compiled(m) for m in model.modules()):
             notes.append(COMPILED_NOTE)
+        # Modules that say where their input's batch is (an LSTM, a Transformer layer, attention).
+        self._batch_first = {id(m) for m in model.modules() if isinstance(getattr(m, "batch_first", None), bool)}
         self.stack: list[int] = []
         self.trunk_state = "before"  # where execution is relative to the trunk: before/in/after
         self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed
@@ -206,6 +212,8 @@ class ModuleCalls:
         self._compiled_calls: list[tuple[weakref.ref, weakref.ref | None]] = []  # (module, our wrapper)
         self._forks = PROCESS.forks  # a forked child (a DataLoader worker) has more: the hooks do nothing there
         self._thread = threading.get_ident()
+        # module path -> the order of its first call, in the first training forward; None once taken
+        self._run_order: dict[str, int] | None = {}
 
     # ------------------------------------------------------------ lifecycle
     def install(self) -> None:
@@ -252,8 +260,8 @@ class ModuleCalls:
 
             def before(args: tuple, kwargs: dict, module: nn.Module = module) -> bool | None:
                 me = calls()
-                if me is None or me.owner.model is None:
-                    return None
+                if me is None or me.owner.model is None or torch.compiler.is_compiling():
+                    return None  # (dynamo tracing a caller of this compiled call: no graph break from us)
                 if module is me.owner.model:
                     me._root_pre(module, args, kwargs)
                 elif me.owner.step is not None:
@@ -264,7 +272,7 @@ class ModuleCalls:
 
             def after(args: tuple, output: Any, token: Any, module: nn.Module = module) -> None:
                 me = calls()
-                if me is not None:
+                if me is not None and not torch.compiler.is_compiling():
                     me._post(module, args, output)
 
             self._compiled_calls.append((weakref.ref(module), wrap_compiled_call(module, before, after)))
@@ -273,13 +281,30 @@ class ModuleCalls:
         """A step begins before the trunk."""
         self.trunk_state = "before"
 
-    def where(self) -> tuple[str, str, bool]:
-        """(module path, bucket, inside a module compiled whole) of the innermost module running now."""
+    def in_another_model(self) -> bool:
+        """A model other than ours is running at the top now (known only under the runner, from its watcher).
+
+        Its saves are not our model's, even when no tracker of its own takes
+        them (its steps are measured already): a GAN's discriminator training
+        while the generator's sampling output is kept.
+        """
+        host = self._host
+        if host is None:
+            return False
+        running = host.model_running()
+        return running is not None and id(running) not in self._hooked
+
+    def where(self) -> tuple[str, str | None, bool]:
+        """(module path, where execution is relative to the trunk, inside a module compiled whole) now.
+
+        The bucket is named from these when the step is folded (``bucket_of``),
+        once the first forward has shown the order the modules run in. A save
+        inside a model compiled whole has no place (None: bucket "other").
+        """
         stack = self.stack
         if stack and stack[-1] in self._compiled_mixed:
-            return self._paths.get(stack[-1], OUTSIDE), "other", True  # which block saved it is not seen
-        path = self._paths.get(stack[-1], OUTSIDE) if stack else OUTSIDE
-        return path, self._bucket_of(path, self.trunk_state), False
+            return self._paths.get(stack[-1], OUTSIDE), None, True  # which block saved it is not seen
+        return (self._paths.get(stack[-1], OUTSIDE) if stack else OUTSIDE), self.trunk_state, False
 
     # ---------------------------------------------------------------- hooks
     def _any_pre(self, module: nn.Module, args: Any) -> None:
@@ -291,28 +316,27 @@ class ModuleCalls:
         """
         if torch.compiler.is_compiling():
             return
-        owner = self.owner
         if id(module) not in self._hooked:
             if self._wraps_the_model(module):  # torch.compile(model): its call is the model's, compiled whole
                 self._measure_as_compiled_whole()
-                self._pre(owner.model, args)
+                self._pre(self._model_ref(), args)
                 self._note_root_inputs(module, args)
             return
-        if module is owner.model:
+        model = self._model_ref()
+        if module is model:
             self._pre(module, args)
             self._note_root_inputs(module, args)
-        elif owner.step is not None and owner.model is not None:  # (ids of a dropped model's modules are reused)
+        elif self.owner.step is not None and model is not None:  # (ids of a dropped model's modules are reused)
             self._pre(module, args)
 
     def _any_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
             return
-        owner = self.owner
         if id(module) not in self._hooked:
             if self._wraps_the_model(module):
-                self._post(owner.model, args, output)
+                self._post(self._model_ref(), args, output)
             return
-        if module is owner.model or owner.step is not None:
+        if self.owner.step is not None or module is self._model_ref():
             self._post(module, args, output)
 
     def _wraps_the_model(self, module: nn.Module) -> bool:
@@ -331,21 +355,37 @@ class ModuleCalls:
 
     def _measure_as_compiled_whole(self) -> None:
         """The model runs compiled whole: no module hook inside says which block saves what; said in a note."""
-        if self._bucket_of("", "before") != self._bucket_of("", "after"):
+        if self.bucket_of("", "before") != self.bucket_of("", "after"):
             self._compiled_mixed.add(id(self.owner.model))
         if COMPILED_NOTE not in self._notes:
             self._notes.append(COMPILED_NOTE)
 
     @guarded
     def _pre(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling() or PROCESS.forks != self._forks or threading.get_ident() != self._thread:
-            return  # (dynamo tracing a model compiled after our hooks went on: no graph break from us)
-        if module is self.owner.model and not self.stack:
+        """A call of one of the model's modules begins (callers return at once while dynamo traces)."""
+        if PROCESS.forks != self._forks or threading.get_ident() != self._thread:
+            return
+        if module is self._model_ref() and not self.stack:
             self.owner.root_forward_begins(args)
         self.stack.append(id(module))
+        if self._run_order is not None and self.owner.forwarding:
+            self._run_order.setdefault(self._paths.get(id(module), OUTSIDE), len(self._run_order))
         if id(module) in self._block_modules:
             self.trunk_state = "in"
             self._block_entered(args)
+        if id(module) in self._batch_first:
+            self._batch_first_entered(module, args)
+
+    def _batch_first_entered(self, module: nn.Module, args: Any) -> None:
+        """A module that says where its input's batch is: the forward's batch size, once a forward."""
+        step = self.owner.step
+        if step is None or not self.owner.forwarding or step.current_forward.batch_hint is not None:
+            return
+        tensors = tensors_in(args)
+        if tensors and tensors[0].dim() == 3:  # (unbatched or packed inputs say nothing)
+            first = bool(module.batch_first)
+            where = f"{type(module).__name__} '{self._paths.get(id(module), '')}' is batch_first={first}"
+            step.current_forward.batch_hint = (int(tensors[0].shape[0 if first else 1]), first, where)
 
     def _block_entered(self, args: Any) -> None:
         """A block of the trunk begins: its input's shape, and whether it is checkpointed."""
@@ -367,7 +407,8 @@ class ModuleCalls:
 
     @guarded
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling() or PROCESS.forks != self._forks or threading.get_ident() != self._thread:
+        """A call of one of the model's modules returned (callers return at once while dynamo traces)."""
+        if PROCESS.forks != self._forks or threading.get_ident() != self._thread:
             return
         mid = id(module)
         if mid in self.stack:
@@ -375,8 +416,11 @@ class ModuleCalls:
                 pass
         if mid in self._block_modules:
             self.trunk_state = "after"
-        if module is self.owner.model and not self.stack:
+        if module is self._model_ref() and not self.stack:
             self.owner.root_forward_ends(output)
+            order, self._run_order = self._run_order, self._run_order if not self._run_order else None
+            if order:
+                self.owner.run_order_known(order)
 
     @guarded
     def _root_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:

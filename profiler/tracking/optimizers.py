@@ -113,7 +113,7 @@ def optimizer_state(opt: torch.optim.Optimizer, param_ids: set[int]) -> tuple[in
         if id(p) not in param_ids:
             continue
         for name, value in state.items():
-            for tensor in tensors_in(value):
+            for tensor in (value,) if type(value) is torch.Tensor else tensors_in(value):  # (the common case first)
                 ident, nbytes = memory_of(tensor)
                 if ident in seen:
                     continue
@@ -324,6 +324,25 @@ class OptimizerWatch:
         if self._scaler is None:
             self._scaler = grad_scaler_alive()
         return self._scaler
+
+    def skipped(self, step: Any, parameters: Any) -> bool:
+        """The model's optimizer is known and did not step in ``step``, and ``zero_grad()`` ran: the iteration is over.
+
+        Marks the step ``optimizer_skipped`` when a GradScaler exists (it skips
+        the step when fp16 gradients overflow); without one, the weights were
+        updated some other way, or not at all. Otherwise (gradients still held)
+        they are being accumulated, and the step goes on.
+        """
+        if step.optimizer_steps or self.optimizer is None or parameters.model is None:
+            return False
+        if not parameters.gradients_cleared():
+            return False
+        step.optimizer_skipped = self.scaler_skips_steps()
+        return True
+
+    def take_state(self, step: Any, opt: torch.optim.Optimizer | None = None) -> None:
+        """Record the optimizer's state (of ``opt``, default the model's) in ``step``."""
+        step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = self.state(opt)
 
     def state(self, opt: torch.optim.Optimizer | None = None) -> tuple[int, dict[str, int], list[int]]:
         """``optimizer_state`` of ``opt`` (default: the model's optimizer) for the model's parameters."""

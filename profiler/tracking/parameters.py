@@ -44,6 +44,10 @@ class ModelParameters:
         self._refs = [weakref.ref(p) for p in unique.values()]
         self.lazy_left = any(is_lazy(p) for p in unique.values())
         self.storages: set[int] = set()  # data pointers of their storages, taken when measuring starts
+        # The model's parameters, read once a step (refresh()): walking the module tree each time a
+        # hook needs them cost a tenth of a small model's step.
+        self._all: list[nn.Parameter] = list(unique.values())
+        self._shaped = [p for p in self._all if not is_lazy(p)]
 
     @property
     def model(self) -> nn.Module | None:
@@ -61,10 +65,16 @@ class ModelParameters:
         ``loss = Net()(x).sum(); loss.backward()``: the module is gone before its
         backward, its parameters live on in the graph, and get gradients.
         """
+        if self.model is not None:
+            return self._shaped
+        return [p for ref in self._refs if (p := ref()) is not None and not is_lazy(p)]
+
+    def refresh(self) -> None:
+        """Read the model's parameters again (a step begins: the script may have replaced a module)."""
         model = self.model
         if model is not None:
-            return shaped_parameters(model)
-        return [p for ref in self._refs if (p := ref()) is not None and not is_lazy(p)]
+            self._all = list(model.parameters())
+            self._shaped = [p for p in self._all if not is_lazy(p)]
 
     def take_storages(self) -> None:
         """Know the storages of the parameters that have one (left out of activations)."""
@@ -73,12 +83,10 @@ class ModelParameters:
     def adopt_materialized(self) -> None:
         """Lazy parameters that got their shapes since: know their storage."""
         self.take_storages()
-        model = self.model
-        self.lazy_left = model is not None and any(is_lazy(p) for p in model.parameters())
+        self.lazy_left = self.model is not None and any(is_lazy(p) for p in self._all)
 
     def any_trainable(self) -> bool:
-        model = self.model
-        return model is not None and any(p.requires_grad for p in model.parameters())
+        return self.model is not None and any(p.requires_grad for p in self._all)
 
     def gradients(self) -> dict[int, int]:
         """Storage identity -> bytes of every gradient the parameters hold now."""
@@ -90,4 +98,4 @@ class ModelParameters:
 
     def release(self) -> None:
         """Let go of the model and forget its parameters (their figures were taken out)."""
-        self._ref, self._held, self._refs = None, None, []
+        self._ref, self._held, self._refs, self._all, self._shaped = None, None, [], [], []

@@ -334,13 +334,19 @@ class MemorySampler:
 
     # --------------------------------------------------------------- sampling
 
-    def mark(self, label: str) -> Sample:
-        """Start phase ``label``: later samples carry it; one is taken right now."""
+    def mark(self, label: str) -> Sample | None:
+        """Start phase ``label``: later samples carry it; the first time, one is taken right now.
+
+        A phase shorter than the interval still gets a sample. A label marked
+        again (the forward of each of an LBFGS step's twenty closure
+        evaluations) has one already: it is only set, which keeps the marks of
+        a step cheap however many micro-batches it has.
+        """
         if not self._running:
             raise RuntimeError("MemorySampler is not running; call start() first")
         with self._lock:
             self._label = label
-            return self._take_locked()
+            return self._take_locked() if label not in self._label_peaks else None
 
     def sample_now(self) -> Sample:
         """Take one sample on the calling thread (it also goes into the timeline)."""

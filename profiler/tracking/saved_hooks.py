@@ -12,9 +12,11 @@ rules below exist:
 * another model's tracker is passed over to the script's pair beneath it,
   and a tracker of the same model (nested ``profile`` blocks, or a script's
   own ``profile()`` under ``python -m profiler``) is told of each save too;
-* pairs of other trackers that see nothing now (between their forwards: a
-  GAN's discriminator after its backward) are taken off when our forward
-  begins, so its saves come to us.
+* pairs of other trackers whose model is not running (between their
+  forwards, or after a forward whose output the script keeps: a GAN's
+  generator rendering samples) are taken off when our forward begins, so its
+  saves come to us; a loss computed after both forwards is the later
+  model's, ours.
 
 What to do with a save is the owner's business (the tracker decides which
 step it belongs to, the ledger keeps it): this module only asks them,
@@ -51,8 +53,9 @@ class HooksOwner(Protocol):
     @property
     def measuring(self) -> bool: ...
 
-    def between_forwards(self) -> bool:
-        """No forward of this owner is running or awaiting its loss: its pair may be taken off."""
+    @property
+    def forwarding(self) -> bool:
+        """A root forward of the owner's model is running now: its pair must stay on top."""
 
     def observe_saved(self, t: torch.Tensor, packed: Any = NOT_PACKED) -> Any:
         """Count a saved tensor: the storage pointer counted, None, or ``PASS_ON``."""
@@ -111,7 +114,7 @@ class SavedHooks:
     def push(self) -> None:
         """Put our pair on top for a forward of the owner's model (see the module's rules)."""
         if self.pushed:
-            _pop_tracker_pairs(self.thread, lambda other: other is not self and other.owner.between_forwards())
+            _pop_tracker_pairs(self.thread, lambda other: other is not self and not other.owner.forwarding)
             top = _top()
             if not (self.pushed_in_backward and (top is None or top[0] is not self.pair[0])):
                 return

@@ -8,10 +8,20 @@ step were alive together, and joining steps that turned out to be one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PHASES", "SKIPPED_STEPS_LIMIT", "ForwardSaves", "PhaseRecord", "StepRecord", "enough_steps", "trained"]
+__all__ = [
+    "PHASES",
+    "SKIPPED_STEPS_LIMIT",
+    "ForwardSaves",
+    "PhaseRecord",
+    "StepRecord",
+    "batch_dimension",
+    "enough_steps",
+    "trained",
+]
 
 PHASES = ("forward", "backward", "optimizer")
 # A GradScaler halves its scale at every skipped step: 16 skips take the default
@@ -32,7 +42,8 @@ class ForwardSaves:
 
     saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
     copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
-    where: dict[int, tuple[str, str]] = field(default_factory=dict)  # storage ptr -> (module path, bucket)
+    # storage ptr -> (module path, where relative to the trunk: before / in / after, None for bucket "other")
+    where: dict[int, tuple[str, str | None]] = field(default_factory=dict)
     compiled: set[int] = field(default_factory=set)  # ptrs saved inside a model compiled whole (no block known)
     # Bytes the script's pack hook moved off the device, summed per save: each
     # save is its own copy, and a freed device address is soon reused.
@@ -47,6 +58,8 @@ class ForwardSaves:
     freed: dict[int, tuple[int, int]] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None  # of its batch input
     input_is_tokens: bool = False
+    # (batch size, batch_first, which module) from the first module with a batch_first attribute it ran
+    batch_hint: tuple[int, bool, str] | None = None
 
     @property
     def graph_freed(self) -> bool:
@@ -123,6 +136,8 @@ class StepRecord:
     activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input (of those kept, see fold)
     input_is_tokens: bool = False
+    batch_dim: int | None = None  # which dimension of input_shape is the batch
+    batch_source: str | None = None  # how that is known
     trunk_input_shape: tuple[int, ...] | None = None  # of the first trunk block's first tensor input, once a step
     checkpointing: bool = False  # checkpointed blocks or model: what they save is dropped and recomputed in backward
     saves_after_forward_unseen: bool = False  # the script's own saved-tensor hooks hid what the loss saved
@@ -149,7 +164,7 @@ class StepRecord:
         """The phases begun and not yet ended (at most one: phases tile the step)."""
         return [name for name, ph in self.phases.items() if ph.started_at is not None]
 
-    def fold(self) -> None:
+    def fold(self, bucket_of: Callable[[str, str], str]) -> None:
         """Fold the forwards measured since the last fold into the step's figures.
 
         Activations are what was alive at once: for each backward pass, the
@@ -163,7 +178,7 @@ class StepRecord:
         features), each forward counts on its own, as micro-batches would.
         (Counting per forward also keeps a storage address that the allocator
         reuses in the next micro-batch from being mistaken for one already
-        counted.)
+        counted.) Each save's bucket is named here, by ``bucket_of(path, where)``.
         """
         forwards, self.open_forwards = self.open_forwards, []
         self.current_forward = ForwardSaves()
@@ -192,7 +207,8 @@ class StepRecord:
                 by_module: dict[tuple[str, str], int] = {}
                 by_bucket: dict[str, int] = {}
                 for ptr, f in saved.items():
-                    nbytes, (path, bucket) = f.saved[ptr], f.where[ptr]
+                    nbytes, (path, state) = f.saved[ptr], f.where[ptr]
+                    bucket = "other" if state is None else bucket_of(path, state)
                     by_module[path, bucket] = by_module.get((path, bucket), 0) + nbytes
                     by_bucket[bucket] = by_bucket.get(bucket, 0) + nbytes
                 self.activations = total
@@ -205,6 +221,7 @@ class StepRecord:
             self.events.extend(f.events)
             if self.input_shape is None and f.input_shape is not None:
                 self.input_shape, self.input_is_tokens = f.input_shape, f.input_is_tokens
+                self.batch_dim, self.batch_source = batch_dimension(f.input_shape, f.batch_hint)
         if left_out:
             self.forwards -= len(left_out)
             self.forwards_left_out += len(left_out)
@@ -251,8 +268,15 @@ class StepRecord:
 
     @property
     def first(self) -> bool:
-        """The step in which the optimizer created its state."""
-        return self.optimizer_state > 0 and self.optimizer_state_before == 0
+        """The step in which the optimizer created its state; without any state, the first one measured.
+
+        Where no optimizer keeps state (weights updated by hand, plain SGD), the
+        first step still differs from the next ones when it begins with no
+        gradient held: it allocates them.
+        """
+        if self.optimizer_state or self.optimizer_state_before:
+            return self.optimizer_state > 0 and self.optimizer_state_before == 0
+        return self.index == 1 and self.gradients_start == 0
 
 
 def enough_steps(steps: list[StepRecord], max_steps: int | None) -> bool:
@@ -275,3 +299,22 @@ def enough_steps(steps: list[StepRecord], max_steps: int | None) -> bool:
 def trained(steps: list[StepRecord]) -> bool:
     """A backward through the model's output, or its optimizer's step, was seen in one of these steps."""
     return any(s.backwards or s.optimizer_steps for s in steps)
+
+
+def batch_dimension(shape: tuple[int, ...], hint: tuple[int, bool, str] | None) -> tuple[int, str]:
+    """Which dimension of a forward's input is the batch, and how that is known.
+
+    A module with a ``batch_first`` attribute (an LSTM, a Transformer layer,
+    attention) says where its input's batch is, hence its size; the input's
+    dimension of that size is the batch (token ids of shape (sequence, batch)
+    for a recurrent language model). Without one, the first dimension, as
+    PyTorch's own layers take it by default, and the report says so.
+    """
+    if hint is not None:
+        size, batch_first, module = hint
+        dims = [i for i, d in enumerate(shape) if d == size]
+        if len(dims) > 1:  # as long as the sequence: the module's own layout decides
+            dims = [d for d in dims if d == (0 if batch_first else 1)] or dims[:1]
+        if dims:
+            return dims[0], f"the input's dimension {dims[0]}: {module}"
+    return 0, "the input's first dimension (nothing in the model says otherwise)"

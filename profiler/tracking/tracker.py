@@ -96,6 +96,7 @@ class StepTracker:
         live_peak: bool = False,
         hold_model: bool = True,
         hooks_host: Any = None,
+        rebucket: Callable[[dict[str, int]], Callable[[str, str], str]] | None = None,
     ) -> None:
         self.parameters = ModelParameters(model, hold=hold_model)
         self.max_steps = max_steps
@@ -103,8 +104,10 @@ class StepTracker:
         self.notes: list[str] = []
         self.finished = False
         self.forwards_without_backward = 0  # forwards left out of the steps: no backward went through them
+        self.backward_passes_discarded = 0  # passes left out: their gradients were cleared without a step
         self._on_finished = on_finished
-        self._step: StepRecord | None = None
+        self._rebucket = rebucket  # the bucket resolver for the order the modules were seen to run in
+        self.step: StepRecord | None = None  # the step being measured now, if one is open
         self._state = StepState.IDLE
         self._running = False
         self._stop_requested = False  # an internal error inside an optimizer pre-hook: stop at the next forward
@@ -151,14 +154,9 @@ class StepTracker:
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self.optimizers.optimizer
 
-    @property
-    def step(self) -> StepRecord | None:
-        """The step being measured now, if one is open."""
-        return self._step
-
     def _measured_step(self) -> StepRecord | None:
         """The open step while measuring, else None (what the ledger counts into)."""
-        return self._step if self._running else None
+        return self.step if self._running else None
 
     @property
     def measuring(self) -> bool:
@@ -194,7 +192,7 @@ class StepTracker:
     def fail(self, where: str, exc: Exception) -> None:
         """Our own error inside a hook: note it and stop measuring, leaving training alone."""
         self.notes.append(f"measuring stopped after an internal error in {where}: {type(exc).__name__}: {exc}")
-        self._step = None  # the open step is unreliable: drop it
+        self.step = None  # the open step is unreliable: drop it
         if self.optimizers.in_pre_hooks:
             # Not while torch loops over the pre-hooks (deleting ours would raise
             # in the script): at the next forward. In a post-hook stop() retires ours.
@@ -210,7 +208,7 @@ class StepTracker:
         if not self._running:
             return
         self._running = False
-        step = self._step
+        step = self.step
         if self._open_step_unused() or (
             # Forwards with no backward after training steps (an evaluation kept
             # in a variable), or several and never a backward: a model evaluated
@@ -250,14 +248,14 @@ class StepTracker:
     @property
     def trained(self) -> bool:
         """A backward through the model's output, or its optimizer's step, was seen in a measured step."""
-        return trained(self.steps + ([self._step] if self._step is not None else []))
+        return trained(self.steps + ([self.step] if self.step is not None else []))
 
     @property
     def never_trained(self) -> bool:
         """No backward went through it, and a forward's graph was freed unused: a model only run, not trained."""
         if self.trained:
             return False
-        step = self._step
+        step = self.step
         return step is None or any(f.graph_freed for f in step.open_forwards)
 
     @property
@@ -267,7 +265,7 @@ class StepTracker:
         Forwards whose graph was freed with no backward (a model only evaluated
         with gradients on, a teacher whose output is detached) are no training.
         """
-        return bool(self.steps) or (self._step is not None and not self._open_step_unused())
+        return bool(self.steps) or (self.step is not None and not self._open_step_unused())
 
     def _enough_steps(self) -> bool:
         return enough_steps(self.steps, self.max_steps)
@@ -278,6 +276,7 @@ class StepTracker:
         if self._enough_steps():
             self._done()
             return False
+        self.parameters.refresh()
         if self.parameters.lazy_left:  # lazy parameters that got their shapes since
             self.ledger.hook_gradients()
             self.parameters.adopt_materialized()
@@ -287,12 +286,13 @@ class StepTracker:
         if self.optimizer is not None:
             step.optimizer_state_before = self.optimizers.state()[0]
         self.phases.begin_step(step)
-        self._step = step
+        self.step = step
         self.calls.step_begins()
         return True
 
-    def _finish_step(self) -> None:
-        step = self._step
+    def _finish_step(self, skipped: bool | None = None) -> None:
+        """Close the open step and add it to ``steps`` (``skipped``: already found out, else found here)."""
+        step = self.step
         if step is None:
             return
         if self.optimizers.in_step:  # its step() raised: the post-hook never ran
@@ -301,46 +301,45 @@ class StepTracker:
         elif self._state is StepState.AFTER_BACKWARD:
             # Measuring ends on an iteration that may have skipped its step (the
             # next forward, which would tell, never comes).
-            self._skipped_step()
+            if skipped is None:
+                skipped = self.optimizers.skipped(step, self.parameters)
+            if skipped and self._gradients_discarded():
+                self._discard_step()
+                return
         self.saved_hooks.pop()
         self.phases.end_open(step)
         step.seconds = time.perf_counter() - step.started_at
         # A backward that began and never ended raised: that step is not complete.
         step.complete = step.forwards > 0 and step.backwards > 0 and self._state is not StepState.BACKWARD
-        step.fold()
+        step.fold(self.calls.bucket_of)
         if self.optimizer is not None and not step.optimizer_steps:
-            self._take_optimizer_state(step)
+            self.optimizers.take_state(step)
         self.steps.append(step)
-        self._step = None
+        self.step = None
         self._state = StepState.IDLE
 
-    def _skipped_step(self) -> bool:
-        """The model's optimizer is known and did not step, and ``zero_grad()`` ran: the iteration is over.
+    def _gradients_discarded(self) -> bool:
+        """The skipped step trained nothing: no GradScaler skipped it, and the optimizer stepped before.
 
-        Marked ``optimizer_skipped`` when a GradScaler exists (it skips the step
-        when fp16 gradients overflow); without one, the weights were updated
-        some other way. Otherwise (gradients still held) they are being
-        accumulated, and the step goes on.
+        A GAN's discriminator, backpropagated through by the generator's loss,
+        then zeroed before its own next step: no training step of its own.
         """
-        step = self._step
-        if step.optimizer_steps or self.optimizer is None or self.model is None:
-            return False
-        if not self.parameters.gradients_cleared():
-            return False
-        step.optimizer_skipped = self.optimizers.scaler_skips_steps()
-        return True
+        return not self.step.optimizer_skipped and any(s.optimizer_steps for s in self.steps)
 
-    def _take_optimizer_state(self, step: StepRecord, opt: torch.optim.Optimizer | None = None) -> None:
-        step.optimizer_state, step.optimizer_state_by_name, step.optimizer_state_by_group = self.optimizers.state(opt)
+    def _discard_step(self) -> None:
+        """Leave out the open step, whose gradients were cleared without an optimizer step, with a note."""
+        self.backward_passes_discarded += self.step.backwards
+        self.saved_hooks.pop()
+        self.step, self._state = None, StepState.IDLE
 
     def _only_forwards(self) -> bool:
         """The open step has had forwards and no backward yet."""
-        step = self._step
+        step = self.step
         return step is not None and self._state is StepState.AFTER_FORWARD and not step.backwards
 
     def _open_step_unused(self) -> bool:
         """The open step's forwards had no backward and their graphs are gone: no training step at all."""
-        forwards = self._step.open_forwards if self._step is not None else []
+        forwards = self.step.open_forwards if self.step is not None else []
         return (
             self._only_forwards()
             and not self.optimizers.in_step
@@ -350,16 +349,16 @@ class StepTracker:
 
     def _drop_unused_step(self) -> None:
         """Leave out the open step, forwards whose graph was freed unused (``_open_step_unused``), with a note."""
-        self.forwards_without_backward += self._step.forwards
+        self.forwards_without_backward += self.step.forwards
         self.saved_hooks.pop()  # (another model's step, or a loss after the next forward, is not ours to see)
-        self._step, self._state = None, StepState.IDLE
+        self.step, self._state = None, StepState.IDLE
 
     # ------------------------------------------------------- root forwards
     def root_forward_begins(self, args: Any) -> None:
         """A root forward of the model begins (told by the module-call stack)."""
         # Autograd nodes numbered above the inputs' were made by this forward (see Ledger.count_function_ctx).
         self._seq_floor = max((t.grad_fn._sequence_nr() for t in tensors_in(args) if t.grad_fn is not None), default=-1)
-        step = self._step
+        step = self.step
         if step is not None and self._state is StepState.BACKWARD and torch._C._current_graph_task_id() != -1:
             # Backward recomputing a checkpointed model: part of that backward, not a
             # forward. (Reentrant checkpointing ran the first forward under no_grad,
@@ -373,7 +372,7 @@ class StepTracker:
             # Its step() raised and the script went on: that iteration is over.
             self._finish_step()
             self.optimizers.end_step()  # also with no step open
-        if self._step is None and self._running and self._enough_steps():
+        if self.step is None and self._running and self._enough_steps():
             self._done()  # the first forward after the last measured step, evaluation included
             return
         if not torch.is_grad_enabled() or not self._running or torch._C._get_tracing_state() is not None:
@@ -384,15 +383,15 @@ class StepTracker:
         if self._open_step_unused() or (
             self._only_forwards()
             and not self.optimizers.in_step
-            and self._step.forwards >= FORWARDS_WITHOUT_BACKWARD_LIMIT
+            and self.step.forwards >= FORWARDS_WITHOUT_BACKWARD_LIMIT
         ):
             # The forward before had no backward and its graph is gone: a shape
             # check, a summary or a loss printed with gradients on. Not part of a
             # training step (its batch is often another size): measured afresh.
             self._drop_unused_step()
-        if self._step is None and not self._begin_step():
+        if self.step is None and not self._begin_step():
             return
-        step = self._step
+        step = self.step
         if torch._C._current_graph_task_id() != -1:
             step.checkpointing = True  # a forward run by backward: a reentrant checkpoint's recomputation
         if step.forwards:
@@ -411,7 +410,7 @@ class StepTracker:
         gradient penalty's): the step goes on, the next forward is one more of it.
         """
         if not (
-            self._step is not None
+            self.step is not None
             and self._state is StepState.AFTER_BACKWARD
             and not self.optimizers.in_step
             and self._pass_accumulated
@@ -421,12 +420,14 @@ class StepTracker:
         # optimizer: the step is over), or a GradScaler that skipped step() while
         # its scale settles. Only an optimizer that exists can tell the two apart.
         self.optimizers.find_once()
-        if self.optimizer is None or self._skipped_step():
-            self._finish_step()
+        if self.optimizer is None:
+            self._finish_step(skipped=False)
+        elif self.optimizers.skipped(self.step, self.parameters):
+            self._finish_step(skipped=True)
 
     def root_forward_ends(self, output: Any) -> None:
         """A root forward of the model returned ``output`` (told by the module-call stack)."""
-        step = self._step
+        step = self.step
         if step is None or self._state is not StepState.FORWARD:
             return
         if self.saved_hooks.balanced:
@@ -442,6 +443,12 @@ class StepTracker:
         forward.watched = bool(fns)
         forward.graph = [self.outputs.watch(fn, forward) for fn in fns.values()]
         self.ledger.count_function_ctx(step, list(fns.values()), self._seq_floor)
+
+    @guarded
+    def run_order_known(self, order: dict[str, int]) -> None:
+        """The first training forward showed the order the modules run in: buckets follow it from now on."""
+        if self._rebucket is not None:
+            self.calls.bucket_of = self._rebucket(order)
 
     @property
     def forwarding(self) -> bool:
@@ -459,7 +466,7 @@ class StepTracker:
         that an earlier backward of the step did not (one loss backpropagated
         per view) is a backward pass of its own.
         """
-        step = self._step
+        step = self.step
         if step is None or not any(f is forward for f in step.open_forwards):
             return
         task = torch._C._current_graph_task_id()
@@ -479,7 +486,7 @@ class StepTracker:
                 forward.reached_by = step.backwards
 
     def _backward_begin(self) -> None:
-        step = self._step
+        step = self.step
         self._state = StepState.BACKWARD
         self._pass_accumulated = False
         step.backwards += 1
@@ -489,7 +496,7 @@ class StepTracker:
 
     @guarded
     def _backward_end(self) -> None:
-        step = self._step
+        step = self.step
         if step is None or self._state is not StepState.BACKWARD:
             return
         self.ledger.count_gradients(step)
@@ -502,9 +509,9 @@ class StepTracker:
     # ------------------------------------------------ the optimizer's steps
     def optimizer_step_begins(self, opt: torch.optim.Optimizer, adopted: bool) -> None:
         """A step of an optimizer of the model begins (told by the optimizer watch)."""
-        if adopted and self._step is not None:
+        if adopted and self.step is not None:
             self._merge_unconfirmed_steps()
-        step = self._step
+        step = self.step
         if step is None:
             return
         self.saved_hooks.pop()
@@ -523,20 +530,20 @@ class StepTracker:
         earlier = [s for s in self.steps if s.optimizer_steps == 0]
         if not earlier or len(earlier) != len(self.steps):
             return
-        step = self._step
+        step = self.step
         self.phases.end_open(step)  # the last backward is still open: close it on this step, then merge
-        step.fold()
+        step.fold(self.calls.bucket_of)
         self.steps = []
-        self._step = step.merge(earlier)
+        self.step = step.merge(earlier)
 
     def optimizer_step_ended(self, opt: torch.optim.Optimizer) -> None:
         """The model's optimizer's ``step()`` returned (told by the optimizer watch)."""
-        step = self._step
+        step = self.step
         if step is None:
             return
         self.phases.end(step, "optimizer")
         step.optimizer_steps += 1
-        self._take_optimizer_state(step, opt)
+        self.optimizers.take_state(step, opt)
         if step.optimizer_state != step.optimizer_state_before:
             step.events.append(
                 (time.perf_counter(), "optimizer_state", step.optimizer_state - step.optimizer_state_before)
@@ -549,9 +556,6 @@ class StepTracker:
             self._done()
 
     # --------------------------------------------- saved tensors (HooksOwner)
-    def between_forwards(self) -> bool:
-        return self._state not in _FORWARDING
-
     @guarded
     def observe_saved(self, t: torch.Tensor, packed: Any = NOT_PACKED) -> Any:
         """Count a saved tensor: the storage pointer counted for it in this forward, None, or ``PASS_ON``.
@@ -562,7 +566,7 @@ class StepTracker:
         if not self._running or self.model is None:
             self.saved_hooks.pop()  # measuring ended where our pair could not be popped, or the model was dropped
             return None
-        step = self._step
+        step = self.step
         # Only what the forward (and a loss computed after it) saves: tensors
         # saved while backward recomputes a checkpointed segment are transient.
         if step is None or self._state not in _FORWARDING or threading.get_ident() != self._thread:
@@ -573,5 +577,7 @@ class StepTracker:
             if self._open_step_unused():
                 self._drop_unused_step()
             return PASS_ON
+        if self._state is StepState.AFTER_FORWARD and self.calls.in_another_model():
+            return PASS_ON  # another model's forward, not a loss on ours
         step.saved_tensors += 1
         return self.ledger.observe(step, t, packed)
