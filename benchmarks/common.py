@@ -288,6 +288,57 @@ def nanogpt_step(
     return step, desc
 
 
+class ClosureStep:
+    """One LBFGS step with ``evaluations`` closure evaluations (forward and backward) of a small float64 MLP.
+
+    The shape of a curve-fitting script: the optimizer's ``step(closure)``
+    runs the model twenty times, so every per-forward cost of a tool is paid
+    twenty times a step. Tolerances are zero, so every step does the same work.
+    """
+
+    def __init__(self, device: torch.device, evaluations: int = 20, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        nn = torch.nn
+        self.device = torch.device(device)
+        self.model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+        self.model = self.model.double().to(self.device)
+        self.x = torch.randn(512, 4, dtype=torch.float64, device=self.device)
+        self.y = self.x.pow(2).sum(1, keepdim=True)
+        self.optimizer = torch.optim.LBFGS(
+            self.model.parameters(), max_iter=evaluations, history_size=10, tolerance_grad=0, tolerance_change=0
+        )
+        self.last_loss: torch.Tensor | None = None
+        self.skipped_steps = 0
+
+    def _closure(self) -> torch.Tensor:
+        self.optimizer.zero_grad()
+        loss = (self.model(self.x) - self.y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    def __call__(self) -> torch.Tensor:
+        self.last_loss = self.optimizer.step(self._closure).detach()
+        sync(self.device)
+        return self.last_loss
+
+
+def closure_step(device: torch.device, evaluations: int = 20) -> tuple[ClosureStep, dict[str, Any]]:
+    """A ClosureStep, and a description of it for the JSON."""
+    step = ClosureStep(device, evaluations)
+    desc = {
+        "preset": "lbfgs",
+        "model": "MLP 4-64-64-1, tanh, float64",
+        "params": unique_param_count(step.model),
+        "batch": 512,
+        "seq": None,
+        "amp": "fp64",
+        "optimizer": f"LBFGS(max_iter={evaluations}, history_size=10, tolerances 0): {evaluations} closure "
+        "evaluations a step",
+        "grad_scaler": False,
+    }
+    return step, desc
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()

@@ -35,7 +35,7 @@ def categories_live_peak(step: StepRecord) -> int:
     return peak
 
 
-def _step_dict(step: StepRecord, tracker: StepTracker) -> StepJSON:
+def _step_dict(step: StepRecord, tracker: StepTracker, by_label: dict[str, dict]) -> StepJSON:
     live_peak = categories_live_peak(step)
     # "other" is what the measured peak holds beyond the categories at their
     # largest simultaneous total: temporaries, workspace, allocator rounding.
@@ -115,7 +115,6 @@ def _step_dict(step: StepRecord, tracker: StepTracker) -> StepJSON:
     sampler = tracker.phases.sampler
     if sampler is not None:
         out["sampler_offset"] = round(t0 - sampler.started_at, 6)  # this step's start on the sampler's clock
-        by_label = sampler.peaks_by_label()
         for name in out["phases"]:
             peaks = by_label.get(f"{step.index}:{name}", {})
             out["phases"][name].update(
@@ -165,7 +164,9 @@ def _per_block_module(by_module: list[dict[str, Any]], buckets: Buckets) -> list
 def memory_section(tracker: StepTracker, buckets: Buckets) -> MemoryJSON:
     """The JSON ``memory`` section for one model."""
     cuda = tracker.device.type == "cuda"
-    steps = [_step_dict(s, tracker) for s in tracker.steps]
+    sampler = tracker.phases.sampler
+    by_label = sampler.peaks_by_label() if sampler is not None else {}  # (once: it lists every step's phases)
+    steps = [_step_dict(s, tracker, by_label) for s in tracker.steps]
     chosen = described_step(steps)
     last = tracker.steps[steps.index(chosen)] if chosen is not None else None
     by_module = []
