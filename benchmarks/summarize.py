@@ -48,7 +48,8 @@ def overhead_table() -> str:
                 continue
             r = d["ratios_to_plain"][mode]
             model = s.get("model", {})
-            shape = f"{model.get('preset')} ({model.get('batch')}x{model.get('seq')}, {model.get('amp')})"
+            rows_by = f"{model.get('batch')}x{model.get('seq')}" if model.get("seq") else f"batch {model.get('batch')}"
+            shape = f"{model.get('preset')} ({rows_by}, {model.get('amp')})"
             rows.append(
                 [
                     path.name,
