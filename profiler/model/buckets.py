@@ -238,10 +238,11 @@ def _bucket_of_modules(
     inventory: Inventory,
     anchors: list[tuple[str, list[str]]],
     embeddings: set[str],
-    run_order: dict[str, int] | None,
+    registered: tuple[dict[str, int], list[tuple[str, int, int]]],
+    ran: tuple[dict[str, int], list[tuple[str, int, int]]],
 ) -> dict[str, str]:
-    registered, registered_spans = _trunk_spans(inventory, anchors)
-    order, spans = _trunk_spans(inventory, anchors, run_order)
+    """Each module's bucket; ``registered`` and ``ran``: ``_trunk_spans`` in registration and in run order."""
+    (order, spans), (registered_order, registered_spans) = ran, registered
     blocks = [b for _, paths in anchors for b in paths]
     result: dict[str, str] = {}
     for m in inventory.modules:
@@ -258,15 +259,14 @@ def _bucket_of_modules(
         if path in order:
             result[path] = _position_bucket(path, order[path], spans)
         else:  # (did not run in the forward seen)
-            result[path] = _position_bucket(path, registered[path], registered_spans)
-    order, spans = registered, registered_spans  # parameters of a container: where they are registered
+            result[path] = _position_bucket(path, registered_order[path], registered_spans)
     # A container of a trunk whose subtree holds one bucket only (the ModuleList
     # of blocks itself) is that bucket, not "mixed".
     for m in inventory.modules:
         if result[m.path] == "mixed":
             inner = {result[o.path] for o in inventory.modules if o.own_params and _inside(o.path, m.path)}
-            if m.own_params:
-                inner.add(_position_bucket(m.path, order[m.path], spans))
+            if m.own_params:  # parameters of a container: where they are registered
+                inner.add(_position_bucket(m.path, registered_order[m.path], registered_spans))
             inner.discard("mixed")
             if len(inner) == 1:
                 result[m.path] = inner.pop()
@@ -300,8 +300,10 @@ def find_buckets(model: nn.Module, inventory: Inventory, run_order: dict[str, in
     cores = [] if trunks else _recurrent_cores(model)
     anchors = _anchors(trunks, cores)
     embeddings = {p for p, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
-    module_bucket = _bucket_of_modules(inventory, anchors, embeddings, run_order)
-    order, spans = _trunk_spans(inventory, anchors)
+    registered = _trunk_spans(inventory, anchors)
+    ran = _trunk_spans(inventory, anchors, run_order) if run_order else registered
+    module_bucket = _bucket_of_modules(inventory, anchors, embeddings, registered, ran)
+    order, spans = registered
 
     alias_bucket: dict[str, str] = {}
     param_bucket: dict[str, str] = {}

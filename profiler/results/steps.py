@@ -46,5 +46,5 @@ def batch_and_sequence(step: StepJSON, batch_dim: int | None = None) -> tuple[in
         return None, None
     seq = None
     if step.get("input_is_tokens") and len(shape) >= 2:
-        seq = shape[1 - dim] if len(shape) == 2 else shape[1 if dim == 0 else 0]
+        seq = shape[1 if dim == 0 else 0]
     return shape[dim], seq

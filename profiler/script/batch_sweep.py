@@ -53,8 +53,9 @@ class SweepResult:
         model that does not say so.
         """
         runs = self.runs.get(name, [])
+        measured = [fit_points(mem) for _, mem in runs]
         dim = None
-        if runs and any(all(p.batch != batch for p in fit_points(mem)) for batch, mem in runs):
+        if any(all(p.batch != batch for p in found) for (batch, _), found in zip(runs, measured)):
             dim = _dimension_that_followed(memory, runs)
         points, notes = [], []
         if dim is not None:
@@ -62,8 +63,8 @@ class SweepResult:
                 f"--fit-batches: {name}'s batch is its input's dimension {dim}, the one that followed {self.flag} "
                 "from run to run"
             )
-        for batch, mem in runs:
-            found = fit_points(mem, dim)
+            measured = [fit_points(mem, dim) for _, mem in runs]
+        for (batch, _), found in zip(runs, measured):
             if not found:
                 notes.append(f"--fit-batches: no complete step of {name} at {self.flag} {batch}")
             elif all(p.batch != batch for p in found):

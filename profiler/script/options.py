@@ -46,11 +46,6 @@ class Options:
         """The fit planner's keyword arguments."""
         return {"cards": self.cards, "margin": self.margin, "focus": self.focus}
 
-    @property
-    def target_argv(self) -> list[str]:
-        """The target as it is written on a command line (``-m name`` for a module)."""
-        return ["-m", self.target] if self.run_module else [self.target]
-
 
 def validate(ns: argparse.Namespace) -> Options:
     """Check every option and build ``Options``; a one-line ``ProfilerError`` for the first bad one."""

@@ -418,8 +418,8 @@ class ModuleCalls:
             self.trunk_state = "after"
         if module is self._model_ref() and not self.stack:
             self.owner.root_forward_ends(output)
-            order, self._run_order = self._run_order, self._run_order if not self._run_order else None
-            if order:
+            if self._run_order:  # the first training forward is over: its order, once
+                order, self._run_order = self._run_order, None
                 self.owner.run_order_known(order)
 
     @guarded

@@ -39,15 +39,15 @@ class ModelParameters:
     def __init__(self, model: nn.Module, hold: bool = True) -> None:
         self._ref: weakref.ref | None = weakref.ref(model)
         self._held = model if hold else None
-        unique = {id(p): p for p in model.parameters()}
-        self.ids: set[int] = set(unique)  # every parameter, lazy ones included
-        self._refs = [weakref.ref(p) for p in unique.values()]
-        self.lazy_left = any(is_lazy(p) for p in unique.values())
-        self.storages: set[int] = set()  # data pointers of their storages, taken when measuring starts
         # The model's parameters, read once a step (refresh()): walking the module tree each time a
         # hook needs them cost a tenth of a small model's step.
-        self._all: list[nn.Parameter] = list(unique.values())
-        self._shaped = [p for p in self._all if not is_lazy(p)]
+        self._all: list[nn.Parameter] = []
+        self._shaped: list[nn.Parameter] = []
+        self.refresh()
+        self.ids: set[int] = {id(p) for p in self._all}  # every parameter, lazy ones included
+        self._refs = [weakref.ref(p) for p in self._all]
+        self.lazy_left = len(self._shaped) < len(self._all)
+        self.storages: set[int] = set()  # data pointers of their storages, taken when measuring starts
 
     @property
     def model(self) -> nn.Module | None:
