@@ -100,11 +100,34 @@ def static_table() -> str:
     return table + f"\n\n({_machine(d)}; target met: {d['target_met']})"
 
 
+def torchrun_table() -> str:
+    d = _load("torchrun_overhead_cpu.json")
+    if d is None:
+        return "(no torchrun_overhead_cpu.json)"
+    rows = [
+        [
+            run["setting"],
+            x["rank"],
+            f"{x['plain_s'] * 1e3:.1f}",
+            f"{x['ours_s'] * 1e3:.1f}",
+            f"{x['ratio']:.3f}x",
+            f"{x['step_ratio']:.3f}x",
+        ]
+        for run in d["runs"]
+        for x in run["ranks"]
+    ]
+    headers = ["setting", "rank", "plain ms/step", "profiled ms/step", "ratio", "steps only"]
+    table = tabulate(rows, headers=headers, tablefmt="github")
+    return table + f"\n\n({_machine(d)}; {d['repeats']} repeats of {d['steps_per_block']} steps)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(overhead_table())
     print()
     print(static_table())
+    print()
+    print(torchrun_table())
     return 0
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from .model.buckets import bucket_resolver
 from .results.assemble import analyze_model, attach_memory, rebucketing
+from .results.gather import DEFAULT_TIMEOUT, gather_ranks, rank_path
 from .results.report import Report
 from .tracking import StepTracker, drop_retired_hooks
 
@@ -59,6 +60,14 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         live_peak: also count every tensor an operator creates (a dispatch
             mode), for a memory peak on the CPU where no allocator keeps one.
             Costs a Python call per operator: opt-in.
+        gather_timeout: under ``torchrun``, how long rank 0 waits at the
+            block's end for the other ranks' figures (each rank's block ends
+            at about the same point of the script).
+
+    Under ``torchrun`` each rank measures its own memory; rank 0's report
+    also holds every rank's (``prof.report.ranks``, a table in ``render()``),
+    and ``to_json(path)`` writes ``path`` with a ``.rank{N}`` suffix on every
+    rank, and the merged ``path`` on rank 0.
     """
 
     def __init__(
@@ -70,7 +79,9 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         sample_interval: float | None = 0.01,
         name: str | None = None,
         live_peak: bool = False,
+        gather_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        self._gather_timeout = gather_timeout
         self._model_report = analyze_model(model, name)
         self._model, self._name = model, name
         self._run_order: dict[str, int] | None = None
@@ -102,6 +113,21 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         finally:
             attach_memory(self._model_report, self.tracker)
             self.report = Report(models=[self._model_report])
+            self._gather()
+
+    def _gather(self) -> None:
+        """Under torchrun: this rank's figures to rank 0, whose report then has every rank's (``report.ranks``).
+
+        Every rank ends its block at about the same point of the script; rank 0
+        waits at most ``gather_timeout`` seconds for the others.
+        """
+        setup = self._model_report.setup
+        if setup is None or self.report is None:
+            return
+        try:
+            gather_ranks(self.report, setup, None, self._gather_timeout)
+        except Exception as exc:  # noqa: BLE001 - this rank's own report stands
+            self.report.notes.append(f"the ranks' figures could not be gathered: {type(exc).__name__}: {exc}")
 
     @property
     def steps(self) -> list:
@@ -119,7 +145,13 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         return self._ready().to_dict()
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
-        return self._ready().to_json(path)
+        report = self._ready()
+        setup = self._model_report.setup
+        if setup is None or path is None:
+            return report.to_json(path)
+        own = Report(models=report.models, notes=report.notes, script=report.script)  # without the ranks
+        text = own.to_json(rank_path(os.fspath(path), setup.rank))
+        return report.to_json(path) if setup.rank == 0 else text
 
     def plot(self, path: str | os.PathLike[str], step: int | None = None) -> pathlib.Path:
         """Draw the step the tables describe (or step ``step``) as a PNG; needs matplotlib."""

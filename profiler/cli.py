@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import ProfilerError
+from .results.gather import DEFAULT_TIMEOUT, gather_ranks, job_of, rank_path
 from .results.report import Report
 from .script.batch_sweep import SweepResult, check_batch_flag, measure_batches
 from .script.options import Options, validate
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         metavar="PATH.png",
         help="draw one step's memory over time (needs matplotlib: pip install matplotlib, or the [plot] extra)",
+    )
+    parser.add_argument(
+        "--gather-timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="under torchrun: how long rank 0 waits for the other ranks' figures at the end "
+        f"(default {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print no text report (use with --json)")
     parser.add_argument("--version", action="version", version=f"profiler {__version__}")
@@ -238,6 +247,33 @@ def _write_files(report: Report, options: Options) -> tuple[list[str], tuple[str
     return written, failure
 
 
+def _gather_ranks(
+    report: Report, options: Options, terminated: bool
+) -> tuple[int | None, list[str], tuple[str, int] | None]:
+    """Under torchrun: this rank's own file first, then its figures to rank 0 (see ``results.gather``).
+
+    Returns (this rank, or None for a single process; files written; a failure). A
+    terminated job (torchrun stops the others when a rank dies) waits for nobody.
+    """
+    setup = job_of(report)
+    if setup is None:
+        return None, [], None
+    written, failure = [], None
+    file = rank_path(options.json, setup.rank) if options.json else None
+    if file is not None:
+        try:
+            report.to_json(file)
+            written.append(f"rank {setup.rank}: report written to {file}")
+        except OSError as exc:
+            failure = (f"{PROG}: error: cannot write {file}: {exc.strerror or exc}", 2)
+            file = None
+    try:
+        gather_ranks(report, setup, file, 0.0 if terminated else options.gather_timeout)
+    except Exception as exc:  # noqa: BLE001 - our bug: this rank's own report stands
+        report.notes.append(f"the ranks' figures could not be gathered: {type(exc).__name__}: {exc}")
+    return setup.rank, written, failure
+
+
 def _print_report(report: Report, options: Options, failure: tuple[str, int] | None) -> tuple[str, int] | None:
     """The text report to stderr (unless -q); a rendering failure becomes the failure if there is none yet."""
     with contextlib.suppress(Exception):  # the script may have replaced or closed sys.stdout
@@ -289,9 +325,12 @@ def main(argv: Sequence[str] | None = None, *, end_like_python: bool = False) ->
         if options.quiet:  # said even with -q: a planning point is missing
             for note in (n for n in report.notes if n.startswith("--fit-batches")):
                 say(f"{PROG}: warning: {note}")
-        # Files first: a script that closed its stderr still gets them.
-        written, failure = _write_files(report, options)
-        failure = _print_report(report, options, failure)
+        rank, written, failure = _gather_ranks(report, options, terminated=guard.received is not None)
+        if rank in (None, 0):
+            # Files first: a script that closed its stderr still gets them.
+            more, failure = _write_files(report, options)
+            written += more
+            failure = _print_report(report, options, failure)
         for line in written:
             say(f"{PROG}: {line}")
     if failure is not None:

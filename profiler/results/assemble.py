@@ -20,6 +20,7 @@ from ..tracking import StepTracker
 from .estimates import estimates_section
 from .fit import FitPoint, plan_fit
 from .memory_section import memory_section
+from .rank_section import rank_section
 from .report import ModelReport
 
 __all__ = ["analyze_model", "attach_measurements", "attach_memory", "rebucketing"]
@@ -64,6 +65,10 @@ def attach_measurements(model_report: ModelReport, tracker: StepTracker, traits:
     ``traits`` stand in for a model the script has dropped (the runner's trackers hold it weakly).
     """
     model_report.memory = memory_section(tracker, model_report.buckets)
+    parallel = rank_section(tracker.parallel, model_report.memory)
+    if parallel is not None:  # a rank of a distributed job
+        model_report.extra["parallel"] = parallel
+        model_report.setup = tracker.parallel.setup
     model = tracker.model
     model_report.estimates = estimates_section(model_report, model if model is not None else traits)
 

@@ -77,6 +77,8 @@ def _step_dict(step: StepRecord, tracker: StepTracker, by_label: dict[str, dict]
         # Of 'activations', what a module compiled whole saved: measured, but no block is known for it.
         "activations_inside_compiled": step.activations_inside_compiled,
         "activations_offloaded": step.activations_offloaded,
+        "unsharded_parameters_saved": step.unsharded_parameters_saved,
+        "unsharded_parameters_held": step.unsharded_parameters_held,
         "activations_by_bucket": {b: step.activations_by_bucket.get(b, 0) for b in BUCKETS},
         "phases": {
             name: {

@@ -32,9 +32,9 @@ import pathlib
 from typing import Any
 
 from ..errors import ProfilerError
-from .render import format_bytes
 from .schema import MemoryJSON, StepJSON
 from .steps import described_step
+from .units import format_bytes
 
 __all__ = ["plot_step", "plot_report", "matplotlib_available", "MISSING_MATPLOTLIB"]
 

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 from ..model.buckets import BUCKETS, Trunk
+from .render_ranks import render_ranks
 from .schema import MemoryJSON
 from .steps import shown_steps
+from .units import format_bytes, format_count
 
 if TYPE_CHECKING:
     from .report import ModelReport, Report
@@ -29,22 +31,6 @@ __all__ = [
 ]
 
 
-def format_count(n: int | None) -> str:
-    return "n/a" if n is None else f"{n:,}"
-
-
-def format_bytes(n: int | None) -> str:
-    """Binary units, as nvidia-smi and torch.cuda report memory."""
-    if n is None:
-        return "n/a"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
@@ -54,6 +40,14 @@ def render_model(m: ModelReport, depth: int = 2) -> str:
     inv, b = m.inventory, m.buckets
     total = inv.total
     parts = [f"== {m.name} ({inv.model_class}) =="]
+    parallel = m.extra.get("parallel")
+    if parallel is not None:
+        wrapper = parallel.get("wrapper") or "no data-parallel wrapper"
+        parts.append(
+            f"rank {parallel['rank']} of {parallel['world_size']} ({wrapper}): every figure below is this rank's"
+            + ("; rank 0 prints every rank's at the end" if parallel["world_size"] > 1 else "")
+        )
+        parts.extend(f"note: {n}" for n in parallel.get("notes", []))
     summary = [
         ["parameters (unique)", format_count(total), format_bytes(inv.bytes)],
         ["parameters (with duplicates)", format_count(inv.total_with_duplicates), ""],
@@ -203,6 +197,8 @@ def render_report(report: Report, depth: int = 2) -> str:
     parts = [render_model(m, depth) for m in report.models]
     if not report.models:
         parts.append("No model with parameters was found.")
+    if report.ranks is not None:
+        parts.extend(render_ranks(report.ranks))
     parts.extend(f"note: {n}" for n in report.notes)
     return "\n\n".join(parts)
 

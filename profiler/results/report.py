@@ -32,6 +32,7 @@ class ModelReport:
     estimates: dict[str, Any] | None = None
     fit: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # further sections, already JSON-shaped
+    setup: Any = field(default=None, repr=False)  # the distributed job it was measured in (not in the JSON)
 
     def parameters_dict(self) -> dict[str, Any]:
         inv, b = self.inventory, self.buckets
@@ -126,9 +127,12 @@ class Report:
     models: list[ModelReport]
     notes: list[str] = field(default_factory=list)
     script: dict[str, Any] | None = None
+    ranks: dict[str, Any] | None = None  # rank 0 of a distributed job: every rank's figures (see results.ranks)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"schema": SCHEMA, "models": [m.to_dict() for m in self.models]}
+        if self.ranks is not None:
+            out["ranks"] = self.ranks
         if self.notes:
             out["notes"] = list(self.notes)
         if self.script is not None:

@@ -98,6 +98,8 @@ class StepJSON(TypedDict):
     activations_measured: bool  # always true in this version
     activations_inside_compiled: int
     activations_offloaded: int
+    unsharded_parameters_saved: int  # FSDP: the gathered full parameters saved for backward (not activations)
+    unsharded_parameters_held: int  # of those, still gathered when the forward returned
     activations_by_bucket: dict[str, int]
     phases: dict[str, PhaseJSON]
     categories_live_peak: int

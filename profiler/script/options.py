@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ProfilerError
 from ..results.fit import CARDS, check_margin, resolve_card
+from ..results.gather import DEFAULT_TIMEOUT, rank_path
+from ..tracking.parallel import launched_rank
 
 __all__ = ["Options", "check_writable", "parse_batches", "parse_cards", "validate"]
 
@@ -40,6 +42,7 @@ class Options:
     focus: str | None = None  # --fit CARD
     batches: list[int] = field(default_factory=list)  # --fit-batches
     batch_arg: str = "--batch-size"
+    gather_timeout: float = DEFAULT_TIMEOUT  # under torchrun: how long rank 0 waits for the others' figures
 
     @property
     def plan(self) -> dict:
@@ -68,7 +71,19 @@ def validate(ns: argparse.Namespace) -> Options:
             raise ProfilerError(
                 f"{', '.join(asked)} {'needs' if len(asked) == 1 else 'need'} measured steps; drop --steps 0"
             )
-    json_path = _writable_path(ns.json, "--json") if ns.json else None
+    rank = launched_rank()
+    if rank is not None and ns.fit_batches:
+        raise ProfilerError(
+            "--fit-batches runs the script again in child processes, which under torchrun would join this job's "
+            "rendezvous: launch torchrun once per batch size instead"
+        )
+    json_path = None
+    if ns.json:
+        # Under torchrun each rank writes its own file beside the path; rank 0 also the merged one
+        # (every rank trying to create the same file at once would race).
+        if rank is not None:
+            _writable_path(rank_path(ns.json, rank), "--json")
+        json_path = _writable_path(ns.json, "--json") if rank in (None, 0) else os.path.abspath(ns.json)
     plot_path = None
     if ns.plot:
         if not ns.plot.lower().endswith(".png"):
@@ -102,6 +117,7 @@ def validate(ns: argparse.Namespace) -> Options:
         focus=ns.fit,
         batches=parse_batches(ns.fit_batches) if ns.fit_batches else [],
         batch_arg=ns.batch_arg,
+        gather_timeout=ns.gather_timeout,
     )
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from ..errors import guarded
+from .parallel import fsdp_wrapped
 from .parameters import ModelParameters, unique_bytes
 from .saved_tensors import (
     CHECKPOINT_HOLDER,
@@ -56,6 +57,20 @@ def _is_parameter(t: torch.Tensor) -> bool:
     this model's, whose storages are known beforehand.
     """
     return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+
+
+def _count_unsharded(f: ForwardSaves, t: torch.Tensor, nbytes: int) -> None:
+    """A parameter FSDP gathered (unsharded) for this forward, saved for backward.
+
+    Keyed by the storage itself, not its address: FSDP frees an unsharded
+    storage after the unit's forward (its size set to 0) and the next unit's
+    tensors reuse the address. The storage is held (its memory is FSDP's to
+    free) so that its identity stays unique while the step is counted.
+    """
+    storage = t.untyped_storage()
+    if id(storage) not in f.unsharded:
+        f.unsharded[id(storage)] = nbytes
+        f.unsharded_storages.append(storage)
 
 
 class Ledger:
@@ -90,6 +105,9 @@ class Ledger:
         self.gradients_seen: dict[int, int] = {}  # gradient storages on the step's timeline -> bytes
         self._grad_hooked: set[int] = set()
         self._grad_handles: list[Any] = []
+        model = parameters.model
+        # FSDP gathers the full parameters for forward: those it saves are their own category.
+        self.fsdp = model is not None and fsdp_wrapped(model)
 
     def begin_step(self, step: StepRecord) -> None:
         """A step begins: the gradients alive now are its baseline, nothing saved is alive yet."""
@@ -131,6 +149,8 @@ class Ledger:
     def count_saved(self, f: ForwardSaves, t: torch.Tensor, ptr: int, nbytes: int, path: str | None = None) -> None:
         """Charge a saved storage once: to autocast copies, or to the running module's (or ``path``'s) activations."""
         if ptr in self.parameters.storages or _is_parameter(t):
+            if self.fsdp and ptr not in self.parameters.storages:
+                _count_unsharded(f, t, nbytes)
             return
         if ptr in f.freed:
             # Saved again after autograd let go of it: the same storage (a
@@ -163,6 +183,16 @@ class Ledger:
             if inside_compiled:
                 f.compiled.add(ptr)  # inside a model compiled whole: which block saved it is not seen
         f.where[ptr] = (path, state)
+
+    def forward_returned(self, f: ForwardSaves) -> None:
+        """A root forward returned: which of FSDP's gathered parameters it saved are still gathered now.
+
+        FSDP frees a unit's gathered storages after the unit's forward (size
+        0), except where backward needs them at once (FSDP2's root): what is
+        left is alive beside the activations when backward begins.
+        """
+        if f.unsharded_storages:
+            f.unsharded_held = sum(s.nbytes() for s in f.unsharded_storages)
 
     @guarded
     def count_function_ctx(self, step: StepRecord, roots: list, floor: int) -> None:

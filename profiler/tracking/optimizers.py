@@ -23,6 +23,7 @@ from torch.optim import optimizer as optimizer_hooks
 
 from ..errors import guarded
 from .module_calls import PROCESS
+from .parallel import state_optimizer
 from .saved_tensors import memory_of, tensors_in
 
 __all__ = [
@@ -103,13 +104,14 @@ def optimizer_state(opt: torch.optim.Optimizer, param_ids: set[int]) -> tuple[in
     """Bytes of ``opt``'s state for these parameters: total, per state name, per parameter group.
 
     Unique storages only; a state value may be a tensor or a list of them
-    (LBFGS keeps its history as lists).
+    (LBFGS keeps its history as lists). ZeRO's state is its local ``optim``'s
+    (this rank's partition); a DTensor's is its local shard.
     """
     group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
     seen: set[int] = set()
     by_name: dict[str, int] = defaultdict(int)
     by_group = [0] * len(opt.param_groups)
-    for p, state in opt.state.items():
+    for p, state in state_optimizer(opt).state.items():
         if id(p) not in param_ids:
             continue
         for name, value in state.items():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from .parallel import fsdp2_sharded
 from .saved_tensors import memory_of, storage_key
 
 __all__ = ["ModelParameters", "shaped_parameters", "unique_bytes"]
@@ -43,7 +44,11 @@ class ModelParameters:
         # hook needs them cost a tenth of a small model's step.
         self._all: list[nn.Parameter] = []
         self._shaped: list[nn.Parameter] = []
+        # FSDP2 swaps a unit's sharded DTensors for plain unsharded Parameters during its forward
+        # (the root's until backward): the sharded ones, read now, are the model's.
+        self._fixed = False
         self.refresh()
+        self._fixed = fsdp2_sharded(model)
         self.ids: set[int] = {id(p) for p in self._all}  # every parameter, lazy ones included
         self._refs = [weakref.ref(p) for p in self._all]
         self.lazy_left = len(self._shaped) < len(self._all)
@@ -72,7 +77,7 @@ class ModelParameters:
     def refresh(self) -> None:
         """Read the model's parameters again (a step begins: the script may have replaced a module)."""
         model = self.model
-        if model is not None:
+        if model is not None and not self._fixed:
             self._all = list(model.parameters())
             self._shaped = [p for p in self._all if not is_lazy(p)]
 

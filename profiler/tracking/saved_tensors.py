@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.utils import checkpoint as torch_checkpoint
 
+from .parallel import local_tensor
+
 __all__ = [
     "CHECKPOINT_HOLDER",
     "NOT_PACKED",
@@ -26,9 +28,12 @@ __all__ = [
 
 
 def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    """(data pointer, bytes) of the memory a tensor views, or None if it has none."""
+    """(data pointer, bytes) of the memory a tensor views, or None if it has none.
+
+    A DTensor's memory on this rank is its local shard's storage.
+    """
     try:
-        storage = t.untyped_storage()
+        storage = local_tensor(t).untyped_storage()
         ptr = storage.data_ptr()
         return (ptr, storage.nbytes()) if ptr else None
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):
@@ -41,7 +46,7 @@ def memory_of(t: torch.Tensor) -> tuple[int, int]:
     Two tensors with one identity share memory and are counted once.
     """
     key = storage_key(t)
-    return key if key is not None else (id(t), t.numel() * t.element_size())
+    return key if key is not None else (id(t), local_tensor(t).numel() * t.element_size())
 
 
 def weight_copy_source(t: torch.Tensor) -> bool:

@@ -48,6 +48,10 @@ class ForwardSaves:
     # Bytes the script's pack hook moved off the device, summed per save: each
     # save is its own copy, and a freed device address is soon reused.
     offloaded: int = 0
+    # FSDP's gathered parameters saved for backward: storage identity -> bytes when saved (see Ledger)
+    unsharded: dict[int, int] = field(default_factory=dict)
+    unsharded_storages: list[Any] = field(default_factory=list)
+    unsharded_held: int = 0  # of those, bytes still gathered when the forward returned
     events: list[tuple[float, str, int]] = field(default_factory=list)  # its saves and their releases
     backwards_before: int = 0  # backward passes of the step begun before this forward began
     reached_by: int | None = None  # the step's backward pass (1-based) that first reached its output
@@ -133,6 +137,8 @@ class StepRecord:
     optimizer_skipped: bool = False  # gradients were cleared without an optimizer step (GradScaler overflow)
     optimizer_failed: bool = False  # optimizer.step() raised (the script caught it and went on, or ended)
     activations_inside_compiled: int = 0  # of 'activations', saved inside a module compiled whole (no bucket known)
+    unsharded_parameters_saved: int = 0  # FSDP: gathered parameters saved for backward (not activations)
+    unsharded_parameters_held: int = 0  # of those, still gathered when the forward returned (alive into backward)
     activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input (of those kept, see fold)
     input_is_tokens: bool = False
@@ -215,6 +221,10 @@ class StepRecord:
                 self.activations_by_module, self.activations_by_bucket = by_module, by_bucket
                 self.activations_inside_compiled = sum(f.saved[ptr] for ptr, f in saved.items() if ptr in f.compiled)
             self.autocast_copies = max(self.autocast_copies, sum(copies.values()))
+            unsharded = {k: n for f in group for k, n in f.unsharded.items()}
+            self.unsharded_parameters_saved = max(self.unsharded_parameters_saved, sum(unsharded.values()))
+            held = sum(f.unsharded_held for f in group)
+            self.unsharded_parameters_held = max(self.unsharded_parameters_held, held)
             offloaded = sum(f.offloaded for f in group if k is None or k <= f.consumed_by)
             self.activations_offloaded = max(self.activations_offloaded, offloaded)
         for f in kept:
@@ -249,6 +259,8 @@ class StepRecord:
                 merged.activations_inside_compiled = s.activations_inside_compiled
             merged.autocast_copies = max(merged.autocast_copies, s.autocast_copies)
             merged.activations_offloaded = max(merged.activations_offloaded, s.activations_offloaded)
+            merged.unsharded_parameters_saved = max(merged.unsharded_parameters_saved, s.unsharded_parameters_saved)
+            merged.unsharded_parameters_held = max(merged.unsharded_parameters_held, s.unsharded_parameters_held)
             merged.events.extend(s.events)
             for name, spans in s.phase_spans.items():
                 merged.phase_spans.setdefault(name, []).extend(spans)

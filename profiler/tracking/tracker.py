@@ -36,6 +36,7 @@ from .backward_watch import OutputWatch
 from .ledger import Ledger
 from .module_calls import ModuleCalls
 from .optimizers import OptimizerWatch
+from .parallel import ParallelWatch
 from .parameters import ModelParameters
 from .phases import PhaseClock
 from .saved_hooks import PASS_ON, SavedHooks
@@ -135,6 +136,7 @@ class StepTracker:
             fail=self.fail,
         )
         self.saved_hooks = SavedHooks(self, self.ledger)
+        self.parallel = ParallelWatch()  # the rank and wrapper, under torchrun
         self.phases = PhaseClock(self.device, sample_interval=sample_interval, live_peak=live_peak, notes=self.notes)
         self.outputs = OutputWatch(self._output_reached)
         devices = {p.device for p in self.parameters.shaped()}
@@ -176,6 +178,7 @@ class StepTracker:
             return self
         self._running = True
         try:
+            self.parallel.look()
             self.optimizers.adopt_running_step()
             self.parameters.take_storages()
             self.calls.install()
@@ -218,6 +221,7 @@ class StepTracker:
             self._drop_unused_step()  # (a check after the last step, say: print(model(x).mean().item()))
         try:
             self._finish_step()
+            self.parallel.take_layout(self.model, self.optimizer)
         finally:
             self.saved_hooks.pop()
             self.optimizers.remove()
@@ -277,6 +281,7 @@ class StepTracker:
             self._done()
             return False
         self.parameters.refresh()
+        self.parallel.look()
         if self.parameters.lazy_left:  # lazy parameters that got their shapes since
             self.ledger.hook_gradients()
             self.parameters.adopt_materialized()
@@ -442,6 +447,7 @@ class StepTracker:
         forward = step.current_forward
         forward.watched = bool(fns)
         forward.graph = [self.outputs.watch(fn, forward) for fn in fns.values()]
+        self.ledger.forward_returned(forward)
         self.ledger.count_function_ctx(step, list(fns.values()), self._seq_floor)
 
     @guarded
