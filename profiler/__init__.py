@@ -3,6 +3,8 @@
 Public API:
     analyze(model)            static inventory: parameters, bytes, ties, buckets
     profile(model)            context manager: measured memory of the training steps inside
+    fake_tensors()            context manager: tensors made inside have no memory (plan a model
+                              larger than this machine: build it and profile its step inside)
     Report                    the result; ``render()``, ``to_dict()``, ``to_json(path)``, ``plot(path)``
     ProfilerError             bad input, explained in one line
     SCHEMA                    the version of the JSON report
@@ -12,9 +14,9 @@ The package, by job: ``script`` runs a user's script (``python -m profiler``),
 steps, ``results`` turns measurements into the report, its JSON, text and plot.
 """
 
-from .api import analyze, profile
+from .api import analyze, fake_tensors, profile
 from .errors import ProfilerError
 from .results import SCHEMA, Report
 
-__all__ = ["analyze", "profile", "Report", "ProfilerError", "SCHEMA"]
+__all__ = ["analyze", "profile", "fake_tensors", "Report", "ProfilerError", "SCHEMA"]
 __version__ = "0.1.0"

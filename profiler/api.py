@@ -26,13 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ProfilerError
 from .model.buckets import bucket_resolver
 from .results.assemble import analyze_model, attach_memory, rebucketing
 from .results.gather import DEFAULT_TIMEOUT, gather_ranks, rank_path
 from .results.report import Report
 from .tracking import StepTracker, drop_retired_hooks
+from .tracking.fake_mode import FakePlan
 
-__all__ = ["analyze", "profile"]
+__all__ = ["analyze", "fake_tensors", "profile"]
 
 
 def analyze(model: nn.Module, name: str | None = None) -> Report:
@@ -43,6 +45,22 @@ def analyze(model: nn.Module, name: str | None = None) -> Report:
     >>> report.to_json("model.json")
     """
     return Report(models=[analyze_model(model, name)])
+
+
+def fake_tensors() -> FakePlan:
+    """A block whose tensors have shapes and dtypes but no memory: plan a step larger than this machine.
+
+    >>> with fake_tensors() as plan:
+    ...     model = build_model()                  # a 7B model: no memory behind its weights
+    ...     with profile(model) as prof:
+    ...         train_one_step(model)             # every category counted as in a real step
+    >>> print(prof.render())
+
+    Values the step reads (``loss.item()``, a GradScaler's inf check) are
+    answered with 0 and counted (``plan.reads``, ``plan.notes()``). Build the
+    model inside, in its dtype: fake tensors cannot be converted by ``.to(dtype)``.
+    """
+    return FakePlan()
 
 
 class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a context manager
@@ -81,7 +99,9 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         live_peak: bool = False,
         gather_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self._gather_timeout = gather_timeout
+        if isinstance(gather_timeout, bool) or not isinstance(gather_timeout, (int, float)) or not gather_timeout > 0:
+            raise ProfilerError(f"gather_timeout: expected a number of seconds above 0, got {gather_timeout!r}")
+        self._gather_timeout = float(gather_timeout)
         self._model_report = analyze_model(model, name)
         self._model, self._name = model, name
         self._run_order: dict[str, int] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from .script.options import Options, validate
 from .script.runner import Program, load_module, load_script
 from .script.session import ScriptSession
 from .script.signals import TerminationGuard
+from .tracking.parallel import launched_rank
 
 __all__ = ["build_parser", "main"]
 
@@ -79,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-sampler", action="store_true", help="no background sampling thread (no NVML or host RSS timeline)"
+    )
+    parser.add_argument(
+        "--fake",
+        action="store_true",
+        help="plan without memory: run the script on fake tensors (FakeTensorMode), for models larger than "
+        "this machine; values the script reads (loss.item()) are answered with 0",
     )
     plan = parser.add_argument_group("planning (estimates and will-it-fit)")
     plan.add_argument(
@@ -147,6 +155,8 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected more than 0, got {text}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {text}")
     return value
 
 
@@ -309,7 +319,8 @@ def main(argv: Sequence[str] | None = None, *, end_like_python: bool = False) ->
     try:
         options, program = _prepare(list(sys.argv[1:] if argv is None else argv))
     except ProfilerError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        rank = launched_rank()  # under torchrun every rank says it: which one is speaking
+        print(f"{PROG}: {'' if rank is None else f'rank {rank}: '}error: {exc}", file=sys.stderr)
         return exc.exit_code
 
     with TerminationGuard() as guard:

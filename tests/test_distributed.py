@@ -249,3 +249,43 @@ def test_a_rank_that_measured_nothing_is_named(tmp_path):
     ranks = json.loads(out.read_text())["ranks"]
     assert ranks["reported"] == [0, 1] and ranks["measured_nothing"] == [1] and ranks["missing"] == []
     assert [m["ranks"] for m in ranks["models"]] == [[0]]
+
+
+def test_a_json_path_no_rank_can_use_stops_every_rank_at_once(tmp_path):
+    """A directory given as --json: every rank refuses it before the script runs (none waits for the others)."""
+    (tmp_path / "out").mkdir()
+    start = time.monotonic()
+    proc = torchrun(
+        "-m",
+        "profiler",
+        "--json",
+        str(tmp_path / "out"),
+        str(SCRIPTS / "ranks_fail.py"),
+        "hang",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: error: --json {tmp_path / 'out'}: is a directory" in proc.stderr
+    assert "SIGKILL" not in proc.stderr and time.monotonic() - start < 60
+
+
+def test_gather_timeouts_that_mean_nothing_are_refused(tmp_path):
+    import torch
+
+    from profiler import ProfilerError, profile
+
+    for bad in (0, -1, "abc", float("nan")):
+        with pytest.raises(ProfilerError, match="gather_timeout"):
+            profile(torch.nn.Linear(2, 2), gather_timeout=bad)
+    script = tmp_path / "train.py"
+    script.write_text("print('ran')\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "profiler", "--gather-timeout", "inf", str(script)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "finite" in proc.stderr and "ran" not in proc.stdout

@@ -15,6 +15,7 @@ Parameter identity, and name every alias.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -143,8 +144,13 @@ def tensor_identity(t: torch.Tensor) -> tuple:
     Real tensors: the storage they view plus the view's geometry, so a weight
     shared by two modules (one storage) is one key while two disjoint slices of
     one flat buffer stay two. Meta and fake tensors have no memory (their
-    ``data_ptr()`` is 0), so only object identity can tell them apart.
+    ``data_ptr()`` is 0), so only object identity can tell them apart, except
+    that a fake tensor's storage object is shared by its views as a real one is.
     """
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    if fake is not None and isinstance(t, fake.FakeTensor):
+        storage = t.untyped_storage()
+        return ("storage", str(t.device), storage._cdata, t.storage_offset(), tuple(t.shape), t.stride())
     if t.device.type != "meta" and t.numel() > 0:
         try:
             ptr = t.untyped_storage().data_ptr()

@@ -27,6 +27,7 @@ __all__ = ["DEFAULT_TIMEOUT", "exchange", "gather_ranks", "job_of", "job_store",
 
 DEFAULT_TIMEOUT = 30.0  # seconds rank 0 waits for the others' summaries, all together
 _PREFIX = "profiler.report"
+_LONGEST = 7 * 24 * 3600.0  # a wait longer than a week is no wait anyone asked for (and timedelta's limit)
 
 
 def rank_path(path: str, rank: int) -> str:
@@ -99,7 +100,7 @@ def exchange(setup: ParallelSetup, summary: dict[str, Any], timeout: float) -> t
         return {}, []
     got: dict[int, dict] = {0: summary}
     missing: list[int] = []
-    deadline = time.monotonic() + max(0.0, timeout)
+    deadline = time.monotonic() + min(max(0.0, timeout), _LONGEST)
     for rank in range(1, setup.world_size):
         key = _key(setup, rank)
         try:

@@ -118,14 +118,18 @@ def merge_ranks(
             "step": {str(r): sections[r].get("step") for r in ranks},
             "categories": {},
         }
+        complete = len(ranks) == world_size
         for cat in CATEGORY_ORDER:
             row = _category_row(cat, sections, ranks)
-            if row is not None:
-                entry["categories"][cat] = row
+            if row is None:
+                continue
+            if row.get("global_bytes", 0) is None and complete:
+                row["global_bytes"] = row["sum"]  # split with no global view on any rank: the ranks' parts
+                row["global_from"] = "sum over ranks"
+            entry["categories"][cat] = row
         totals = [int(sections[r].get("total") or 0) for r in ranks]
         top = max(zip(totals, ranks), key=lambda x: (x[0], -x[1])) if totals else (0, None)
         entry["total"] = {"by_rank": totals, "sum": sum(totals), "max": top[0], "max_rank": top[1]}
-        complete = len(ranks) == world_size
         entry["projection"] = project_world_sizes(entry, world_size, complete, (unit_hints or {}).get(name))
         out["models"].append(entry)
     return out
@@ -173,12 +177,15 @@ def project_world_sizes(
         r, x = unit_hint
         notes.append("R: no FSDP in this run: the parameters outside the trunk's blocks, as if each block were a unit")
     else:
-        r, x = p, p
+        r, x = p, 0
         notes.append("R: no FSDP unit and no repeated block known: the whole model as one unit")
-    notes.append(
-        f"FSDP: while backward runs, the unit being computed (and the next, prefetched) is gathered too: up to "
-        f"2 x the largest unit = {_mib(2 * x)} more at moments, a transient like temporaries, not in these figures"
-    )
+    if x:
+        notes.append(
+            f"FSDP: while backward runs, the unit being computed (and the next, prefetched) is gathered too: up "
+            f"to 2 x the largest unit = {_mib(2 * x)} more at moments, a transient like temporaries, not in these "
+            "figures"
+        )
+    notes.append("FSDP at N=1: nothing is sharded, so nothing is gathered beside it (no R)")
     inputs = {"P": p, "G": g, "O": o, "B": b, "R": r, "A": a}
     sizes = sorted(set(PROJECTED_WORLD_SIZES) | {world_size})
     measured_strategy = strategy_of(entry.get("wrapper"), entry.get("optimizer_sharding"))

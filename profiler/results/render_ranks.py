@@ -91,12 +91,23 @@ def _projection(projection: dict[str, Any]) -> str:
     for s in projection["strategies"]:
         cards = [f"N={n}: {c or 'none'}" for n, c in s["smallest_card"].items()]
         smallest.append([s["strategy"], ", ".join(cards)])
+    every = {c for s in projection["strategies"] for c in s["smallest_card"].values()}
     lines = [
         "Per-rank memory at other world sizes (formulas from the measured global sizes; " + inputs + ")",
         table,
         "",
-        "Smallest card that holds it (10% margin; CPU-measured categories only, see the notes)",
-        tabulate(smallest, headers=["strategy", "smallest card by world size"], disable_numparse=True),
+    ]
+    if len(every) == 1:
+        lines.append(
+            f"Smallest card that holds it (10% margin; CPU-measured categories only): {every.pop() or 'none'}, "
+            "for every strategy and world size"
+        )
+    else:
+        lines += [
+            "Smallest card that holds it (10% margin; CPU-measured categories only, see the notes)",
+            tabulate(smallest, headers=["strategy", "smallest card by world size"], disable_numparse=True),
+        ]
+    lines += [
         "",
         tabulate([[s["strategy"], s["source"]] for s in projection["strategies"]], headers=["formula", "source"]),
     ]

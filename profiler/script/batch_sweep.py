@@ -185,6 +185,7 @@ def _measure_one(options: Options, batch: int, say: Callable[[str], None], resul
             "--json",
             out,
             *(["--live-peak"] if options.live_peak else []),
+            *(["--fake"] if options.fake else []),
             *target,
             *options.args,
             flag,

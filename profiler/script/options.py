@@ -42,6 +42,7 @@ class Options:
     focus: str | None = None  # --fit CARD
     batches: list[int] = field(default_factory=list)  # --fit-batches
     batch_arg: str = "--batch-size"
+    fake: bool = False  # --fake: the script runs on fake tensors (a plan, no memory)
     gather_timeout: float = DEFAULT_TIMEOUT  # under torchrun: how long rank 0 waits for the others' figures
 
     @property
@@ -71,6 +72,8 @@ def validate(ns: argparse.Namespace) -> Options:
             raise ProfilerError(
                 f"{', '.join(asked)} {'needs' if len(asked) == 1 else 'need'} measured steps; drop --steps 0"
             )
+    if ns.fake and ns.live_peak:
+        raise ProfilerError("--live-peak counts the tensors operators create: with --fake there is no memory to count")
     rank = launched_rank()
     if rank is not None and ns.fit_batches:
         raise ProfilerError(
@@ -79,16 +82,17 @@ def validate(ns: argparse.Namespace) -> Options:
         )
     json_path = None
     if ns.json:
-        # Under torchrun each rank writes its own file beside the path; rank 0 also the merged one
-        # (every rank trying to create the same file at once would race).
+        # Under torchrun each rank writes its own file beside the path, and rank 0 the merged one too.
+        # Every rank checks both (only rank 0 creating the merged one, so two ranks never race for it):
+        # a path only rank 0 refused would leave the others waiting for it at the job's rendezvous.
         if rank is not None:
             _writable_path(rank_path(ns.json, rank), "--json")
-        json_path = _writable_path(ns.json, "--json") if rank in (None, 0) else os.path.abspath(ns.json)
+        json_path = _writable_path(ns.json, "--json", create=rank in (None, 0))
     plot_path = None
     if ns.plot:
         if not ns.plot.lower().endswith(".png"):
             raise ProfilerError(f"--plot {ns.plot}: the picture is a PNG; give a path ending in .png")
-        plot_path = _writable_path(ns.plot, "--plot")
+        plot_path = _writable_path(ns.plot, "--plot", create=rank in (None, 0))
         from ..results.plot import MISSING_MATPLOTLIB, matplotlib_available
 
         if not matplotlib_available():
@@ -118,16 +122,17 @@ def validate(ns: argparse.Namespace) -> Options:
         batches=parse_batches(ns.fit_batches) if ns.fit_batches else [],
         batch_arg=ns.batch_arg,
         gather_timeout=ns.gather_timeout,
+        fake=ns.fake,
     )
 
 
-def _writable_path(path: str, option: str) -> str:
+def _writable_path(path: str, option: str, create: bool = True) -> str:
     """The absolute path, once it is known to be writable (the script may change directory: Hydra does)."""
-    check_writable(path, option)
+    check_writable(path, option, create)
     return os.path.abspath(path)
 
 
-def check_writable(path: str, option: str) -> None:
+def check_writable(path: str, option: str, create: bool = True) -> None:
     """Fail before the script runs, not after an hour of training.
 
     The file is opened for appending (or created and removed again) rather
@@ -140,6 +145,8 @@ def check_writable(path: str, option: str) -> None:
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise ProfilerError(f"{option} {path}: directory {parent} does not exist")
+    if not create:  # (another process checks it by writing)
+        return
     existed = os.path.exists(target)
     try:
         with open(target, "a" if existed else "x"):

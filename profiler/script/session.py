@@ -12,6 +12,7 @@ once the script has dropped it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from ..results.assemble import analyze_model, attach_measurements, rebucketing
 from ..results.fit import plan_fit
 from ..results.report import ModelReport, Report
 from ..tracking import StepTracker, drop_retired_hooks
+from ..tracking.fake_mode import FakePlan
 from .batch_sweep import SweepResult
 from .options import Options
 from .runner import Program, ScriptResult, run_program
@@ -72,6 +74,28 @@ def _global_name(model: nn.Module) -> str | None:
     return None
 
 
+def _fake_limit(exc: BaseException | None) -> str | None:
+    """What fake tensors could not run, when that is why the script failed (else None)."""
+    module = sys.modules.get("torch._subclasses.fake_tensor")
+    kinds = tuple(
+        k
+        for k in (
+            getattr(module, "DataDependentOutputException", None),
+            getattr(module, "DynamicOutputShapeException", None),
+            getattr(module, "UnsupportedOperatorException", None),
+        )
+        if k is not None
+    )
+    if exc is None or not kinds or not isinstance(exc, kinds):
+        return None
+    func = getattr(exc, "func", None)
+    return (
+        f"{func} (its output depends on the data)"
+        if func is not None
+        else "an operation whose output depends on the data"
+    )
+
+
 def script_models(script_globals: dict) -> list[nn.Module]:
     """Models left in the script's globals: the fallback when none was ever called."""
     found = [v for v in script_globals.values() if isinstance(v, nn.Module) and any(True for _ in v.parameters())]
@@ -102,6 +126,7 @@ class ScriptSession:
         self._found: list[_Found] = []
         self.notes: list[str] = []
         self._watcher: ModelWatcher | None = None  # while the script runs
+        self.plan: FakePlan | None = None  # --fake
 
     def run(self, program: Program) -> ScriptResult:
         """Run the script under the model watcher; every tracker is stopped when it ends, however it ends.
@@ -111,10 +136,14 @@ class ScriptSession:
         next module call (a tracker may finish inside ``optimizer.step()``;
         the rest of that iteration, scheduler and logging included, still runs).
         """
+        self.plan = FakePlan() if self.options.fake else None
         try:
-            with ModelWatcher(
-                on_new_model=self.on_new_model, on_compiled_first_call_end=self.on_compiled_first_call_end
-            ) as watcher:
+            with (
+                self.plan if self.plan is not None else contextlib.nullcontext(),
+                ModelWatcher(
+                    on_new_model=self.on_new_model, on_compiled_first_call_end=self.on_compiled_first_call_end
+                ) as watcher,
+            ):
                 self._watcher = watcher
                 return run_program(program, self.options.args)
         finally:
@@ -255,6 +284,11 @@ class ScriptSession:
             self.notes.append(
                 f"the script was {result.exception} (a time limit?); the report covers what ran before it"
             )
+        elif result.failed and self.plan is not None and _fake_limit(result.exception):
+            self.notes.append(
+                f"the plan stopped: fake tensors cannot run {_fake_limit(result.exception)} "
+                f"({type(result.exception).__name__}); the report covers what ran before it"
+            )
         elif result.failed:
             self.notes.append(
                 f"the script raised {type(result.exception).__name__}; the report covers what ran before it"
@@ -270,6 +304,9 @@ class ScriptSession:
         report.script = {"path": self.options.target, "args": self.options.args, "exit_code": result.exit_code}
         if self.options.run_module:
             report.script["module"] = True
+        if self.plan is not None:
+            report.script["fake"] = True
+            report.notes[:0] = self.plan.notes()
         interrupted = sweep.interrupted if sweep.interrupted is not None else result.exception
         if isinstance(interrupted, (KeyboardInterrupt, Terminated)):
             # The script's own status stays exit_code; the process ends by the signal (130 or 143 in a shell).

@@ -7,6 +7,7 @@ autocast's copy of a weight, and which tensors a script's own pack hook kept.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from torch.utils import checkpoint as torch_checkpoint
 
 from .parallel import local_tensor
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 __all__ = [
     "CHECKPOINT_HOLDER",
@@ -27,12 +30,26 @@ __all__ = [
 ]
 
 
+def _fake_tensor_type() -> type | None:
+    """``FakeTensor``, once something imported it (no tensor can be one before)."""
+    module = sys.modules.get("torch._subclasses.fake_tensor")
+    return getattr(module, "FakeTensor", None) if module is not None else None
+
+
 def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     """(data pointer, bytes) of the memory a tensor views, or None if it has none.
 
-    A DTensor's memory on this rank is its local shard's storage.
+    A DTensor's memory on this rank is its local shard's storage. A fake
+    tensor (``FakeTensorMode``: a step planned without memory) has no data
+    pointer; its storage's own address stands in for one, alive and freed as
+    a real storage would be, so the same rules count it byte for byte.
     """
     try:
+        if type(t) not in _PLAIN:
+            fake = _fake_tensor_type()
+            if fake is not None and isinstance(t, fake):
+                storage = t.untyped_storage()
+                return (storage._cdata, storage.nbytes())
         storage = local_tensor(t).untyped_storage()
         ptr = storage.data_ptr()
         return (ptr, storage.nbytes()) if ptr else None
