@@ -58,8 +58,8 @@ def rank_section(watch: ParallelWatch, memory: MemoryJSON | None) -> dict[str, A
     out["optimizer_sharding"] = layout.get("optimizer_sharding")
     out["strategy"] = strategy_of(out["wrapper"], out["optimizer_sharding"])
     out["step"] = step["index"] if step is not None else None
-    if out["wrapper"] == "FSDP":
-        count = layout.get("parameters", {}).get("global_count")
+    count = layout.get("parameters", {}).get("global_count")
+    if out["wrapper"] == "FSDP" and count is not None:
         out.setdefault("notes", []).append(
             "FSDP1: the parameter tables show this rank's flat-parameter shards, as model.parameters() does; "
             f"the model has {count:,} parameters in all"
