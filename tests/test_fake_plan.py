@@ -163,3 +163,20 @@ def test_the_example_runs_for_real_when_small():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--layers", "1", "--seq-len", "16", "--steps", "1", "--dtype", "fp32"]) == 0
+
+
+def test_a_custom_kernel_without_a_fake_implementation_is_named(tmp_path):
+    script = tmp_path / "custom.py"
+    script.write_text(
+        "import torch\n"
+        "@torch.library.custom_op('planlib::twice', mutates_args=())\n"
+        "def twice(x: torch.Tensor) -> torch.Tensor:\n"
+        "    return x * 2\n"
+        "model = torch.nn.Linear(4, 4)\n"
+        "twice(model(torch.randn(2, 4))).sum().backward()\n"
+    )
+    out = tmp_path / "r.json"
+    proc = run_profiler_text(["--fake", "--json", out, script], tmp_path)
+    assert proc.returncode == 1
+    notes = read_json(out)["notes"]
+    assert any("without a fake implementation" in n and "planlib::twice" in n for n in notes), notes

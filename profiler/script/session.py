@@ -77,23 +77,27 @@ def _global_name(model: nn.Module) -> str | None:
 def _fake_limit(exc: BaseException | None) -> str | None:
     """What fake tensors could not run, when that is why the script failed (else None)."""
     module = sys.modules.get("torch._subclasses.fake_tensor")
-    kinds = tuple(
+    if exc is None or module is None:
+        return None
+    func = getattr(exc, "func", None)
+    what = str(func) if func is not None else "an operation"
+    unsupported = getattr(module, "UnsupportedOperatorException", None)
+    if unsupported is not None and isinstance(exc, unsupported):
+        return f"{what} (an operator with no fake or meta implementation: a custom kernel?)"
+    data = tuple(
         k
         for k in (
             getattr(module, "DataDependentOutputException", None),
             getattr(module, "DynamicOutputShapeException", None),
-            getattr(module, "UnsupportedOperatorException", None),
         )
         if k is not None
     )
-    if exc is None or not kinds or not isinstance(exc, kinds):
-        return None
-    func = getattr(exc, "func", None)
-    return (
-        f"{func} (its output depends on the data)"
-        if func is not None
-        else "an operation whose output depends on the data"
-    )
+    if data and isinstance(exc, data):
+        return f"{what} (its output depends on the data)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "fake impl" in first or "meta impl" in first:  # a custom op registered without one
+        return f"an operator without a fake implementation: {first[:200]}"
+    return None
 
 
 def script_models(script_globals: dict) -> list[nn.Module]:
@@ -287,7 +291,8 @@ class ScriptSession:
         elif result.failed and self.plan is not None and _fake_limit(result.exception):
             self.notes.append(
                 f"the plan stopped: fake tensors cannot run {_fake_limit(result.exception)} "
-                f"({type(result.exception).__name__}); the report covers what ran before it"
+                f"({type(result.exception).__name__}); the report covers what ran before it, and nothing is "
+                "projected for the rest"
             )
         elif result.failed:
             self.notes.append(
