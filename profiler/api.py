@@ -57,8 +57,9 @@ def fake_tensors() -> FakePlan:
     >>> print(prof.render())
 
     Values the step reads (``loss.item()``, a GradScaler's inf check) are
-    answered with 0 and counted (``plan.reads``, ``plan.notes()``). Build the
-    model inside, in its dtype: fake tensors cannot be converted by ``.to(dtype)``.
+    answered with 0 and counted (``plan.reads``, ``plan.notes()``, and the
+    report's notes); ``torch.save`` of fake tensors is skipped. Build the model
+    inside the block.
     """
     return FakePlan()
 
@@ -102,6 +103,11 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         if isinstance(gather_timeout, bool) or not isinstance(gather_timeout, (int, float)) or not gather_timeout > 0:
             raise ProfilerError(f"gather_timeout: expected a number of seconds above 0, got {gather_timeout!r}")
         self._gather_timeout = float(gather_timeout)
+        self._plan = FakePlan.current()
+        if live_peak and self._plan is not None:
+            raise ProfilerError(
+                "live_peak counts the tensors operators create: under fake_tensors() there is no memory"
+            )
         self._model_report = analyze_model(model, name)
         self._model, self._name = model, name
         self._run_order: dict[str, int] | None = None
@@ -133,6 +139,8 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         finally:
             attach_memory(self._model_report, self.tracker)
             self.report = Report(models=[self._model_report])
+            if self._plan is not None:  # measured on fake tensors: said, as the command line says it
+                self.report.notes.extend(self._plan.notes())
             self._gather()
 
     def _gather(self) -> None:

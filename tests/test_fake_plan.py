@@ -15,7 +15,7 @@ import pytest
 import torch
 from support import EXAMPLES, NANOGPT, read_json, run_profiler_text, tiny_gpt
 
-from profiler import fake_tensors, profile
+from profiler import ProfilerError, fake_tensors, profile
 
 _VARIES = re.compile(r"seconds|^t$|rss|sampler|phase_spans|^notes$")
 
@@ -58,6 +58,8 @@ CASES = {
     "bf16 autocast": (lambda: tiny_gpt(), torch.bfloat16),
     "fp16 + GradScaler": (lambda: tiny_gpt(), torch.float16),
     "dropout": (lambda: tiny_gpt(dropout=0.1), None),
+    "converted by .to(bf16)": (lambda: tiny_gpt().to(torch.bfloat16), None),
+    "converted by .half(), untied": (lambda: tiny_gpt(tie_weights=False).half(), None),
 }
 
 
@@ -67,6 +69,7 @@ def test_fake_figures_equal_real_ones_byte_for_byte(case):
     real, fake = _measure(False, build, amp), _measure(True, build, amp)
     assert real["models"][0]["memory"]["steps"][-1]["categories"]["activations"] > 0
     assert fake == real
+    assert real["models"][0]["parameters"]["tied"] == fake["models"][0]["parameters"]["tied"]
 
 
 def test_a_transformers_model_with_checkpointing_plans_as_it_runs():
@@ -101,7 +104,7 @@ def test_a_transformers_model_with_checkpointing_plans_as_it_runs():
 
 def test_the_block_leaves_torch_as_it_found_it():
     before = {name: vars(torch.Tensor).get(name) for name in ("item", "tolist", "__bool__", "__float__")}
-    apply = torch.nn.Module._apply
+    apply, save = torch.nn.Module._apply, torch.save
     with fake_tensors() as plan:
         t = torch.ones(3) * 2
         assert t.sum().item() == 0  # not known on fake tensors: answered with 0, counted
@@ -109,8 +112,28 @@ def test_the_block_leaves_torch_as_it_found_it():
         assert torch.tensor(5.0).item() == 5.0  # a value fake mode knows is given as it is
     assert plan.reads == {"item": 1, "bool": 1}
     assert {name: vars(torch.Tensor).get(name) for name in before} == before
-    assert torch.nn.Module._apply is apply
+    assert torch.nn.Module._apply is apply and torch.save is save
     assert torch.ones(2).sum().item() == 2.0
+
+
+def test_the_api_says_it_planned_and_saves_no_checkpoint(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"a real checkpoint")
+    with fake_tensors():
+        model = tiny_gpt()
+        opt = torch.optim.AdamW(model.parameters())
+        with profile(model, opt, sample_interval=None) as prof:
+            x = torch.randint(0, 64, (2, 8))
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+        print(f"{loss.item():.3f}")
+        torch.save(model.state_dict(), checkpoint)  # nothing real to save: skipped, the file left alone
+    notes = prof.report.notes
+    assert any(n.startswith("planned on fake tensors") for n in notes), notes
+    assert checkpoint.read_bytes() == b"a real checkpoint"
+    with pytest.raises(ProfilerError, match="live_peak"), fake_tensors():
+        profile(tiny_gpt(), live_peak=True)
 
 
 def test_a_seven_billion_model_planned_in_one_command(tmp_path):

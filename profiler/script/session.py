@@ -97,6 +97,8 @@ def _fake_limit(exc: BaseException | None) -> str | None:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if "fake impl" in first or "meta impl" in first:  # a custom op registered without one
         return f"an operator without a fake implementation: {first[:200]}"
+    if ".numpy()" in first and "subclass" in first:
+        return "tensor.numpy(): fake tensors have no values to give"
     return None
 
 
@@ -297,6 +299,12 @@ class ScriptSession:
         elif result.failed:
             self.notes.append(
                 f"the script raised {type(result.exception).__name__}; the report covers what ran before it"
+                + (
+                    " (on fake tensors, values read are answered with 0 or False: a check such as "
+                    "`assert torch.isfinite(loss)` fails)"
+                    if self.plan is not None and self.plan.reads
+                    else ""
+                )
             )
         elif isinstance(result.exception, StopAfterSteps):
             self.notes.append(

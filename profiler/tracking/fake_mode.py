@@ -6,6 +6,10 @@ no memory behind it, and the tracker counts it by the same rules as a real
 one (``saved_tensors.storage_key`` gives a fake storage an identity), so
 every category is exact.
 
+Side effects of the script still run (its prints, files it writes), except
+``torch.save`` of fake tensors, which is skipped: a half-written checkpoint
+must not replace a real one.
+
 What fake tensors cannot do is give a value they were not made from
 (a scalar made by ``torch.tensor(0.0)``, an optimizer's step count, keeps
 its value). Scripts read a few: a logged loss (``loss.item()``), a
@@ -27,6 +31,21 @@ import torch
 __all__ = ["FakePlan"]
 
 _READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _holds_fake(obj: Any, fake: type, depth: int = 0) -> bool:
+    """``obj`` (a state dict, a checkpoint dict, a module) holds a fake tensor."""
+    if isinstance(obj, fake):
+        return True
+    if isinstance(obj, torch.nn.Module):
+        return any(isinstance(t, fake) for t in obj.state_dict().values())
+    if depth > 4:
+        return False
+    if isinstance(obj, dict):
+        return any(_holds_fake(v, fake, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_fake(v, fake, depth + 1) for v in obj)
+    return False
 
 
 def _zero_like(t: torch.Tensor, how: str) -> Any:
@@ -56,10 +75,20 @@ class FakePlan:
         # What fake mode raises for a value it does not have
         self._unknown = (fake_tensor.DataDependentOutputException, fake_tensor.DynamicOutputShapeException)
         self.reads: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()  # side effects left out (torch.save of fake tensors)
         self._saved: dict[str, tuple[Any, bool]] = {}
+
+    # The plans in force, innermost last (``profile()`` notes the one it runs under).
+    _active: list[FakePlan] = []
+
+    @classmethod
+    def current(cls) -> FakePlan | None:
+        """The plan in force now, if any."""
+        return cls._active[-1] if cls._active else None
 
     def __enter__(self) -> FakePlan:
         self._patch_module_apply()
+        self._patch_save()
         for name in _READS:
             original = getattr(torch.Tensor, name)
             self._saved[name] = (original, name in vars(torch.Tensor))
@@ -69,41 +98,79 @@ class FakePlan:
         except BaseException:
             self._restore()
             raise
+        FakePlan._active.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self in FakePlan._active:
+            FakePlan._active.remove(self)
         try:
             self.mode.__exit__(*exc)
         finally:
             self._restore()
 
     def _patch_module_apply(self) -> None:
-        """``model.to(device)`` that changes nothing is left a no-op, as it is for real tensors.
+        """``model.to(device or dtype)``, ``.half()``: done on fake parameters as torch does on real ones.
 
         ``nn.Module._apply`` swaps every fake parameter for a new one
-        (``torch.utils.swap_tensors``), even when ``fn`` returns it unchanged
-        (``.to("cpu")`` of a model on the CPU, the common ``model.to(device)``),
-        and fake mode's own weak references make the swap fail. A real change
-        (another dtype) still goes to torch, which cannot make it on fake
-        tensors: build the model in its dtype instead (``torch_dtype=``).
+        (``torch.utils.swap_tensors``), which fake mode's own weak references
+        refuse. Here a conversion that changes nothing (``model.to(device)``
+        on the device it is on) stays a no-op, and one that changes a dtype
+        or device puts new parameters (and buffers) in place, one per tensor,
+        so a tied weight stays tied.
         """
         original = torch.nn.Module._apply
         self._module_saved = original
+        fake = self._fake
 
         def _apply(module: torch.nn.Module, fn: Any, recurse: bool = True) -> Any:
             with torch.no_grad():
                 tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
                 if tensors and all(fn(t) is t for t in tensors):
                     return module
-            return original(module, fn, recurse)
+                if not any(isinstance(t, fake) for t in tensors):
+                    return original(module, fn, recurse)
+                converted: dict[int, torch.Tensor] = {}
+                for m in module.modules() if recurse else [module]:
+                    for key, p in m._parameters.items():
+                        if p is not None:
+                            if id(p) not in converted:
+                                new = torch.nn.Parameter(fn(p), requires_grad=p.requires_grad)
+                                if p.grad is not None:
+                                    new.grad = fn(p.grad)
+                                converted[id(p)] = new
+                            m._parameters[key] = converted[id(p)]
+                    for key, b in m._buffers.items():
+                        if b is not None:
+                            m._buffers[key] = converted.setdefault(id(b), fn(b))
+            return module
 
         torch.nn.Module._apply = _apply  # type: ignore[method-assign]
+
+    def _patch_save(self) -> None:
+        """``torch.save`` of fake tensors is skipped (counted): there is nothing to save, and a
+        half-written file must not replace a checkpoint the user has."""
+        original = torch.save
+        self._save_saved = original
+        fake, skipped = self._fake, self.skipped
+
+        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            if _holds_fake(obj, fake):
+                skipped["torch.save"] += 1
+                return None
+            return original(obj, f, *args, **kwargs)
+
+        torch.save = save  # type: ignore[assignment]
 
     def _restore(self) -> None:
         saved = getattr(self, "_module_saved", None)
         if saved is not None:
             torch.nn.Module._apply = saved  # type: ignore[method-assign]
             self._module_saved = None
+        save = getattr(self, "_save_saved", None)
+        if save is not None:
+            torch.save = save
+            self._save_saved = None
         for name, (original, own) in self._saved.items():
             if own:
                 setattr(torch.Tensor, name, original)
@@ -140,7 +207,13 @@ class FakePlan:
                 for k, n in sorted(self.reads.items())
             )
             out.append(
-                f"values read from fake tensors were answered with 0 ({kinds}): a logged loss prints 0, a "
-                "GradScaler finds no inf, a NaN check passes"
+                f"values read from fake tensors were answered with 0 or False ({kinds}): a logged loss prints 0, "
+                "a GradScaler finds no inf, `if torch.isnan(loss)` passes, while a check written the other way "
+                "(`assert torch.isfinite(loss)`) fails"
+            )
+        if self.skipped:
+            out.append(
+                f"skipped on fake tensors: {', '.join(f'{n} x {k}' for k, n in sorted(self.skipped.items()))} "
+                "(nothing to save; no file was written)"
             )
         return out
