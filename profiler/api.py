@@ -19,6 +19,7 @@ hand). Hooks are removed when the block ends, however it ends.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any
@@ -177,8 +178,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         setup = self._model_report.setup
         if setup is None or path is None:
             return report.to_json(path)
-        own = Report(models=report.models, notes=report.notes, script=report.script)  # without the ranks
-        text = own.to_json(rank_path(os.fspath(path), setup.rank))
+        text = dataclasses.replace(report, ranks=None).to_json(rank_path(os.fspath(path), setup.rank))  # its own
         return report.to_json(path) if setup.rank == 0 else text
 
     def plot(self, path: str | os.PathLike[str], step: int | None = None) -> pathlib.Path:

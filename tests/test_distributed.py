@@ -17,6 +17,7 @@ import time
 import pytest
 import torch.distributed as dist
 from support import ROOT
+from support import env as child_env
 
 from profiler.results.gather import rank_path
 from profiler.results.ranks import merge_ranks
@@ -31,7 +32,7 @@ TINY += ["--seq-len", "16", "--steps", "3"]
 
 
 def torchrun(*args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(child_env(), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
@@ -230,7 +231,7 @@ def test_fit_batches_is_refused_under_torchrun(tmp_path):
     """Child runs would join the job's rendezvous: one clear line, before the script runs."""
     script = tmp_path / "train.py"
     script.write_text("print('ran')\n")
-    env = dict(os.environ, RANK="1", WORLD_SIZE="2", PYTHONPATH=str(ROOT))
+    env = dict(child_env(), RANK="1", WORLD_SIZE="2")
     proc = subprocess.run(
         [sys.executable, "-m", "profiler", "--fit-batches", "2,4", str(script)],
         capture_output=True,
@@ -285,7 +286,7 @@ def test_gather_timeouts_that_mean_nothing_are_refused(tmp_path):
         [sys.executable, "-m", "profiler", "--gather-timeout", "inf", str(script)],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=child_env(),
         timeout=120,
     )
     assert proc.returncode == 2 and "finite" in proc.stderr and "ran" not in proc.stdout

@@ -179,9 +179,7 @@ class FakePlan:
         self._saved = {}
 
     def _answer(self, name: str, original: Any) -> Any:
-        reads, fake = self.reads, self._fake
-
-        unknown = self._unknown
+        reads, fake, unknown = self.reads, self._fake, self._unknown
 
         def read(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if not isinstance(t, fake):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "PLAIN_TYPES",
     "ParallelSetup",
     "ParallelWatch",
     "detect_setup",
@@ -44,13 +45,17 @@ __all__ = [
     "wrapper_of",
 ]
 
-_PLAIN = (torch.Tensor, nn.Parameter)
+PLAIN_TYPES = (torch.Tensor, nn.Parameter)  # a type(t) check skips the subclass lookups for these
 
 
-def _dtensor_type() -> type | None:
-    """``DTensor``, once something imported it (no tensor can be one before)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
+def _loaded(module_name: str, name: str) -> type | None:
+    """``module_name.name``, once something imported that module (nothing can be one before).
+
+    The wrappers are looked up, never imported: a script that does not use
+    ``torch.distributed`` pays nothing for these checks.
+    """
+    module = sys.modules.get(module_name)
+    return getattr(module, name, None) if module is not None else None
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -59,9 +64,9 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     A DTensor reports its global shape and a storage of the global size; what
     the rank's memory holds is its ``_local_tensor``.
     """
-    if type(t) in _PLAIN:
+    if type(t) in PLAIN_TYPES:
         return t
-    dtensor = _dtensor_type()
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
     if dtensor is not None and isinstance(t, dtensor):
         inner = getattr(t, "_local_tensor", None)
         return inner if inner is not None else t.to_local()
@@ -69,16 +74,9 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fsdp2_module_type() -> type | None:
-    module = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard") or sys.modules.get(
-        "torch.distributed.fsdp"
+    return _loaded("torch.distributed.fsdp._fully_shard._fully_shard", "FSDPModule") or _loaded(
+        "torch.distributed.fsdp", "FSDPModule"
     )
-    return getattr(module, "FSDPModule", None) if module is not None else None
-
-
-def fsdp2_sharded(model: nn.Module) -> bool:
-    """Some module of ``model`` is managed by FSDP2's ``fully_shard``."""
-    kind = _fsdp2_module_type()
-    return kind is not None and any(isinstance(m, kind) for m in model.modules())
 
 
 def _is_flat_param(p: torch.Tensor) -> bool:
@@ -86,43 +84,40 @@ def _is_flat_param(p: torch.Tensor) -> bool:
     return bool(getattr(p, "_is_flat_param", False))
 
 
-def fsdp_wrapped(model: nn.Module) -> bool:
-    """FSDP1 or FSDP2 manages ``model``: its parameters are gathered (unsharded) for forward and backward."""
-    if fsdp2_sharded(model):
-        return True
-    module = sys.modules.get("torch.distributed.fsdp")
-    kind = getattr(module, "FullyShardedDataParallel", None) if module is not None else None
+def _any_module_is(model: nn.Module, kind: type | None) -> bool:
     return kind is not None and any(isinstance(m, kind) for m in model.modules())
+
+
+def fsdp2_sharded(model: nn.Module) -> bool:
+    """Some module of ``model`` is managed by FSDP2's ``fully_shard``."""
+    return _any_module_is(model, _fsdp2_module_type())
 
 
 def wrapper_of(model: nn.Module) -> str | None:
     """The data-parallel wrapper, by type: "DDP", "FSDP" (FSDP1), "FSDP2", or None."""
     if fsdp2_sharded(model):
         return "FSDP2"
-    module = sys.modules.get("torch.distributed.fsdp")
-    kind = getattr(module, "FullyShardedDataParallel", None) if module is not None else None
-    if kind is not None and any(isinstance(m, kind) for m in model.modules()):
+    if _any_module_is(model, _loaded("torch.distributed.fsdp", "FullyShardedDataParallel")):
         return "FSDP"
-    module = sys.modules.get("torch.nn.parallel")
-    ddp = getattr(module, "DistributedDataParallel", None) if module is not None else None
+    ddp = _loaded("torch.nn.parallel", "DistributedDataParallel")
     if ddp is not None and isinstance(model, ddp):
         return "DDP"
     return None
 
 
+def fsdp_wrapped(model: nn.Module) -> bool:
+    """FSDP1 or FSDP2 manages ``model``: its parameters are gathered (unsharded) for forward and backward."""
+    return wrapper_of(model) in ("FSDP", "FSDP2")
+
+
 def state_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer whose ``state`` holds the state: ZeRO's local ``optim``, else ``opt`` itself."""
-    module = sys.modules.get("torch.distributed.optim")
-    zero = getattr(module, "ZeroRedundancyOptimizer", None) if module is not None else None
+    zero = _loaded("torch.distributed.optim", "ZeroRedundancyOptimizer")
     if zero is not None and isinstance(opt, zero):
         inner = getattr(opt, "optim", None)
         if isinstance(inner, torch.optim.Optimizer):
             return inner
     return opt
-
-
-def _is_zero(opt: torch.optim.Optimizer | None) -> bool:
-    return opt is not None and state_optimizer(opt) is not opt
 
 
 @dataclass
@@ -172,8 +167,7 @@ def detect_setup() -> ParallelSetup | None:
 
 def _default_store() -> Any:
     """The default process group's store (private to torch: looked up softly), for jobs not started by torchrun."""
-    c10d = sys.modules.get("torch.distributed.distributed_c10d")
-    get_store = getattr(c10d, "_get_default_store", None)
+    get_store = _loaded("torch.distributed.distributed_c10d", "_get_default_store")
     try:
         return get_store() if get_store is not None else None
     except Exception:  # noqa: BLE001 - no store: each rank still writes its own file
@@ -246,9 +240,12 @@ def _fsdp_units(model: nn.Module, wrapper: str) -> tuple[list[int], int]:
                 managed |= {id(p) for p in params}
                 units.append(sum(p.numel() * p.element_size() for p in params))
                 root = units[-1]  # the outermost is walked last
-    else:
-        flat = [(name.count("_fsdp_wrapped_module"), _bytes_of(p)[2]) for name, p in model.named_parameters()]
-        flat = [(depth, nbytes) for (depth, nbytes), p in zip(flat, model.parameters()) if _is_flat_param(p)]
+    else:  # FSDP1: a flat parameter a unit; the root's is the one the fewest wrappers deep
+        flat = [
+            (name.count("_fsdp_wrapped_module"), _bytes_of(p)[2])
+            for name, p in model.named_parameters()
+            if _is_flat_param(p)
+        ]
         units = [nbytes for _, nbytes in flat]
         root = min(flat)[1] if flat else 0
     return units, root
@@ -286,24 +283,24 @@ class ParallelWatch:
 def _layout(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     wrapper = wrapper_of(model)
     sharded = wrapper in ("FSDP", "FSDP2")
-    params = _unique_params(model)
-    local = storage = global_bytes = count = 0
+    zero = optimizer is not None and state_optimizer(optimizer) is not optimizer
+    local = global_bytes = count = grad_global = 0
     seen_storages: dict[int, int] = {}
-    for p in params:
+    for p in _unique_params(model):
         lb, sb, gb, n = _bytes_of(p)
         local += lb
         global_bytes += gb
         count += n
+        grad_global += gb if p.requires_grad else 0
         try:
             key = local_tensor(p).untyped_storage().data_ptr() or id(p)
         except (RuntimeError, NotImplementedError, TypeError):
             key = id(p)
         seen_storages[key] = max(seen_storages.get(key, 0), sb)
     storage = sum(seen_storages.values())
-    grad_global = sum(_bytes_of(p)[2] for p in params if p.requires_grad)
     out: dict[str, Any] = {
         "wrapper": wrapper,
-        "optimizer_sharding": "ZeRO-1" if _is_zero(optimizer) else None,
+        "optimizer_sharding": "ZeRO-1" if zero else None,
         "parameters": {
             "placement": "sharded" if sharded else "replicated",
             "local_bytes": local,
@@ -313,11 +310,11 @@ def _layout(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[s
         },
         "gradients": {"placement": "sharded" if sharded else "replicated", "global_bytes": grad_global},
     }
-    opt_placement = "sharded" if sharded else ("partitioned" if _is_zero(optimizer) else "replicated")
+    opt_placement = "sharded" if sharded else ("partitioned" if zero else "replicated")
     opt_global: int | None = None
     if optimizer is not None:
         inner = state_optimizer(optimizer)
-        dtensor = _dtensor_type()
+        dtensor = _loaded("torch.distributed.tensor", "DTensor")
         values = [v for st in inner.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
         if opt_placement == "replicated":
             opt_global = sum(v.numel() * v.element_size() for v in values)

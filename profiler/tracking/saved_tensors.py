@@ -14,9 +14,7 @@ from typing import Any
 import torch
 from torch.utils import checkpoint as torch_checkpoint
 
-from .parallel import local_tensor
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+from .parallel import PLAIN_TYPES, local_tensor
 
 __all__ = [
     "CHECKPOINT_HOLDER",
@@ -45,7 +43,7 @@ def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     a real storage would be, so the same rules count it byte for byte.
     """
     try:
-        if type(t) not in _PLAIN:
+        if type(t) not in PLAIN_TYPES:
             fake = _fake_tensor_type()
             if fake is not None and isinstance(t, fake):
                 storage = t.untyped_storage()
