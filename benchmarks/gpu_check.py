@@ -22,6 +22,9 @@ the JSON is rewritten after every section, so a killed run keeps what it had):
                else the same architecture from examples/nanogpt.py; no download):
                one fp16 AMP step under profile().
   fit          the fit planner: peak at batch 16 and 24 predicted from batches 4 and 8, then measured (3% target).
+  projection   the GPU projection (planned on fake tensors) against the same fp16 step measured on this
+               GPU at batch 4 and 16 x 512, each in a fresh process, figure by figure
+               (projection_check.py); targets: allocated peak 5%, reserved 10%, device used 10%.
 
 Writes $OUT/gpu_check.json when the environment variable OUT is set, else
 benchmarks/results/gpu_check.json (or --out). Exits with code 2 and a message
@@ -542,6 +545,19 @@ def section_fit(ctx: Ctx) -> dict[str, Any]:
         ctx.cleanup()
 
 
+def section_projection(ctx: Ctx) -> dict[str, Any]:
+    """Projected allocated / reserved / device-used figures against this GPU's own, at two batch sizes."""
+    if not ctx.cuda:
+        return {"skipped": "needs CUDA"}
+    import projection_check  # noqa: PLC0415
+
+    points = projection_check.gpu_points([4, 16], ctx.seq)
+    limits = {"backward peak": 0.05, "reserved": 0.10, "device used (NVML, end of step)": 0.10}
+    last = [r for p in points for r in p.get("comparison", []) if r["step"] == 3 and r["figure"] in limits]
+    met = bool(last) and all(abs(r["error"]) <= limits[r["figure"]] for r in last)
+    return {"points": points, "targets": limits, "target_met": met}
+
+
 SECTIONS = [
     ("amp_batches", section_amp_batches),
     ("loss_outside", section_loss_outside),
@@ -549,6 +565,7 @@ SECTIONS = [
     ("overhead", section_overhead),
     ("gpt2", section_gpt2),
     ("fit", section_fit),
+    ("projection", section_projection),
 ]
 
 
@@ -663,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "overhead_le_1.05x": (result.get("overhead") or {}).get("target_met"),
         "fit_within_3pct": (result.get("fit") or {}).get("target_met"),
+        "projection_within_targets": (result.get("projection") or {}).get("target_met"),
     }
     result["cleanup_errors"] = ctx.cleanup_errors
     result["total_s"] = round(ctx.elapsed(), 1)

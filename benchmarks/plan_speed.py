@@ -4,7 +4,7 @@ Each model of ``examples/plan_llama.py`` (Llama-2-7B, Mistral-7B, Llama-3-8B;
 bf16 weights, AdamW, batch 1 x 2048) is planned in a child process, as a user
 runs it; the wall time and the child's peak RSS are recorded with the
 figures the plan found; then the first model again with gradient checkpointing
-at batch 4. Budget: under 60 s and 2 GiB of RSS a model, on 2 cores.
+at batch 4, and with the GPU projection (``--project``). Budget: under 60 s and 2 GiB of RSS a model, on 2 cores.
 
     python benchmarks/plan_speed.py
     python benchmarks/plan_speed.py --models llama-2-7b --steps 2
@@ -32,12 +32,13 @@ from tabulate import tabulate  # noqa: E402
 
 MODELS = ("llama-2-7b", "mistral-7b", "llama-3-8b")
 BUDGET_S, BUDGET_RSS = 60.0, 2 * 1024**3
+PROJECTED = ("card", "allocated_peak", "reserved_peak", "device_used_peak", "fits", "largest_batch")
 
 
-def plan(model: str, steps: int, extra: list[str]) -> dict:
+def plan(model: str, steps: int, extra: list[str], options: tuple[str, ...] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
-        cmd = [sys.executable, "-m", "profiler", "-q", "--fake", "--no-sampler", "--json", str(out),
+        cmd = [sys.executable, "-m", "profiler", "-q", "--fake", "--no-sampler", *options, "--json", str(out),
                str(ROOT / "examples" / "plan_llama.py"), "--model", model, "--steps", str(steps), *extra]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         err = Path(tmp) / "stderr"
@@ -53,15 +54,17 @@ def plan(model: str, steps: int, extra: list[str]) -> dict:
         report = json.loads(out.read_text())
     (entry,) = report["models"]
     step = entry["memory"]["steps"][-1]
+    projection = entry.get("projection")
     return {
         "model": model,
-        "args": extra,
+        "args": [*options, *extra],
         "steps": steps,
         "seconds": round(seconds, 2),
         "peak_rss_bytes": rss,
         "parameters": entry["parameters"]["total"],
         "categories": step["categories"],
         "fit": [(c["card"], c["fits_at_measured_batch"], c["largest_batch"]) for c in entry["fit"]["cards"]],
+        "projection": None if projection is None else [{k: c.get(k) for k in PROJECTED} for c in projection["cards"]],
     }
 
 
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runs = [plan(m, args.steps, []) for m in args.models]
     runs.append(plan(args.models[0], args.steps, ["--checkpointing", "--batch-size", "4"]))
+    runs.append(plan(args.models[0], args.steps, [], ("--project",)))  # with the GPU projection
     worst_s = max(r["seconds"] for r in runs)
     rss = [r["peak_rss_bytes"] for r in runs]
     data = {

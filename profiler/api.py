@@ -30,6 +30,7 @@ from torch import nn
 from .errors import ProfilerError
 from .model.buckets import bucket_resolver
 from .results.assemble import analyze_model, attach_memory, rebucketing
+from .results.calibration import load_calibration
 from .results.gather import DEFAULT_TIMEOUT, gather_ranks, rank_path
 from .results.report import Report
 from .tracking import StepTracker, drop_retired_hooks
@@ -83,6 +84,15 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         gather_timeout: under ``torchrun``, how long rank 0 waits at the
             block's end for the other ranks' figures (each rank's block ends
             at about the same point of the script).
+        project: project the steps onto GPUs (``report.models[0].extra
+            ["projection"]``, a table in ``render()``): autocast regions run
+            CUDA's policy while measuring, and every allocation is recorded
+            and replayed through a model of CUDA's caching allocator. Works on
+            real and on fake tensors (``fake_tensors()``); costs what
+            ``live_peak`` costs.
+        calibrate: with ``project``, a JSON report of this tool from a GPU
+            run (or a calibration file) whose memory beyond the allocator
+            replaces the shipped H100 measurement.
 
     Under ``torchrun`` each rank measures its own memory; rank 0's report
     also holds every rank's (``prof.report.ranks``, a table in ``render()``),
@@ -100,6 +110,8 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         name: str | None = None,
         live_peak: bool = False,
         gather_timeout: float = DEFAULT_TIMEOUT,
+        project: bool = False,
+        calibrate: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(gather_timeout, bool) or not isinstance(gather_timeout, (int, float)) or not gather_timeout > 0:
             raise ProfilerError(f"gather_timeout: expected a number of seconds above 0, got {gather_timeout!r}")
@@ -109,6 +121,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             raise ProfilerError(
                 "live_peak counts the tensors operators create: under fake_tensors() there is no memory"
             )
+        self._calibration = load_calibration(os.fspath(calibrate) if calibrate else None) if project else None
         self._model_report = analyze_model(model, name)
         self._model, self._name = model, name
         self._run_order: dict[str, int] | None = None
@@ -120,6 +133,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             bucket_of=bucket_resolver(self._model_report.buckets),
             live_peak=live_peak,
             rebucket=self._rebucket,
+            project=project,
         )
         self.report: Report | None = None
 
@@ -138,7 +152,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             if self._model_report.inventory.uninitialized:  # lazy parameters got shapes in the block
                 self._model_report = analyze_model(self._model, self._name, self._run_order)
         finally:
-            attach_memory(self._model_report, self.tracker)
+            attach_memory(self._model_report, self.tracker, calibration=self._calibration)
             self.report = Report(models=[self._model_report])
             if self._plan is not None:  # measured on fake tensors: said, as the command line says it
                 self.report.notes.extend(self._plan.notes())

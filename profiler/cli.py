@@ -90,7 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan = parser.add_argument_group("planning (estimates and will-it-fit)")
     plan.add_argument(
-        "--fit", metavar="CARD", help="show the fit for one card only (e.g. T4, A100-80GB, or a --gpu name)"
+        "--fit",
+        metavar="CARD",
+        help="project the step onto one card only (e.g. T4, A100-80GB, or a --gpu name); implies --project",
+    )
+    plan.add_argument(
+        "--project",
+        action="store_true",
+        help="project the measured step onto GPUs: CUDA's autocast policy while measuring, every allocation "
+        "replayed through a model of CUDA's caching allocator (slower, like --live-peak; fast with --fake)",
+    )
+    plan.add_argument(
+        "--calibrate",
+        metavar="REPORT.json",
+        help="a JSON report of this tool from a real GPU run: its memory beyond the allocator (CUDA context, "
+        "libraries) replaces the shipped H100 measurement in the projection; implies --project",
     )
     plan.add_argument("--gpu", action="append", metavar="NAME=GiB", help="add a card to the fit table (repeatable)")
     plan.add_argument(

@@ -53,4 +53,5 @@ def test_a_cpu_dry_run_writes_valid_json_where_told(gpu_check, tmp_path):
         "peak_within_2pct_loss_outside",
         "overhead_le_1.05x",
         "fit_within_3pct",
+        "projection_within_targets",
     }

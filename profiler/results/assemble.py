@@ -17,8 +17,10 @@ from ..model.buckets import bucket_resolver, find_buckets
 from ..model.inventory import take_inventory
 from ..model.traits import ModelTraits
 from ..tracking import StepTracker
+from .calibration import Calibration
 from .estimates import estimates_section
 from .fit import FitPoint, plan_fit
+from .gpu_projection import project_gpu
 from .memory_section import memory_section
 from .rank_section import rank_section
 from .report import ModelReport
@@ -81,7 +83,15 @@ def attach_memory(
     margin: float = 0.10,
     focus: str | None = None,
     extra_points: list[FitPoint] | None = None,
+    calibration: Calibration | None = None,
 ) -> None:
-    """Put a tracker's measurements, the estimates beside them and the fit plan into a report entry."""
+    """Put a tracker's measurements, the estimates beside them and the fit plan into a report entry.
+
+    With a ``calibration`` (a projection was asked for), the GPU projection too.
+    """
     attach_measurements(model_report, tracker)
     model_report.fit = plan_fit(model_report.memory, extra_points=extra_points, cards=cards, margin=margin, focus=focus)
+    if calibration is not None:
+        model_report.extra["projection"] = project_gpu(
+            model_report.memory, calibration, cards=cards, margin=margin, focus=focus
+        )

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..model.buckets import BUCKETS, Buckets
 from ..tracking import StepRecord, StepTracker
 from ..tracking.phases import span_seconds
+from .gpu_replay import replay_by_batch, replay_trace
 from .schema import MemoryJSON, StepJSON
-from .steps import described_step
+from .steps import batch_and_sequence, described_step
 
 __all__ = ["memory_section", "categories_live_peak", "CPU_UNAVAILABLE"]
 
@@ -189,7 +192,28 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> MemoryJSON:
     }
     if tracker.phases.sampler is not None:
         section["sampler"] = tracker.phases.sampler.to_dict()
+    if tracker.phases.trace is not None:
+        section["gpu_replay"] = gpu_replay_section(tracker.phases, chosen)
+    if cuda:
+        try:  # the card, for a report fed back as a projection's calibration (--calibrate)
+            section["device_name"] = torch.cuda.get_device_name(tracker.device)
+            section["device_capability"] = list(torch.cuda.get_device_capability(tracker.device))
+        except (RuntimeError, AssertionError):  # a stand-in device in tests; torch without CUDA
+            pass
     return section
+
+
+def gpu_replay_section(phases: Any, described: StepJSON | None) -> dict[str, Any]:
+    """The recorded steps replayed through the caching-allocator model, and how they were run.
+
+    With the described step's batch size known, also that step replayed at other batch sizes.
+    """
+    replay = replay_trace(phases.trace_initial, phases.trace)
+    batch = batch_and_sequence(described)[0] if described is not None else None
+    replay["by_batch"] = replay_by_batch(phases.trace_initial, phases.trace, batch, described["index"]) if batch else []
+    replay["autocast_dtypes"] = sorted(str(d).removeprefix("torch.") for d in phases.autocast_dtypes)
+    replay["run_as_on_cuda"] = ["CUDA's autocast policy in autocast regions"]
+    return replay
 
 
 def _measuring_notes(tracker: StepTracker) -> list[str]:

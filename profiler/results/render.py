@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 from ..model.buckets import BUCKETS, Trunk
+from .render_projection import render_projection
 from .render_ranks import render_ranks
 from .schema import MemoryJSON
 from .steps import shown_steps
@@ -132,7 +133,10 @@ def render_model(m: ModelReport, depth: int = 2) -> str:
         parts.extend(render_memory(m.memory))
     if m.estimates is not None:
         parts.extend(render_estimates(m.estimates))
-    if m.fit is not None:
+    projection = m.extra.get("projection")
+    if projection is not None and projection.get("available"):
+        parts.extend(render_projection(projection))  # the fit from the CPU's categories is superseded
+    elif m.fit is not None:
         parts.extend(render_fit(m.fit))
     return "\n\n".join(parts)
 

@@ -131,3 +131,6 @@ class MemoryJSON(TypedDict):
     backward_passes_discarded: int  # passes whose gradients were cleared without an optimizer step
     notes: list[str]
     sampler: NotRequired[dict[str, Any]]
+    gpu_replay: NotRequired[dict[str, Any]]  # with a projection: the steps replayed through the allocator model
+    device_name: NotRequired[str]  # measured on CUDA
+    device_capability: NotRequired[list[int]]

@@ -42,6 +42,10 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     interrupted: BaseException | None = None  # KeyboardInterrupt or Terminated
 
+    def memories(self, name: str) -> list[tuple[int, dict]]:
+        """Each child run's batch size and memory section for model ``name`` (for the GPU projection)."""
+        return list(self.runs.get(name, []))
+
     def fit_inputs(self, name: str, memory: dict) -> tuple[list[FitPoint], int | None, list[str]]:
         """The fit points the child runs give model ``name``, the batch dimension they show, and notes.
 
@@ -186,6 +190,7 @@ def _measure_one(options: Options, batch: int, say: Callable[[str], None], resul
             out,
             *(["--live-peak"] if options.live_peak else []),
             *(["--fake"] if options.fake else []),
+            *(["--project"] if options.project else []),
             *target,
             *options.args,
             flag,

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import ProfilerError
+from ..results.calibration import Calibration, load_calibration
 from ..results.fit import CARDS, check_margin, resolve_card
 from ..results.gather import DEFAULT_TIMEOUT, rank_path
 from ..tracking.parallel import launched_rank
@@ -44,6 +45,8 @@ class Options:
     batch_arg: str = "--batch-size"
     fake: bool = False  # --fake: the script runs on fake tensors (a plan, no memory)
     gather_timeout: float = DEFAULT_TIMEOUT  # under torchrun: how long rank 0 waits for the others' figures
+    project: bool = False  # --project, or --fit CARD: project the steps onto GPUs
+    calibration: Calibration | None = None  # what the projection adds beyond the allocator (--calibrate)
 
     @property
     def plan(self) -> dict:
@@ -100,6 +103,10 @@ def validate(ns: argparse.Namespace) -> Options:
     cards = parse_cards(ns.gpu)
     if ns.fit:
         resolve_card(ns.fit, cards)
+    project = bool(ns.project or ns.fit or ns.calibrate)
+    if project and ns.steps == 0:
+        raise ProfilerError("--project needs measured steps; drop --steps 0")
+    calibration = load_calibration(ns.calibrate) if project else None
     check_margin(ns.margin)
     args = list(ns.args)
     if args and args[0] == "--":
@@ -123,6 +130,8 @@ def validate(ns: argparse.Namespace) -> Options:
         batch_arg=ns.batch_arg,
         gather_timeout=ns.gather_timeout,
         fake=ns.fake,
+        project=project,
+        calibration=calibration,
     )
 
 

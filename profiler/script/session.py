@@ -23,6 +23,7 @@ from ..model.buckets import bucket_resolver
 from ..model.traits import ModelTraits, model_traits
 from ..results.assemble import analyze_model, attach_measurements, rebucketing
 from ..results.fit import plan_fit
+from ..results.gpu_projection import project_gpu
 from ..results.report import ModelReport, Report
 from ..tracking import StepTracker, drop_retired_hooks
 from ..tracking.fake_mode import FakePlan
@@ -175,6 +176,7 @@ class ScriptSession:
                     bucket_of=bucket_resolver(entry.buckets),
                     on_finished=self._on_tracker_finished,
                     live_peak=self.options.live_peak,
+                    project=self.options.project,
                     hold_model=False,
                     hooks_host=self._watcher,
                     rebucket=rebucketing(entry, model),
@@ -374,6 +376,10 @@ class ScriptSession:
                     points, dim, notes = sweep.fit_inputs(name, entry.memory)
                     self.notes.extend(notes)
                     entry.fit = plan_fit(entry.memory, extra_points=points, batch_dim=dim, **self.options.plan)
+                    if self.options.calibration is not None:
+                        entry.extra["projection"] = project_gpu(
+                            entry.memory, self.options.calibration, others=sweep.memories(name), **self.options.plan
+                        )
             except Exception as exc:  # noqa: BLE001 - one model we cannot describe must not cost the others
                 self.notes.append(f"could not report {name}: {type(exc).__name__}: {exc}")
                 continue

@@ -10,7 +10,11 @@ The running sum's maximum is the live-tensor peak.
 
 It costs a Python call per operator, which is why it is opt-in
 (``profile(..., live_peak=True)``, ``--live-peak``); the default mode reads
-cheap counters only.
+cheap counters only. With ``record=True`` it also keeps the allocations and
+frees in order (with phase marks): the trace a GPU projection replays through
+a model of CUDA's caching allocator (``results/caching_allocator.py``).
+Storages are told apart by their identity (``_cdata``), not their address, so
+fake tensors (which have no address) are traced as real ones are.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from torch.utils._pytree import tree_leaves
 
 __all__ = ["LiveTensorCounter"]
 
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
+
 
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
     try:
         storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
-    return storage if storage.data_ptr() else None
+    return storage if storage.nbytes() else None
 
 
 class LiveTensorCounter(TorchDispatchMode):
@@ -42,14 +48,23 @@ class LiveTensorCounter(TorchDispatchMode):
     earlier steps) is the caller's baseline.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = False, fixed_shapes: set[tuple[int, ...]] | None = None) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
+        # With record: ("alloc", key, bytes, fixed), ("free", key, bytes, False) and ("mark", label, 0, False),
+        # in order. ``fixed``: the tensor has a parameter's shape (a gradient, a weight cast, optimizer
+        # state or its temporaries) or at most one element, so its size does not follow the batch.
+        self.events: list[tuple[str, Any, int, bool]] | None = [] if record else None
+        self._fixed_shapes = fixed_shapes or set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        if func is _LIFT_FRESH:
+            # torch.tensor(data): the storage was made before the operator (a real run returns its input);
+            # under fake tensors the output is a new fake of that constant, not new memory either
+            return out
         inputs = None
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
@@ -57,27 +72,37 @@ class LiveTensorCounter(TorchDispatchMode):
             storage = _storage(t)
             if storage is None:
                 continue
-            ptr = storage.data_ptr()
-            if ptr in self._sizes:
+            key = storage._cdata
+            if key in self._sizes:
                 continue
             if inputs is None:
                 inputs = {
-                    s.data_ptr()
+                    s._cdata
                     for a in tree_leaves((args, kwargs))
                     if isinstance(a, torch.Tensor) and (s := _storage(a)) is not None
                 }
-            if ptr in inputs:
+            if key in inputs:
                 continue
             size = storage.nbytes()
-            self._sizes[ptr] = size
+            self._sizes[key] = size
             self.live += size
             if self.live > self.peak:
                 self.peak = self.live
-            weakref.finalize(storage, self._freed, ptr)
+            if self.events is not None:
+                self.events.append(("alloc", key, size, t.numel() <= 1 or tuple(t.shape) in self._fixed_shapes))
+            weakref.finalize(storage, self._freed, key)
         return out
 
-    def _freed(self, ptr: int) -> None:
-        self.live -= self._sizes.pop(ptr, 0)
+    def _freed(self, key: int) -> None:
+        size = self._sizes.pop(key, 0)
+        self.live -= size
+        if self.events is not None and size:
+            self.events.append(("free", key, size, False))
+
+    def mark(self, label: str) -> None:
+        """A phase boundary in the recorded trace."""
+        if self.events is not None:
+            self.events.append(("mark", label, 0, False))
 
     def restart_peak(self) -> int:
         """Start a new peak from what is alive now (a phase boundary); returns the old peak."""

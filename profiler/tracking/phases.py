@@ -5,6 +5,13 @@ the caching allocator's counters (whose peak statistic is reset at each phase
 start, so each phase has its own peak; ``empty_cache()`` is never called), a
 mark in the sampler's timeline and, opt-in, the live-tensor counter's peak.
 
+For a GPU projection (``project=True``) autocast regions run CUDA's policy
+(``cuda_autocast.py``), and the live-tensor counter records every allocation
+and free, with a mark at each phase boundary, for the caching-allocator
+replay. The optimizer runs as the script built it: on the calibration GPU step
+(AdamW with its defaults) the optimizer's peak matched the per-parameter
+implementation the CPU runs, not the foreach one.
+
 Device time: CUDA runs kernels asynchronously, so a host clock read when
 backward begins measures how fast Python launched the forward, not how long
 the GPU ran it, and the first synchronising call (GradScaler's ``.item()``, a
@@ -16,6 +23,7 @@ Recording costs a few microseconds and never waits; the events are read
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -97,25 +105,51 @@ class PhaseClock:
     """
 
     def __init__(
-        self, device: torch.device, *, sample_interval: float | None, live_peak: bool, notes: list[str]
+        self,
+        device: torch.device,
+        *,
+        sample_interval: float | None,
+        live_peak: bool,
+        notes: list[str],
+        project: bool = False,
     ) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.device_clock = DeviceClock(device)
         self.sample_interval = sample_interval
-        self.live_peak = live_peak
+        self.project = project and not self.cuda  # on CUDA the allocator itself is read
+        self.live_peak = live_peak or self.project
         self.live_counter: Any = None  # a LiveTensorCounter while measuring with live_peak
+        self.trace: list[tuple[str, Any, int, bool]] | None = None  # the recorded allocations, once stopped
+        self.trace_initial: list[int] = []  # storages alive when the trace began (parameters, gradients)
+        self.autocast_dtypes: set[torch.dtype] = set()  # the CPU autocast dtypes forwards ran under
+        self._as_on_cuda = contextlib.ExitStack()
         self.sampler: Any = None  # a MemorySampler while measuring with a sample interval
         self._notes = notes
         self._thread = threading.get_ident()
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        """Enter the live-tensor counter (opt-in) and start the sampler thread."""
+    def start(self, tensors: list[torch.Tensor] = ()) -> None:
+        """Enter the live-tensor counter (opt-in) and start the sampler thread.
+
+        ``tensors``: the model's parameters, whose storages (and gradients')
+        begin a recorded trace.
+        """
+        if self.project:
+            from .cuda_autocast import cuda_autocast_policy
+
+            self._as_on_cuda.enter_context(cuda_autocast_policy())
+            seen: dict[int, int] = {}
+            for t in tensors:
+                for u in (t, t.grad):
+                    if u is not None and u.untyped_storage().nbytes():
+                        seen.setdefault(u.untyped_storage()._cdata, u.untyped_storage().nbytes())
+            self.trace_initial = list(seen.values())
         if self.live_peak:
             from .live_tensors import LiveTensorCounter
 
-            self.live_counter = LiveTensorCounter()
+            shapes = {tuple(t.shape) for t in tensors}
+            self.live_counter = LiveTensorCounter(record=self.project, fixed_shapes=shapes)
             self.live_counter.__enter__()
         if self.sample_interval:
             from .sampler import MemorySampler
@@ -125,7 +159,10 @@ class PhaseClock:
 
     def stop(self) -> None:
         """Leave the live-tensor counter and stop the sampler (its figures stay readable)."""
+        if self.live_counter is not None and self.project:
+            self.trace = self.live_counter.events
         self._leave_live_counter()
+        self._as_on_cuda.close()
         if self.sampler is not None:
             self.sampler.stop()
 
@@ -180,6 +217,9 @@ class PhaseClock:
             ph.device_spans.append([self.device_clock.mark(), None])
         if self.live_counter is not None:
             self.live_counter.restart_peak()
+            self.live_counter.mark(f"{step.index}:{name}")
+            if name == "forward" and self.project and torch.is_autocast_enabled("cpu"):
+                self.autocast_dtypes.add(torch.get_autocast_dtype("cpu"))
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.sampler is not None:

@@ -98,6 +98,7 @@ class StepTracker:
         hold_model: bool = True,
         hooks_host: Any = None,
         rebucket: Callable[[dict[str, int]], Callable[[str, str], str]] | None = None,
+        project: bool = False,
     ) -> None:
         self.parameters = ModelParameters(model, hold=hold_model)
         self.max_steps = max_steps
@@ -137,7 +138,9 @@ class StepTracker:
         )
         self.saved_hooks = SavedHooks(self, self.ledger)
         self.parallel = ParallelWatch()  # the rank and wrapper, under torchrun
-        self.phases = PhaseClock(self.device, sample_interval=sample_interval, live_peak=live_peak, notes=self.notes)
+        self.phases = PhaseClock(
+            self.device, sample_interval=sample_interval, live_peak=live_peak, notes=self.notes, project=project
+        )
         self.outputs = OutputWatch(self._output_reached)
         devices = {p.device for p in self.parameters.shaped()}
         if len(devices) > 1:
@@ -184,7 +187,7 @@ class StepTracker:
             self.calls.install()
             self.ledger.hook_gradients()
             self.optimizers.install()
-            self.phases.start()
+            self.phases.start(self.parameters.shaped())
         except Exception as exc:  # noqa: BLE001 - reported; the training runs unmeasured
             self.fail("start", exc)
         except BaseException:

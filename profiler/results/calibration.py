@@ -1,0 +1,123 @@
+"""What only a GPU has, read from one real GPU step: the calibration of a projection.
+
+A CPU run cannot see the CUDA context, the kernels and library handles a
+process loads, or what the driver holds on the device before the process
+starts. NVML sees all of it, and the allocator's counters see the rest, so one
+GPU step measured with both gives the device memory beyond the allocator's
+reserved memory: ``nvml used - memory_reserved``.
+
+The package ships one such step (``profiler/calibration/gpu_h100_seed_fp16_b8.json``:
+the seed model's fp16 AMP step at batch 8 x 512 on an H100, measured with
+PyTorch's own counters and NVML, without this tool). ``--calibrate REPORT``
+replaces it with a JSON report of this tool from the user's own GPU, or a file
+in the same format as the shipped one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from ..errors import ProfilerError
+from .steps import described_step
+
+__all__ = ["BUILT_IN", "Calibration", "load_calibration"]
+
+BUILT_IN = "gpu_h100_seed_fp16_b8.json"
+
+# Compute capability by the names GPUs report (torch.cuda.get_device_name), for a
+# calibration file that names its device but not its capability.
+_CAPABILITY_BY_NAME = {
+    "H200": (9, 0), "H100": (9, 0), "A100": (8, 0), "A10G": (8, 6), "A10": (8, 6), "L40": (8, 9),
+    "L4": (8, 9), "T4": (7, 5), "V100": (7, 0), "B200": (10, 0),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The device memory a GPU step used beyond the allocator's reserved memory, and where it was measured."""
+
+    source: str
+    device: str
+    capability: tuple[int, int] | None
+    non_allocator: int  # NVML device used - memory_reserved, at the same point of a steady step
+    figures: dict[str, Any] = field(default_factory=dict)  # what it was computed from
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "device": self.device,
+            "compute_capability": list(self.capability) if self.capability else None,
+            "non_allocator_bytes": self.non_allocator,
+            "figures": self.figures,
+        }
+
+
+def capability_of(name: str) -> tuple[int, int] | None:
+    upper = name.upper()
+    for key, cap in _CAPABILITY_BY_NAME.items():
+        if key in upper:
+            return cap
+    return None
+
+
+def load_calibration(path: str | None = None) -> Calibration:
+    """The shipped calibration point, or the one in ``path``; a one-line error for a file that is not one."""
+    if path is None:
+        text = resources.files("profiler.calibration").joinpath(BUILT_IN).read_text(encoding="utf-8")
+        return _from_step_file(json.loads(text), f"built in: profiler/calibration/{BUILT_IN}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise ProfilerError(f"--calibrate {path}: cannot read it ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ProfilerError(f"--calibrate {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("steps"), list) and "device" in data:
+        return _from_step_file(data, path)
+    if isinstance(data, dict) and isinstance(data.get("models"), list):
+        return _from_report(data, path)
+    raise ProfilerError(f"--calibrate {path}: neither a report of this tool nor a calibration file")
+
+
+def _from_step_file(data: dict, source: str) -> Calibration:
+    """A file like the shipped one: per step, ``reserved`` and NVML's ``nvml_used_end`` (device-wide)."""
+    try:
+        last = data["steps"][-1]
+        non_allocator = int(last["nvml_used_end"]) - int(last["reserved"])
+        device = str(data["device"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ProfilerError(
+            f"--calibrate {source}: a calibration file needs steps with 'reserved' and 'nvml_used_end', and 'device'"
+        ) from None
+    figures = {
+        "nvml_used_end": last["nvml_used_end"],
+        "reserved": last["reserved"],
+        "nvml_used_idle_before_process": data.get("nvml_used_idle_before_process"),
+        "nvml_used_after_cuda_init": data.get("nvml_used_after_cuda_init"),
+        "torch": data.get("torch"),
+    }
+    return Calibration(source, device, capability_of(device), non_allocator, figures)
+
+
+def _from_report(data: dict, source: str) -> Calibration:
+    """A JSON report of this tool from a GPU run: NVML's device-wide peak beside the allocator's reserved peak."""
+    for model in data["models"]:
+        memory = model.get("memory") or {}
+        step = described_step(memory.get("steps") or [])
+        if step is None or not str(memory.get("device", "")).startswith("cuda"):
+            continue
+        used, reserved = step.get("nvml_device_used_peak"), step.get("reserved")
+        if used is None or reserved is None:
+            raise ProfilerError(
+                f"--calibrate {source}: its step has no NVML device figure (run it with the sampler on, on a GPU "
+                "whose NVML works)"
+            )
+        cap = memory.get("device_capability")
+        device = memory.get("device_name") or memory.get("device", "cuda")
+        capability = tuple(cap) if cap else capability_of(device)
+        figures = {"nvml_device_used_peak": used, "reserved": reserved, "model": model.get("name")}
+        return Calibration(source, device, capability, int(used) - int(reserved), figures)  # type: ignore[arg-type]
+    raise ProfilerError(f"--calibrate {source}: no model in it was measured on a GPU")

@@ -1,0 +1,237 @@
+"""Project a step measured on the CPU (or on fake tensors) onto named GPUs.
+
+Three figures per card, each with its method:
+
+- **allocated peak** (``torch.cuda.max_memory_allocated``): the recorded step,
+  run with CUDA's autocast policy, replayed through the caching-allocator model
+  (``gpu_replay.py``), plus the two cuBLAS workspaces PyTorch allocates through
+  the same allocator and keeps: one for the script's thread, one for autograd's
+  backward thread, each of PyTorch's default size for the card's compute
+  capability (``parseChosenWorkspaceSize`` in ``aten/src/ATen/cuda/CublasHandlePool.cpp``:
+  32 MiB on Hopper and Blackwell, 4096 KiB x 2 + 16 KiB x 8 before);
+- **reserved peak** (``memory_reserved``): the replay's segments, plus the
+  workspaces' own segments;
+- **device memory used** (what NVML and nvidia-smi show for the device): the
+  reserved peak plus the memory a GPU process uses beyond its allocator
+  (context, kernels, libraries, the driver's share), from the calibration.
+
+The largest batch per card comes from the same figures at other batch sizes:
+the replays of runs at several batch sizes (``--fit-batches``), or the one
+step's trace replayed with its batch-sized allocations scaled
+(``gpu_replay.replay_by_batch``); between those, straight lines.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .caching_allocator import allocation_size, round_size
+from .calibration import Calibration, capability_of
+from .fit import CARDS, GIB, resolve_card
+from .schema import MemoryJSON
+from .steps import batch_and_sequence, described_step
+
+__all__ = ["CARD_CAPABILITY", "cublas_workspace", "project_gpu"]
+
+# Compute capability of the cards in the fit table (NVIDIA's CUDA GPUs list).
+CARD_CAPABILITY: dict[str, tuple[int, int]] = {
+    "T4": (7, 5),
+    "L4": (8, 9),
+    "A10G": (8, 6),
+    "V100-16GB": (7, 0),
+    "V100-32GB": (7, 0),
+    "A100-40GB": (8, 0),
+    "A100-80GB": (8, 0),
+    "H100-80GB": (9, 0),
+    "H200": (9, 0),
+}
+
+WORKSPACES = 2  # the script's thread and autograd's device thread each get a cuBLAS handle and workspace
+
+
+def cublas_workspace(capability: tuple[int, int] | None) -> int:
+    """PyTorch's default cuBLAS workspace for a compute capability (``CUBLAS_WORKSPACE_CONFIG`` unset)."""
+    if capability is not None and capability[0] in (9, 10, 12):
+        return 4096 * 8 * 1024
+    return 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def _replay_step(memory: MemoryJSON) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The described step and its replay (same index); (None, None) without a replay."""
+    replay = memory.get("gpu_replay")
+    step = described_step(memory.get("steps", []))
+    if not replay or step is None:
+        return None, None
+    by_index = {s["index"]: s for s in replay["steps"]}
+    return step, by_index.get(step.get("index"))
+
+
+def _scaling(step: dict, replayed: dict, by_batch: list[dict], others: list[tuple[int, MemoryJSON]]) -> dict | None:
+    """Allocated and reserved bytes at other batch sizes: the points the largest batch is read from, and how."""
+    batch, seq = batch_and_sequence(step)
+    if not batch:
+        return None
+    points = {batch: (replayed["peak_allocated"], replayed["reserved"])}
+    for other_batch, other in others:
+        other_step, other_replay = _replay_step(other)
+        if other_replay is not None and batch_and_sequence(other_step)[1] == seq:
+            points[other_batch] = (other_replay["peak_allocated"], other_replay["reserved"])
+    if len(points) >= 2:
+        method = (
+            f"the replays of the runs at batch sizes {sorted(points)}, joined by straight lines "
+            "(extended beyond them along the last two)"
+        )
+    elif by_batch:
+        points = {row["batch"]: (row["peak_allocated"], row["reserved"]) for row in by_batch}
+        method = (
+            f"the step's trace replayed at other batch sizes: every allocation without a parameter's shape "
+            f"(activations, temporaries, inputs) scaled by batch / {batch}, gradients, weight casts and optimizer "
+            "state kept; between the batch sizes replayed, straight lines"
+        )
+    else:
+        return None
+    rows = sorted((b, a, r) for b, (a, r) in points.items())
+    a_slope, a_fixed = _line([(b, a) for b, a, _ in rows])
+    r_slope, r_fixed = _line([(b, r) for b, _, r in rows])
+    return {
+        "method": method,
+        "batch": batch,
+        "sequence_length": seq,
+        "points": [{"batch": b, "peak_allocated": a, "reserved": r} for b, a, r in rows],
+        "allocated_fixed": int(a_fixed),
+        "allocated_per_sample": a_slope,
+        "reserved_fixed": int(r_fixed),
+        "reserved_per_sample": r_slope,
+    }
+
+
+def _largest(points: list[dict], room: float) -> int | None:
+    """The largest batch whose reserved memory stays within ``room``, along lines between the points."""
+    pts = [(p["batch"], p["reserved"]) for p in points]
+    if len(pts) < 2:
+        return None
+    for (b1, r1), (b2, r2) in zip(pts, pts[1:]):
+        if r1 <= room < r2:
+            return b1 + math.floor((room - r1) * (b2 - b1) / (r2 - r1))
+    if pts[0][1] > room:
+        (b1, r1), (b2, r2) = pts[0], pts[1]
+    else:
+        (b1, r1), (b2, r2) = pts[-2], pts[-1]
+    slope = (r2 - r1) / (b2 - b1)
+    if slope <= 0:  # flat there (one segment held everything): the line through all points
+        slope, _ = _line(pts)
+        if slope <= 0:
+            return None
+    return max(0, b2 + math.floor((room - r2) / slope))
+
+
+def _line(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """Least squares: (slope, intercept)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
+
+
+def project_gpu(
+    memory: MemoryJSON | None,
+    calibration: Calibration,
+    *,
+    others: list[tuple[int, MemoryJSON]] | None = None,
+    cards: dict[str, float] | None = None,
+    margin: float = 0.10,
+    focus: str | None = None,
+) -> dict[str, Any]:
+    """The ``projection`` section: per card, allocated / reserved / device-used peaks, fit and largest batch."""
+    step, replayed = _replay_step(memory or {})
+    if replayed is None:
+        reason = (
+            "measured on a GPU: its own allocator figures stand"
+            if memory and str(memory.get("device", "")).startswith("cuda")
+            else "no measured step was recorded for a projection"
+        )
+        return {"available": False, "reason": reason, "cards": []}
+    cards = dict(CARDS if cards is None else cards)
+    if focus is not None:
+        key = resolve_card(focus, cards)
+        cards = {key: cards[key]}
+    dtypes = memory["gpu_replay"].get("autocast_dtypes", [])
+    scaling = _scaling(step, replayed, memory["gpu_replay"].get("by_batch") or [], others or [])
+    notes = []
+    if scaling is None:
+        notes.append("the step's batch size is unknown (no batch input): no largest batch")
+    rows = [_card(name, gib, replayed, scaling, calibration, margin, dtypes) for name, gib in cards.items()]
+    return {
+        "available": True,
+        "step": step.get("index"),
+        "batch": scaling["batch"] if scaling else None,
+        "sequence_length": scaling["sequence_length"] if scaling else None,
+        "autocast_dtypes": dtypes,
+        "replay": {k: replayed[k] for k in ("allocated_start", "peak_allocated", "reserved", "phases")},
+        "scaling": scaling,
+        "calibration": calibration.to_dict(),
+        "margin": margin,
+        "methods": {
+            "allocated_peak": "the step's allocations and frees, recorded on the CPU with CUDA's autocast policy, "
+            "replayed through a model of PyTorch's CUDA caching allocator; plus 2 cuBLAS workspaces (the script's "
+            "thread and autograd's) of PyTorch's default size for the card's compute capability",
+            "reserved_peak": "the same replay's segments (cached across steps), plus the workspaces' segments",
+            "device_used_peak": f"the reserved peak plus {calibration.non_allocator:,} B that a GPU process used "
+            f"beyond its allocator (NVML used - memory_reserved) on the calibration step ({calibration.device})",
+        },
+        "cards": rows,
+        "notes": notes,
+    }
+
+
+def _card(
+    name: str,
+    gib: float,
+    replayed: dict,
+    scaling: dict | None,
+    calibration: Calibration,
+    margin: float,
+    dtypes: list[str],
+) -> dict[str, Any]:
+    capacity = int(gib * GIB)
+    usable = int(capacity * (1 - margin))
+    capability = CARD_CAPABILITY.get(name) or capability_of(name)
+    row: dict[str, Any] = {
+        "card": name,
+        "capacity": capacity,
+        "usable": usable,
+        "compute_capability": list(capability) if capability else None,
+    }
+    if "bfloat16" in dtypes and capability is not None and capability < (8, 0):
+        return {
+            **row,
+            "projected": False,
+            "reason": f"bf16 autocast needs compute capability 8.0 or newer; {name} has "
+            f"{capability[0]}.{capability[1]}",
+        }
+    workspace = cublas_workspace(capability)
+    ws_allocated = WORKSPACES * round_size(workspace)
+    ws_reserved = WORKSPACES * allocation_size(round_size(workspace))
+    allocated = replayed["peak_allocated"] + ws_allocated
+    reserved = replayed["reserved"] + ws_reserved
+    device_used = reserved + calibration.non_allocator
+    largest = None
+    if scaling is not None:
+        largest = _largest(scaling["points"], usable - ws_reserved - calibration.non_allocator)
+    notes = []
+    if capability is None:
+        notes.append("compute capability unknown: the pre-Hopper cuBLAS workspace size assumed")
+    if calibration.capability is None or capability is None or calibration.capability[0] != capability[0]:
+        notes.append(f"memory beyond the allocator measured on {calibration.device}, not on this card")
+    return {
+        **row,
+        "projected": True,
+        "cublas_workspace": workspace,
+        "allocated_peak": allocated,
+        "reserved_peak": reserved,
+        "device_used_peak": device_used,
+        "fits": device_used <= usable,
+        "largest_batch": largest,
+        "notes": notes,
+    }
