@@ -230,6 +230,11 @@ def _measuring_notes(tracker: StepTracker) -> list[str]:
             "step (a GAN's discriminator, backpropagated through by the generator's loss) were left out of the "
             "steps: they train nothing (backward_passes_discarded)"
         )
+    if tracker.phases.project:
+        notes.append(
+            "autocast regions ran CUDA's autocast policy while measuring (for the GPU projection): the categories "
+            "are those of a CUDA step"
+        )
     if tracker.device.type != "cuda":
         if tracker.phases.live_peak:
             notes.append(CPU_UNAVAILABLE + "; the peak is the live-tensor counter's (opt-in dispatch tracking)")
