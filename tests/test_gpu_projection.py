@@ -175,10 +175,25 @@ def test_freed_neighbours_merge_into_one_cached_block():
     assert a.segments == 1 and a.allocated == K_LARGE_BUFFER
 
 
+def test_expandable_segments_grow_the_pool_s_one_segment_by_pages():
+    a = CachingAllocator(expandable=True)
+    first = a.malloc(2 * MIB)  # one 20 MiB page mapped, split even with less than 1 MiB left over
+    assert (a.allocated, a.reserved, a.segments) == (2 * MIB, K_LARGE_BUFFER, 1)
+    a.malloc(19 * MIB)  # the 18 MiB free tail grows by one page: 38 MiB, 19 MiB of it cached
+    assert (a.reserved, a.segments) == (2 * K_LARGE_BUFFER, 1)
+    assert a.cached_blocks == [(19 * MIB, False)]
+    a.free(first)
+    a.malloc(300_000)  # the small pool: its own segment, mapped by 2 MiB
+    assert a.reserved == 2 * K_LARGE_BUFFER + K_SMALL_BUFFER and a.segments == 2
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(1, 30 * MIB)), min_size=1, max_size=60))
-def test_counters_hold_for_any_sequence(ops):
-    a = CachingAllocator()
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(1, 30 * MIB)), min_size=1, max_size=60),
+    st.booleans(),
+)
+def test_counters_hold_for_any_sequence(ops, expandable):
+    a = CachingAllocator(expandable=expandable)
     live = []
     for do_free, size in ops:
         if do_free and live:

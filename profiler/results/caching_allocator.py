@@ -23,7 +23,11 @@ garbage-collection threshold, one stream):
   segments are never returned (no ``empty_cache()``), so reserved memory only
   grows.
 
-``expandable_segments`` is not modelled.
+With ``expandable_segments:True`` (``PYTORCH_CUDA_ALLOC_CONF``) each pool is
+one segment that grows: when no cached block fits, the free block at its end
+(if any) is extended by mapping pages of 2 MiB (small pool) or 20 MiB (large
+pool) after it (``try_allocate_expandable_block``, ``map_block``), and any
+block is split when at least 512 B remain.
 """
 
 from __future__ import annotations
@@ -85,10 +89,14 @@ class CachingAllocator:
     :meth:`reset_peaks` (``reset_peak_memory_stats``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expandable: bool = False) -> None:
+        self.expandable = expandable
         self._free: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}  # (size, addr, id)
         self._blocks: dict[int, _Block] = {}  # free blocks by id(), for the sorted lists
         self._next_addr = 0
+        # expandable: each pool's one segment, its mapped end and its last block (small pool low, large high)
+        self._end = {True: 0, False: 1 << 60}
+        self._last: dict[bool, _Block | None] = {True: None, False: None}
         self.allocated = 0
         self.reserved = 0
         self.peak_allocated = 0
@@ -115,6 +123,28 @@ class CachingAllocator:
         del pool[i]
         del self._blocks[id(block)]
 
+    def _grow(self, size: int, small: bool) -> _Block:
+        """expandable: map pages after the pool's segment, merged into the free block at its end."""
+        last = self._last[small]
+        tail = last if last is not None and not last.allocated else None
+        need = size - (tail.size if tail is not None else 0)
+        page = K_SMALL_BUFFER if small else K_LARGE_BUFFER
+        mapped = page * ((need + page - 1) // page)
+        self.reserved += mapped
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self._end[small] += mapped
+        if tail is not None:
+            self._uncache(tail)
+            tail.size += mapped
+            return tail
+        if last is None:
+            self.segments += 1
+        block = _Block(self._end[small] - mapped, mapped, small, prev=last)
+        if last is not None:
+            last.next = block
+        self._last[small] = block
+        return block
+
     def _new_segment(self, size: int, small: bool) -> _Block:
         segment = allocation_size(size)
         block = _Block(self._next_addr, segment, small)
@@ -134,13 +164,17 @@ class CachingAllocator:
         if i < len(pool):
             block = self._blocks[pool[i][2]]
             self._uncache(block)
+        elif self.expandable:
+            block = self._grow(size, small)
         else:
             block = self._new_segment(size, small)
         remaining = block.size - size
-        if (remaining >= K_MIN_BLOCK) if small else (remaining > K_SMALL_SIZE):
+        if (remaining >= K_MIN_BLOCK) if (small or self.expandable) else (remaining > K_SMALL_SIZE):
             rest = _Block(block.addr + size, remaining, small, prev=block, next=block.next)
             if block.next is not None:
                 block.next.prev = rest
+            elif self._last[small] is block:
+                self._last[small] = rest
             block.next = rest
             block.size = size
             self._cache(rest)
@@ -166,5 +200,7 @@ class CachingAllocator:
                 block.next = neighbour.next
                 if neighbour.next is not None:
                     neighbour.next.prev = block
+                elif self._last[block.small] is neighbour:
+                    self._last[block.small] = block
             block.size += neighbour.size
         self._cache(block)

@@ -161,6 +161,14 @@ def project_gpu(
     notes = []
     if scaling is None:
         notes.append("the step's batch size is unknown (no batch input): no largest batch")
+    settings = memory["gpu_replay"].get("allocator_settings") or {}
+    if settings.get("expandable_segments"):
+        notes.append("replayed with expandable_segments (PYTORCH_CUDA_ALLOC_CONF)")
+    if settings.get("not_modelled"):
+        notes.append(
+            "PYTORCH_CUDA_ALLOC_CONF settings not modelled (replayed with their defaults): "
+            + ", ".join(settings["not_modelled"])
+        )
     rows = [_card(name, gib, replayed, scaling, calibration, margin, dtypes) for name, gib in cards.items()]
     return {
         "available": True,

@@ -20,11 +20,12 @@ reserved memory grows faster than the allocated as blocks fragment).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .caching_allocator import CachingAllocator
 
-__all__ = ["BATCH_GRID", "replay_by_batch", "replay_trace"]
+__all__ = ["BATCH_GRID", "allocator_settings", "replay_by_batch", "replay_trace"]
 
 # Batch sizes the trace is replayed at (with the measured one), up to the first whose
 # reserved memory passes the largest card of the fit table by far.
@@ -32,13 +33,35 @@ BATCH_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 
 _GRID_LIMIT = 256 * 1024**3
 
 
-def replay_trace(initial: list[int], events: list[tuple[str, Any, int, bool]], scale: float = 1.0) -> dict[str, Any]:
+def allocator_settings(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The allocator settings the step would run with: ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``).
+
+    ``expandable_segments`` is modelled; any other setting is listed as not modelled.
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get("PYTORCH_CUDA_ALLOC_CONF") or environ.get("PYTORCH_ALLOC_CONF") or ""
+    expandable, other = False, []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition(":")
+        if key.strip() == "expandable_segments":
+            expandable = value.strip().lower() == "true"
+        else:
+            other.append(item)
+    return {"expandable_segments": expandable, "not_modelled": other}
+
+
+def replay_trace(
+    initial: list[int],
+    events: list[tuple[str, Any, int, bool]],
+    scale: float = 1.0,
+    expandable: bool = False,
+) -> dict[str, Any]:
     """Per measured step: allocated at its start, its allocated peak, reserved at its end; per phase peaks.
 
     Steps are numbered as the report numbers them (the marks' prefixes).
     ``scale``: the factor applied to the allocations that follow the batch.
     """
-    alloc = CachingAllocator()
+    alloc = CachingAllocator(expandable=expandable)
     for size in initial:
         alloc.malloc(size)
     blocks: dict[Any, Any] = {}
@@ -85,12 +108,12 @@ def replay_trace(initial: list[int], events: list[tuple[str, Any, int, bool]], s
 
 
 def replay_by_batch(
-    initial: list[int], events: list[tuple[str, Any, int, bool]], batch: int, index: int
+    initial: list[int], events: list[tuple[str, Any, int, bool]], batch: int, index: int, expandable: bool = False
 ) -> list[dict[str, int]]:
     """Step ``index`` replayed at the grid's batch sizes (and ``batch``, the measured one): peaks per batch."""
     rows = []
     for b in sorted({*BATCH_GRID, batch}):
-        replay = replay_trace(initial, events, b / batch)
+        replay = replay_trace(initial, events, b / batch, expandable)
         step = next((s for s in replay["steps"] if s["index"] == index), None)
         if step is None:
             return []

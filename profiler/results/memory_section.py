@@ -14,7 +14,7 @@ import torch
 from ..model.buckets import BUCKETS, Buckets
 from ..tracking import StepRecord, StepTracker
 from ..tracking.phases import span_seconds
-from .gpu_replay import replay_by_batch, replay_trace
+from .gpu_replay import allocator_settings, replay_by_batch, replay_trace
 from .schema import MemoryJSON, StepJSON
 from .steps import batch_and_sequence, described_step
 
@@ -208,9 +208,14 @@ def gpu_replay_section(phases: Any, described: StepJSON | None) -> dict[str, Any
 
     With the described step's batch size known, also that step replayed at other batch sizes.
     """
-    replay = replay_trace(phases.trace_initial, phases.trace)
+    settings = allocator_settings()
+    expandable = settings["expandable_segments"]
+    replay = replay_trace(phases.trace_initial, phases.trace, expandable=expandable)
     batch = batch_and_sequence(described)[0] if described is not None else None
-    replay["by_batch"] = replay_by_batch(phases.trace_initial, phases.trace, batch, described["index"]) if batch else []
+    replay["by_batch"] = (
+        replay_by_batch(phases.trace_initial, phases.trace, batch, described["index"], expandable) if batch else []
+    )
+    replay["allocator_settings"] = settings
     replay["autocast_dtypes"] = sorted(str(d).removeprefix("torch.") for d in phases.autocast_dtypes)
     replay["run_as_on_cuda"] = ["CUDA's autocast policy in autocast regions"]
     return replay
