@@ -36,6 +36,7 @@ from profiler.results.caching_allocator import (
 from profiler.results.calibration import load_calibration
 from profiler.results.gpu_projection import cublas_workspace
 from profiler.tracking.cuda_autocast import CUDA_AUTOCAST_POLICY, _op, cuda_autocast_ops, cuda_autocast_policy
+from profiler.tracking.cuda_kernels import cuda_kernels
 
 MIB = 1 << 20
 
@@ -122,6 +123,29 @@ def test_weight_casts_are_cached_per_autocast_region():
 
     assert fp16_weights(1) == 1
     assert fp16_weights(2) == 2
+
+
+# --------------------------------------------------------------------------- CUDA's fused kernels
+def test_dropout_and_attention_with_dropout_keep_what_cuda_keeps():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 64, 16, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def step():
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.1, is_causal=True).sum().backward()
+        F.dropout(x, 0.1, True).sum().backward()
+        assert F.dropout(x, 0.0, True) is x and F.dropout(x, 0.1, False) is x
+
+    cpu = _saved(step)
+    with cuda_kernels() as swaps:
+        cuda = _saved(step)
+    assert _saved(step) == cpu  # the CPU's paths are back
+    assert (swaps.dropout, swaps.attention_without_dropout) == (1, 1)
+    # the CPU: a float dropout mask and the math path's (2, 4, 64, 64) attention weights and mask
+    assert ("torch.float32", (4, 8), 128) in cpu and any(shape == (2, 4, 64, 64) for _, shape, _ in cpu)
+    # CUDA: a bool mask, and flash attention's output and log-sum-exp, no seq x seq tensor
+    assert ("torch.bool", (4, 8), 32) in cuda and ("torch.float32", (2, 4, 64), 2048) in cuda
+    assert not any(len(shape) == 4 and shape[-1] == shape[-2] == 64 for _, shape, _ in cuda)
 
 
 # --------------------------------------------------------------------------- the caching allocator's rules
@@ -236,7 +260,7 @@ def _projected(fake: bool, amp: torch.dtype | None = torch.float16, batch: int =
 
 
 def test_replay_is_the_same_on_fake_and_real_tensors():
-    real, fake = _projected(False), _projected(True)
+    real, fake = _projected(False, dropout=0.1), _projected(True, dropout=0.1)
     assert real["memory"]["gpu_replay"] == fake["memory"]["gpu_replay"]
     assert real["projection"]["cards"] == fake["projection"]["cards"]
 

@@ -217,7 +217,15 @@ def gpu_replay_section(phases: Any, described: StepJSON | None) -> dict[str, Any
     )
     replay["allocator_settings"] = settings
     replay["autocast_dtypes"] = sorted(str(d).removeprefix("torch.") for d in phases.autocast_dtypes)
-    replay["run_as_on_cuda"] = ["CUDA's autocast policy in autocast regions"]
+    replay["run_as_on_cuda"] = [
+        "CUDA's autocast policy in autocast regions",
+        "dropout through native_dropout (a bool mask, as CUDA's fused kernel keeps)",
+        "attention with dropout through the flash kernel (CUDA's memory; no dropout in the measured steps)",
+    ]
+    swaps = phases.kernel_swaps
+    replay["kernel_swaps"] = (
+        {"dropout": swaps.dropout, "attention_without_dropout": swaps.attention_without_dropout} if swaps else {}
+    )
     return replay
 
 
@@ -237,9 +245,16 @@ def _measuring_notes(tracker: StepTracker) -> list[str]:
         )
     if tracker.phases.project:
         notes.append(
-            "autocast regions ran CUDA's autocast policy while measuring (for the GPU projection): the categories "
-            "are those of a CUDA step"
+            "autocast regions ran CUDA's autocast policy, and dropout CUDA's fused kernel, while measuring (for the "
+            "GPU projection): the categories are those of a CUDA step"
         )
+        swaps = tracker.phases.kernel_swaps
+        if swaps is not None and swaps.attention_without_dropout:
+            notes.append(
+                f"{swaps.attention_without_dropout} attention call(s) with dropout ran without it in the measured "
+                "steps: CUDA's flash kernel keeps no attention weights, the CPU's math path would (the steps after "
+                "are the script's own)"
+            )
     if tracker.device.type != "cuda":
         if tracker.phases.live_peak:
             notes.append(CPU_UNAVAILABLE + "; the peak is the live-tensor counter's (opt-in dispatch tracking)")

@@ -6,7 +6,8 @@ start, so each phase has its own peak; ``empty_cache()`` is never called), a
 mark in the sampler's timeline and, opt-in, the live-tensor counter's peak.
 
 For a GPU projection (``project=True``) autocast regions run CUDA's policy
-(``cuda_autocast.py``), and the live-tensor counter records every allocation
+(``cuda_autocast.py``), dropout and attention with dropout take CUDA's fused
+kernels' path (``cuda_kernels.py``), and the live-tensor counter records every allocation
 and free, with a mark at each phase boundary, for the caching-allocator
 replay. The optimizer runs as the script built it: on the calibration GPU step
 (AdamW with its defaults) the optimizer's peak matched the per-parameter
@@ -123,6 +124,7 @@ class PhaseClock:
         self.trace: list[tuple[str, Any, int, bool]] | None = None  # the recorded allocations, once stopped
         self.trace_initial: list[int] = []  # storages alive when the trace began (parameters, gradients)
         self.autocast_dtypes: set[torch.dtype] = set()  # the CPU autocast dtypes forwards ran under
+        self.kernel_swaps: Any = None  # with project: the calls that took CUDA's fused path (cuda_kernels)
         self._as_on_cuda = contextlib.ExitStack()
         self.sampler: Any = None  # a MemorySampler while measuring with a sample interval
         self._notes = notes
@@ -137,8 +139,10 @@ class PhaseClock:
         """
         if self.project:
             from .cuda_autocast import cuda_autocast_policy
+            from .cuda_kernels import cuda_kernels
 
             self._as_on_cuda.enter_context(cuda_autocast_policy())
+            self.kernel_swaps = self._as_on_cuda.enter_context(cuda_kernels())
             seen: dict[int, int] = {}
             for t in tensors:
                 for u in (t, t.grad):
