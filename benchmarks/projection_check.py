@@ -248,8 +248,11 @@ def main() -> int:
         for point in gpu:
             for r in point.get("comparison", []):
                 print(f"GPU batch {point['batch']} step {r['step']} {r['figure']}: {100 * r['error']:+.2f}%")
-    table = [[r["batch"], r["allocated_peak"], r["reserved_peak"], r["device_used_peak"], r["fits"]] for r in t4]
+    table = [[r["batch"], f"{r['allocated_peak']:,}", f"{r['reserved_peak']:,}", f"{r['device_used_peak']:,}",
+              r["fits"]] for r in t4]  # fmt: skip
     print(tabulate(table, headers=["batch", "allocated", "reserved", "device used", "fits a T4 (10% margin)"]))
+    one_run = next(c for c in projection["cards"] if c["card"] == "T4")["largest_batch"]
+    print(f"T4, largest batch from the batch-{batch} run alone: {one_run}; planned in {seconds:.1f} s")
     out = common.write_json(
         "projection_calibration",
         {

@@ -318,7 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dtype_name == "auto":
         dtype_name = "fp16" if device_type == "cuda" else "fp32"
     if dtype_name == "fp16" and device_type == "cpu":
-        print("warning: fp16 autocast on CPU is extremely slow; consider --dtype bf16 or fp32", file=sys.stderr)
+        print(
+            "warning: fp16 autocast on CPU is extremely slow (not when planned on fake tensors, "
+            "python -m profiler --fake); consider --dtype bf16 or fp32",
+            file=sys.stderr,
+        )
     amp_dtype = _DTYPES[dtype_name]
 
     torch.manual_seed(args.seed)

@@ -90,9 +90,9 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             and replayed through a model of CUDA's caching allocator. Works on
             real and on fake tensors (``fake_tensors()``); costs what
             ``live_peak`` costs.
-        calibrate: with ``project``, a JSON report of this tool from a GPU
-            run (or a calibration file) whose memory beyond the allocator
-            replaces the shipped H100 measurement.
+        calibrate: a JSON report of this tool from a GPU run (or a
+            calibration file) whose memory beyond the allocator replaces the
+            shipped H100 measurement; implies ``project``.
 
     Under ``torchrun`` each rank measures its own memory; rank 0's report
     also holds every rank's (``prof.report.ranks``, a table in ``render()``),
@@ -121,7 +121,10 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             raise ProfilerError(
                 "live_peak counts the tensors operators create: under fake_tensors() there is no memory"
             )
-        self._calibration = load_calibration(os.fspath(calibrate) if calibrate else None) if project else None
+        project = project or calibrate is not None
+        self._calibration = (
+            load_calibration(os.fspath(calibrate) if calibrate else None, "calibrate=") if project else None
+        )
         self._model_report = analyze_model(model, name)
         self._model, self._name = model, name
         self._run_order: dict[str, int] | None = None

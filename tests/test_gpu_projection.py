@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import EXAMPLES, run_in_process, tiny_gpt
 
-from profiler import fake_tensors, profile
+from profiler import ProfilerError, fake_tensors, profile
 from profiler.results.caching_allocator import (
     K_LARGE_BUFFER,
     K_MIN_BLOCK,
@@ -56,7 +56,7 @@ def _saved(run) -> list[tuple[str, tuple, int]]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
+        kept = run()  # noqa: F841 - what it returns keeps its graph (and storages) alive while counted
     return sorted(seen.values())
 
 
@@ -131,10 +131,11 @@ def test_dropout_and_attention_with_dropout_keep_what_cuda_keeps():
     q = torch.randn(2, 4, 64, 16, requires_grad=True)
     x = torch.randn(4, 8, requires_grad=True)
 
-    def step():
-        F.scaled_dot_product_attention(q, q, q, dropout_p=0.1, is_causal=True).sum().backward()
-        F.dropout(x, 0.1, True).sum().backward()
+    def step():  # forwards only: every graph stays alive while its saves are counted
+        y = F.scaled_dot_product_attention(q, q, q, dropout_p=0.1, is_causal=True)
+        z = F.dropout(x, 0.1, True)
         assert F.dropout(x, 0.0, True) is x and F.dropout(x, 0.1, False) is x
+        return y, z
 
     cpu = _saved(step)
     with cuda_kernels() as swaps:
@@ -318,7 +319,7 @@ def test_fit_card_answers_with_a_projection(tmp_path, capfd):
     assert "fit" in entry  # the CPU's fit section stays in the JSON
 
 
-def test_fit_batches_fits_a_line_through_replays(tmp_path, capfd):
+def test_fit_batches_runs_replace_the_scaled_points(tmp_path, capfd):
     out = tmp_path / "r.json"
     args = ["--fake", "--project", "--fit-batches", "2,8", "--json", out, "--steps", "2", "--stop-after-steps"]
     proc = run_in_process(
@@ -327,9 +328,13 @@ def test_fit_batches_fits_a_line_through_replays(tmp_path, capfd):
         capfd,
     )
     assert proc.returncode == 0, proc.stderr
-    scaling = json.loads(out.read_text())["models"][0]["projection"]["scaling"]
-    assert scaling["method"].startswith("the replays of the runs at batch sizes [2, 4, 8]")
-    assert [p["batch"] for p in scaling["points"]] == [2, 4, 8]
+    (entry,) = json.loads(out.read_text())["models"]
+    scaling = entry["projection"]["scaling"]
+    assert "at batch sizes [2, 4, 8], the replays of the runs measured there" in scaling["method"]
+    assert scaling["measured_batches"] == [2, 4, 8]
+    points = {p["batch"]: p for p in scaling["points"]}
+    assert points[4]["reserved"] == entry["projection"]["replay"]["reserved"]
+    assert {1, 2, 3, 4, 6, 8, 12, 16} <= set(points)  # the trace replayed around the runs' own points
 
 
 @pytest.mark.parametrize(
@@ -349,6 +354,39 @@ def test_bad_calibration_is_one_line(tmp_path, capfd, content, message):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_calibration_below_the_reserved_memory_is_refused(tmp_path):
+    step = {"index": 1, "complete": True, "optimizer_steps": 1, "reserved": 4_000_000_000}
+    step["nvml_device_used_peak"] = 3_000_000_000
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"models": [{"name": "m", "memory": {"device": "cuda:0", "steps": [step]}}]}))
+    with pytest.raises(ProfilerError, match="below the allocator's reserved memory"):
+        load_calibration(str(path))
+    with pytest.raises(ProfilerError, match="^calibrate='"):  # the API names its own argument
+        profile(tiny_gpt(), calibrate=str(path))
+
+
+def test_an_empty_card_name_is_refused_before_the_script(tmp_path, capfd):
+    proc = run_in_process(["--fit", "", EXAMPLES / "nanogpt.py"], tmp_path, capfd)
+    assert proc.returncode == 2 and "unknown card ''" in proc.stderr and "nanogpt:" not in proc.stdout
+
+
+def test_a_small_model_gets_a_largest_batch_and_names_the_cards_not_calibrated():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.Adam(model.parameters())
+    with profile(model, opt, calibrate=None, project=True, sample_interval=None) as prof:
+        for _ in range(3):
+            model(torch.randn(8, 16)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    proj = prof.report.models[0].extra["projection"]
+    rows = {c["card"]: c for c in proj["cards"]}
+    assert all(c["largest_batch"] and c["largest_batch"] > 1_000_000 for c in rows.values())
+    assert rows["T4"]["largest_batch"] < rows["H200"]["largest_batch"]
+    assert rows["H100-80GB"]["non_allocator_measured_here"] and not rows["H200"]["non_allocator_measured_here"]
+    assert any(n.endswith("reused for T4, L4, A10G, V100-16GB, V100-32GB, A100-40GB, A100-80GB, H200")
+               for n in proj["notes"])  # fmt: skip
 
 
 def test_calibration_from_a_gpu_report_of_this_tool(tmp_path):

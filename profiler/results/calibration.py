@@ -45,14 +45,33 @@ class Calibration:
     non_allocator: int  # NVML device used - memory_reserved, at the same point of a steady step
     figures: dict[str, Any] = field(default_factory=dict)  # what it was computed from
 
+    @property
+    def card(self) -> str | None:
+        """The fit table's card it was measured on, if it is one of them."""
+        return card_of(self.device)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "device": self.device,
+            "card": self.card,
             "compute_capability": list(self.capability) if self.capability else None,
             "non_allocator_bytes": self.non_allocator,
             "figures": self.figures,
         }
+
+
+def card_of(name: str) -> str | None:
+    """The fit table's card a GPU's reported name is (``NVIDIA H100 80GB HBM3`` is ``H100-80GB``), if any."""
+    upper = name.upper()
+    for key, card in (("H200", "H200"), ("H100", "H100-80GB"), ("A10G", "A10G"), ("L4", "L4"), ("T4", "T4")):
+        if key in upper and not (key == "L4" and "L40" in upper):
+            return card
+    if "A100" in upper:
+        return "A100-40GB" if "40GB" in upper else "A100-80GB"
+    if "V100" in upper:
+        return "V100-32GB" if "32GB" in upper else "V100-16GB"
+    return None
 
 
 def capability_of(name: str) -> tuple[int, int] | None:
@@ -63,26 +82,37 @@ def capability_of(name: str) -> tuple[int, int] | None:
     return None
 
 
-def load_calibration(path: str | None = None) -> Calibration:
-    """The shipped calibration point, or the one in ``path``; a one-line error for a file that is not one."""
+def load_calibration(path: str | None = None, option: str = "--calibrate") -> Calibration:
+    """The shipped calibration point, or the one in ``path``; a one-line error for a file that is not one.
+
+    ``option``: how the caller names the path in errors (``--calibrate``, or ``calibrate=`` for the API).
+    """
     if path is None:
         text = resources.files("profiler.calibration").joinpath(BUILT_IN).read_text(encoding="utf-8")
         return _from_step_file(json.loads(text), f"built in: profiler/calibration/{BUILT_IN}")
+    where = f"{option}{path!r}" if option.endswith("=") else f"{option} {path}"
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except OSError as exc:
-        raise ProfilerError(f"--calibrate {path}: cannot read it ({exc.strerror or exc})") from None
+        raise ProfilerError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     except json.JSONDecodeError as exc:
-        raise ProfilerError(f"--calibrate {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ProfilerError(f"{where}: not JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict) and isinstance(data.get("steps"), list) and "device" in data:
-        return _from_step_file(data, path)
-    if isinstance(data, dict) and isinstance(data.get("models"), list):
-        return _from_report(data, path)
-    raise ProfilerError(f"--calibrate {path}: neither a report of this tool nor a calibration file")
+        calibration = _from_step_file(data, path, where)
+    elif isinstance(data, dict) and isinstance(data.get("models"), list):
+        calibration = _from_report(data, path, where)
+    else:
+        raise ProfilerError(f"{where}: neither a report of this tool nor a calibration file")
+    if calibration.non_allocator < 0:
+        raise ProfilerError(
+            f"{where}: its NVML device figure is below the allocator's reserved memory "
+            f"({calibration.non_allocator:,} B beyond it): not a measurement a projection can use"
+        )
+    return calibration
 
 
-def _from_step_file(data: dict, source: str) -> Calibration:
+def _from_step_file(data: dict, source: str, where: str = "") -> Calibration:
     """A file like the shipped one: per step, ``reserved`` and NVML's ``nvml_used_end`` (device-wide)."""
     try:
         last = data["steps"][-1]
@@ -90,7 +120,7 @@ def _from_step_file(data: dict, source: str) -> Calibration:
         device = str(data["device"])
     except (KeyError, IndexError, TypeError, ValueError):
         raise ProfilerError(
-            f"--calibrate {source}: a calibration file needs steps with 'reserved' and 'nvml_used_end', and 'device'"
+            f"{where or source}: a calibration file needs steps with 'reserved' and 'nvml_used_end', and 'device'"
         ) from None
     figures = {
         "nvml_used_end": last["nvml_used_end"],
@@ -102,7 +132,7 @@ def _from_step_file(data: dict, source: str) -> Calibration:
     return Calibration(source, device, capability_of(device), non_allocator, figures)
 
 
-def _from_report(data: dict, source: str) -> Calibration:
+def _from_report(data: dict, source: str, where: str) -> Calibration:
     """A JSON report of this tool from a GPU run: NVML's device-wide peak beside the allocator's reserved peak."""
     for model in data["models"]:
         memory = model.get("memory") or {}
@@ -112,12 +142,11 @@ def _from_report(data: dict, source: str) -> Calibration:
         used, reserved = step.get("nvml_device_used_peak"), step.get("reserved")
         if used is None or reserved is None:
             raise ProfilerError(
-                f"--calibrate {source}: its step has no NVML device figure (run it with the sampler on, on a GPU "
-                "whose NVML works)"
+                f"{where}: its step has no NVML device figure (run it with the sampler on, on a GPU whose NVML works)"
             )
         cap = memory.get("device_capability")
         device = memory.get("device_name") or memory.get("device", "cuda")
         capability = tuple(cap) if cap else capability_of(device)
         figures = {"nvml_device_used_peak": used, "reserved": reserved, "model": model.get("name")}
         return Calibration(source, device, capability, int(used) - int(reserved), figures)  # type: ignore[arg-type]
-    raise ProfilerError(f"--calibrate {source}: no model in it was measured on a GPU")
+    raise ProfilerError(f"{where}: no model in it was measured on a GPU")

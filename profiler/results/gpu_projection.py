@@ -68,36 +68,40 @@ def _replay_step(memory: MemoryJSON) -> tuple[dict[str, Any] | None, dict[str, A
 
 
 def _scaling(step: dict, replayed: dict, by_batch: list[dict], others: list[tuple[int, MemoryJSON]]) -> dict | None:
-    """Allocated and reserved bytes at other batch sizes: the points the largest batch is read from, and how."""
+    """Allocated and reserved bytes at other batch sizes: the points the largest batch is read from, and how.
+
+    The measured step's trace replayed at other batch sizes gives the points; where runs at other
+    batch sizes were measured (``--fit-batches``), their own replays replace those points.
+    """
     batch, seq = batch_and_sequence(step)
     if not batch:
         return None
-    points = {batch: (replayed["peak_allocated"], replayed["reserved"])}
+    runs = {batch: (replayed["peak_allocated"], replayed["reserved"])}
     for other_batch, other in others:
         other_step, other_replay = _replay_step(other)
         if other_replay is not None and batch_and_sequence(other_step)[1] == seq:
-            points[other_batch] = (other_replay["peak_allocated"], other_replay["reserved"])
-    if len(points) >= 2:
-        method = (
-            f"the replays of the runs at batch sizes {sorted(points)}, joined by straight lines "
-            "(extended beyond them along the last two)"
-        )
-    elif by_batch:
-        points = {row["batch"]: (row["peak_allocated"], row["reserved"]) for row in by_batch}
-        method = (
+            runs[other_batch] = (other_replay["peak_allocated"], other_replay["reserved"])
+    points = {row["batch"]: (row["peak_allocated"], row["reserved"]) for row in by_batch}
+    parts = []
+    if points:
+        parts.append(
             f"the step's trace replayed at other batch sizes: every allocation without a parameter's shape "
             f"(activations, temporaries, inputs) scaled by batch / {batch}, gradients, weight casts and optimizer "
-            "state kept; between the batch sizes replayed, straight lines"
+            "state kept"
         )
-    else:
+    if len(runs) > 1:
+        parts.append(f"at batch sizes {sorted(runs)}, the replays of the runs measured there")
+    points.update(runs)
+    if len(points) < 2:
         return None
     rows = sorted((b, a, r) for b, (a, r) in points.items())
     a_slope, a_fixed = _line([(b, a) for b, a, _ in rows])
     r_slope, r_fixed = _line([(b, r) for b, _, r in rows])
     return {
-        "method": method,
+        "method": "; ".join(parts) + "; between the batch sizes, straight lines",
         "batch": batch,
         "sequence_length": seq,
+        "measured_batches": sorted(runs),
         "points": [{"batch": b, "peak_allocated": a, "reserved": r} for b, a, r in rows],
         "allocated_fixed": int(a_fixed),
         "allocated_per_sample": a_slope,
@@ -143,7 +147,27 @@ def project_gpu(
     margin: float = 0.10,
     focus: str | None = None,
 ) -> dict[str, Any]:
-    """The ``projection`` section: per card, allocated / reserved / device-used peaks, fit and largest batch."""
+    """The ``projection`` section: per card, allocated / reserved / device-used peaks, fit and largest batch.
+
+    An unknown ``focus`` card is the caller's error (``ProfilerError``); a failure of ours is said in
+    the section (``available: false``), never raised: the rest of the report stands.
+    """
+    if focus is not None:
+        resolve_card(focus, dict(CARDS if cards is None else cards))
+    try:
+        return _project(memory, calibration, others, cards, margin, focus)
+    except Exception as exc:  # noqa: BLE001 - the measured report must survive a projection bug
+        return {"available": False, "reason": f"the projection failed: {type(exc).__name__}: {exc}", "cards": []}
+
+
+def _project(
+    memory: MemoryJSON | None,
+    calibration: Calibration,
+    others: list[tuple[int, MemoryJSON]] | None,
+    cards: dict[str, float] | None,
+    margin: float,
+    focus: str | None,
+) -> dict[str, Any]:
     step, replayed = _replay_step(memory or {})
     if replayed is None:
         reason = (
@@ -170,6 +194,12 @@ def project_gpu(
             + ", ".join(settings["not_modelled"])
         )
     rows = [_card(name, gib, replayed, scaling, calibration, margin, dtypes) for name, gib in cards.items()]
+    recorded = "with CUDA's autocast policy" if dtypes else "no autocast region, so no cast policy to apply"
+    elsewhere = [r["card"] for r in rows if r.get("projected") and not r["non_allocator_measured_here"]]
+    if elsewhere:
+        notes.append(
+            f"memory beyond the allocator measured on {calibration.device} only; reused for " + ", ".join(elsewhere)
+        )
     return {
         "available": True,
         "step": step.get("index"),
@@ -181,7 +211,7 @@ def project_gpu(
         "calibration": calibration.to_dict(),
         "margin": margin,
         "methods": {
-            "allocated_peak": "the step's allocations and frees, recorded on the CPU with CUDA's autocast policy, "
+            "allocated_peak": f"the step's allocations and frees, recorded on the CPU ({recorded}), "
             "replayed through a model of PyTorch's CUDA caching allocator; plus 2 cuBLAS workspaces (the script's "
             "thread and autograd's) of PyTorch's default size for the card's compute capability",
             "reserved_peak": "the same replay's segments (cached across steps), plus the workspaces' segments",
@@ -229,9 +259,11 @@ def _card(
         largest = _largest(scaling["points"], usable - ws_reserved - calibration.non_allocator)
     notes = []
     if capability is None:
-        notes.append("compute capability unknown: the pre-Hopper cuBLAS workspace size assumed")
-    if calibration.capability is None or capability is None or calibration.capability[0] != capability[0]:
-        notes.append(f"memory beyond the allocator measured on {calibration.device}, not on this card")
+        notes.append(
+            f"{name}: compute capability unknown: the pre-Hopper cuBLAS workspace size assumed, "
+            "bf16 support not checked"
+        )
+    measured_here = calibration.card == name or name.lower() in calibration.device.lower()
     return {
         **row,
         "projected": True,
@@ -241,5 +273,6 @@ def _card(
         "device_used_peak": device_used,
         "fits": device_used <= usable,
         "largest_batch": largest,
+        "non_allocator_measured_here": measured_here,
         "notes": notes,
     }

@@ -27,10 +27,11 @@ from .caching_allocator import CachingAllocator
 
 __all__ = ["BATCH_GRID", "allocator_settings", "replay_by_batch", "replay_trace"]
 
-# Batch sizes the trace is replayed at (with the measured one), up to the first whose
-# reserved memory passes the largest card of the fit table by far.
+# Batch sizes the trace is replayed at (with the measured one), then doubling, up to the
+# first whose reserved memory passes the largest card of the fit table by far.
 BATCH_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 _GRID_LIMIT = 256 * 1024**3
+_MAX_BATCH = 1 << 40
 
 
 def allocator_settings(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -111,8 +112,10 @@ def replay_by_batch(
     initial: list[int], events: list[tuple[str, Any, int, bool]], batch: int, index: int, expandable: bool = False
 ) -> list[dict[str, int]]:
     """Step ``index`` replayed at the grid's batch sizes (and ``batch``, the measured one): peaks per batch."""
-    rows = []
-    for b in sorted({*BATCH_GRID, batch}):
+    rows: list[dict[str, int]] = []
+    sizes = sorted({*BATCH_GRID, batch})
+    while sizes:
+        b = sizes.pop(0)
         replay = replay_trace(initial, events, b / batch, expandable)
         step = next((s for s in replay["steps"] if s["index"] == index), None)
         if step is None:
@@ -120,4 +123,6 @@ def replay_by_batch(
         rows.append({"batch": b, "peak_allocated": step["peak_allocated"], "reserved": step["reserved"]})
         if step["reserved"] > _GRID_LIMIT:
             break
+        if not sizes and b < _MAX_BATCH:  # a small model: on, doubling, until past the largest card
+            sizes.append(2 * b)
     return rows

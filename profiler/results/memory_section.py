@@ -193,7 +193,10 @@ def memory_section(tracker: StepTracker, buckets: Buckets) -> MemoryJSON:
     if tracker.phases.sampler is not None:
         section["sampler"] = tracker.phases.sampler.to_dict()
     if tracker.phases.trace is not None:
-        section["gpu_replay"] = gpu_replay_section(tracker.phases, chosen)
+        try:
+            section["gpu_replay"] = gpu_replay_section(tracker.phases, chosen)
+        except Exception as exc:  # noqa: BLE001 - the measured figures stand without the replay
+            section["notes"].append(f"the GPU replay failed ({type(exc).__name__}: {exc}): no projection")
     if cuda:
         try:  # the card, for a report fed back as a projection's calibration (--calibrate)
             section["device_name"] = torch.cuda.get_device_name(tracker.device)

@@ -38,19 +38,20 @@ def render_projection(projection: dict[str, Any]) -> list[str]:
         f"GPU projection of step {projection['step']} ({shape}{dtypes}; "
         f"safety margin {100 * projection['margin']:.0f}% of each card)"
     )
-    parts = []
-    if rows:
-        parts.append(
-            head
-            + "\n"
-            + tabulate(
-                rows,
-                headers=["card", "memory", "allocated peak", "reserved peak", "device used", "fits", "largest batch"],
-                colalign=("left", "right", "right", "right", "right", "left", "right"),
-            )
+    if not rows:  # nothing to show figures for: say why, card by card
+        return [
+            f"GPU projection of step {projection['step']} ({shape}{dtypes}): no card asked for can run it\n"
+            + "\n".join(skipped)
+        ]
+    parts = [
+        head
+        + "\n"
+        + tabulate(
+            rows,
+            headers=["card", "memory", "allocated peak", "reserved peak", "device used", "fits", "largest batch"],
+            colalign=("left", "right", "right", "right", "right", "left", "right"),
         )
-    else:
-        parts.append(head)
+    ]
     methods = projection["methods"]
     parts.append(
         "\n".join(
@@ -63,7 +64,7 @@ def render_projection(projection: dict[str, Any]) -> list[str]:
             + ([f"largest batch: {projection['scaling']['method']}"] if projection.get("scaling") else [])
             + skipped
             + [f"note: {n}" for n in projection.get("notes", [])]
-            + sorted({f"note: {n}" for c in projection["cards"] for n in c.get("notes", [])})
+            + [f"note: {n}" for c in projection["cards"] for n in c.get("notes", [])]
         )
     )
     return parts

@@ -101,9 +101,9 @@ def validate(ns: argparse.Namespace) -> Options:
         if not matplotlib_available():
             raise ProfilerError(f"--plot: {MISSING_MATPLOTLIB}")
     cards = parse_cards(ns.gpu)
-    if ns.fit:
+    if ns.fit is not None:
         resolve_card(ns.fit, cards)
-    project = bool(ns.project or ns.fit or ns.calibrate)
+    project = bool(ns.project or ns.fit is not None or ns.calibrate is not None)
     if project and ns.steps == 0:
         raise ProfilerError("--project needs measured steps; drop --steps 0")
     calibration = load_calibration(ns.calibrate) if project else None

@@ -23,6 +23,7 @@ shapes, ``nonzero()``) cannot be planned: the error names the operation.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -185,10 +186,15 @@ class FakePlan:
             if not isinstance(t, fake):
                 return original(t, *args, **kwargs)
             try:
-                return original(t, *args, **kwargs)  # a value fake mode knows (an optimizer's step count)
+                with warnings.catch_warnings(record=True) as said:  # torch's own, said at the script's line
+                    warnings.simplefilter("always")
+                    return original(t, *args, **kwargs)  # a value fake mode knows (an optimizer's step count)
             except unknown:
                 reads[name.strip("_")] += 1
                 return _zero_like(t, name)
+            finally:
+                for w in said:
+                    warnings.warn(w.message, w.category, stacklevel=2)
 
         read.__name__ = name
         return read
