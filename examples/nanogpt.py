@@ -372,7 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            _, loss = model(x, y)
+            # Keep only the loss: holding the (batch, seq, vocab) logits until the next step's
+            # forward returns would keep one more logits tensor alive through backward.
+            loss = model(x, y)[1]
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
