@@ -7,11 +7,11 @@ mark in the sampler's timeline and, opt-in, the live-tensor counter's peak.
 
 For a GPU projection (``project=True``) autocast regions run CUDA's policy
 (``cuda_autocast.py``), dropout and attention with dropout take CUDA's fused
-kernels' path (``cuda_kernels.py``), and the live-tensor counter records every allocation
-and free, with a mark at each phase boundary, for the caching-allocator
-replay. The optimizer runs as the script built it: on the calibration GPU step
-(AdamW with its defaults) the optimizer's peak matched the per-parameter
-implementation the CPU runs, not the foreach one.
+kernels' path (``cuda_kernels.py``), and the live-tensor counter records
+every allocation and free, with a mark at each phase boundary, for the
+caching-allocator replay. The optimizer runs as the script built it: on the
+calibration GPU step (AdamW with its defaults) the optimizer's peak matched
+the per-parameter implementation the CPU runs, not the foreach one.
 
 Device time: CUDA runs kernels asynchronously, so a host clock read when
 backward begins measures how fast Python launched the forward, not how long
