@@ -210,6 +210,9 @@ def _project(
         "scaling": scaling,
         "calibration": calibration.to_dict(),
         "margin": margin,
+        "method": "the step recorded on the CPU (CUDA's autocast policy and fused dropout kernels applied), "
+        "replayed through a model of PyTorch's CUDA caching allocator, plus cuBLAS workspaces per card, plus the "
+        "memory a GPU process uses beyond its allocator from the calibration",
         "methods": {
             "allocated_peak": f"the step's allocations and frees, recorded on the CPU ({recorded}), "
             "replayed through a model of PyTorch's CUDA caching allocator; plus 2 cuBLAS workspaces (the script's "
