@@ -133,11 +133,14 @@ def plan_fit(
         notes.append("CUDA context and library workspaces not measured (no NVML process figure): not included")
     if points[0].source.startswith("sum"):
         notes.append(
-            "measured on CPU: temporaries are not counted (--live-peak counts them), "
-            "and the projection assumes the same dtype on the GPU"
+            "measured on CPU: temporaries, the allocator's slack and what only a GPU has are not counted, and the "
+            "same dtypes are assumed on the GPU; --project (or --fit CARD) projects the step onto GPUs"
         )
     elif points[0].source.startswith("live"):
-        notes.append("measured on CPU: the projection assumes the same dtype on the GPU")
+        notes.append(
+            "measured on CPU: the allocator's slack and what only a GPU has are not counted; --project (or --fit "
+            "CARD) projects the step onto GPUs"
+        )
     ctx = context or 0
 
     def required(batch: int) -> int:
