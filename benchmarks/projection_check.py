@@ -86,27 +86,23 @@ def project(batch: int, seq: int, steps: int, cards: dict | None = None) -> tupl
 
 
 def compare(measured: dict, projection: dict, memory: dict, card: str = "H100-80GB") -> list[dict]:
-    """Per step: each measured figure beside the projected one (the ``card`` row)."""
-    (h100,) = [c for c in projection["cards"] if c["card"] == card]
-    workspaces = h100["allocated_peak"] - projection["replay"]["peak_allocated"]
-    extra_reserved = h100["reserved_peak"] - projection["replay"]["reserved"]
+    """Per step: each measured figure beside the projected one (the ``card`` row's replay, workspaces included)."""
+    (row,) = [c for c in projection["cards"] if c["card"] == card]
     non_allocator = projection["calibration"]["non_allocator_bytes"]
-    by_index = {s["index"]: s for s in memory["gpu_replay"]["steps"]}
+    steps = memory["gpu_replay"]["with_workspaces"][str(row["cublas_workspace"])]["steps"]
+    by_index = {s["index"]: s for s in steps}
     saved = {s["index"]: s["categories"]["activations"] + s["categories"]["autocast_copies"] for s in memory["steps"]}
     rows = []
     for number, (real, index) in enumerate(zip(measured["steps"], sorted(by_index)), start=1):
         rep = by_index[index]
         phases = rep["phases"]
         pairs = {
-            "allocated at step start": (real["alloc_start"], rep["allocated_start"] + workspaces),
-            "forward peak": (real["peak_fwd"], phases["forward"] + workspaces),
-            "backward peak": (real["peak_bwd"], phases["backward"] + workspaces),
-            "optimizer step peak": (real["peak_step"], phases["optimizer"] + workspaces),
-            "reserved": (real["reserved"], rep["reserved"] + extra_reserved),
-            "device used (NVML, end of step)": (
-                real["nvml_used_end"],
-                rep["reserved"] + extra_reserved + non_allocator,
-            ),
+            "allocated at step start": (real["alloc_start"], rep["allocated_start"]),
+            "forward peak": (real["peak_fwd"], phases["forward"]),
+            "backward peak": (real["peak_bwd"], phases["backward"]),
+            "optimizer step peak": (real["peak_step"], phases["optimizer"]),
+            "reserved": (real["reserved"], rep["reserved"]),
+            "device used (NVML, end of step)": (real["nvml_used_end"], rep["reserved"] + non_allocator),
         }
         if "saved_tensor_bytes_unique_storage" in real:
             pairs["saved for backward"] = (real["saved_tensor_bytes_unique_storage"], saved[index])

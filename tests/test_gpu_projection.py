@@ -284,12 +284,40 @@ def test_projection_section_per_card():
     replay = proj["replay"]
     assert replay["peak_allocated"] >= max(replay["phases"].values()) > replay["allocated_start"] > 0
     non_allocator = load_calibration().non_allocator
+    variants = entry["memory"]["gpu_replay"]["with_workspaces"]
     for card in proj["cards"]:
-        ws = 2 * cublas_workspace(tuple(card["compute_capability"]))
-        assert card["allocated_peak"] == replay["peak_allocated"] + ws
+        ws = cublas_workspace(tuple(card["compute_capability"]))
+        steps = variants[str(ws)]["steps"]
+        # the first step starts before any cuBLAS handle exists; later ones start with both workspaces
+        assert steps[0]["allocated_start"] == replay_steps(entry)[0]["allocated_start"]
+        assert steps[1]["allocated_start"] == replay_steps(entry)[1]["allocated_start"] + 2 * ws
+        assert card["allocated_peak"] == steps[-1]["peak_allocated"] >= replay["peak_allocated"] + 2 * ws
         assert card["device_used_peak"] == card["reserved_peak"] + non_allocator
         assert card["fits"] == (card["device_used_peak"] <= card["usable"])
         assert card["largest_batch"] >= proj["batch"]
+
+
+def replay_steps(entry: dict) -> list[dict]:
+    return entry["memory"]["gpu_replay"]["steps"]
+
+
+def test_the_trace_marks_where_each_thread_first_runs_cublas():
+    torch.manual_seed(0)
+    with fake_tensors():
+        model = tiny_gpt()
+        opt = torch.optim.AdamW(model.parameters())
+        with profile(model, opt, project=True, sample_interval=None) as prof:
+            for _ in range(2):
+                x = torch.randint(0, 64, (4, 8))
+                model(x, x)[1].backward()
+                opt.step()
+                opt.zero_grad()
+    trace = prof.tracker.phases.trace
+    marks = [(i, e[1]) for i, e in enumerate(trace) if e[0] in ("mark", "workspace")]
+    labels = [label for _, label in marks]
+    # once each, the script's in the first forward, autograd's in the first backward
+    assert labels[:4] == ["1:forward", "script", "1:backward", "autograd"]
+    assert labels.count("script") == labels.count("autograd") == 1
 
 
 def test_bf16_is_not_projected_on_cards_without_it():

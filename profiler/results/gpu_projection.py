@@ -4,13 +4,12 @@ Three figures per card, each with its method:
 
 - **allocated peak** (``torch.cuda.max_memory_allocated``): the recorded step,
   run with CUDA's autocast policy, replayed through the caching-allocator model
-  (``gpu_replay.py``), plus the two cuBLAS workspaces PyTorch allocates through
-  the same allocator and keeps: one for the script's thread, one for autograd's
+  (``gpu_replay.py``) with the two cuBLAS workspaces PyTorch allocates through
+  the same allocator and keeps (one for the script's thread, one for autograd's
   backward thread, each of PyTorch's default size for the card's compute
-  capability (``parseChosenWorkspaceSize`` in ``aten/src/ATen/cuda/CublasHandlePool.cpp``:
-  32 MiB on Hopper and Blackwell, 4096 KiB x 2 + 16 KiB x 8 before);
-- **reserved peak** (``memory_reserved``): the replay's segments, plus the
-  workspaces' own segments;
+  capability, ``gpu_replay.cublas_workspace``), allocated where the trace first
+  ran a cuBLAS operator in forward and in backward;
+- **reserved peak** (``memory_reserved``): the same replay's segments;
 - **device memory used** (what NVML and nvidia-smi show for the device): the
   reserved peak plus the memory a GPU process uses beyond its allocator
   (context, kernels, libraries, the driver's share), from the calibration.
@@ -29,6 +28,7 @@ from typing import Any
 from .caching_allocator import allocation_size, round_size
 from .calibration import Calibration, capability_of
 from .fit import CARDS, GIB, resolve_card
+from .gpu_replay import cublas_workspace
 from .schema import MemoryJSON
 from .steps import batch_and_sequence, described_step
 
@@ -50,24 +50,25 @@ CARD_CAPABILITY: dict[str, tuple[int, int]] = {
 WORKSPACES = 2  # the script's thread and autograd's device thread each get a cuBLAS handle and workspace
 
 
-def cublas_workspace(capability: tuple[int, int] | None) -> int:
-    """PyTorch's default cuBLAS workspace for a compute capability (``CUBLAS_WORKSPACE_CONFIG`` unset)."""
-    if capability is not None and capability[0] in (9, 10, 12):
-        return 4096 * 8 * 1024
-    return 4096 * 1024 * 2 + 16 * 1024 * 8
+def _replay_step(memory: MemoryJSON, workspace: int | None = None) -> tuple[dict | None, dict | None, list[dict]]:
+    """The described step, its replay (same index) and its replays at other batch sizes.
 
-
-def _replay_step(memory: MemoryJSON) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The described step and its replay (same index); (None, None) without a replay."""
+    With ``workspace``, the replay with cuBLAS workspaces of that size, when the section has one.
+    (None, None, []) without a replay.
+    """
     replay = memory.get("gpu_replay")
     step = described_step(memory.get("steps", []))
     if not replay or step is None:
-        return None, None
-    by_index = {s["index"]: s for s in replay["steps"]}
-    return step, by_index.get(step.get("index"))
+        return None, None, []
+    variant = (replay.get("with_workspaces") or {}).get(str(workspace)) if workspace else None
+    source = variant if variant is not None else replay
+    by_index = {s["index"]: s for s in source["steps"]}
+    return step, by_index.get(step.get("index")), source.get("by_batch") or []
 
 
-def _scaling(step: dict, replayed: dict, by_batch: list[dict], others: list[tuple[int, MemoryJSON]]) -> dict | None:
+def _scaling(
+    step: dict, replayed: dict, by_batch: list[dict], others: list[tuple[int, MemoryJSON]], workspace: int | None = None
+) -> dict | None:
     """Allocated and reserved bytes at other batch sizes: the points the largest batch is read from, and how.
 
     The measured step's trace replayed at other batch sizes gives the points; where runs at other
@@ -78,7 +79,7 @@ def _scaling(step: dict, replayed: dict, by_batch: list[dict], others: list[tupl
         return None
     runs = {batch: (replayed["peak_allocated"], replayed["reserved"])}
     for other_batch, other in others:
-        other_step, other_replay = _replay_step(other)
+        other_step, other_replay, _ = _replay_step(other, workspace)
         if other_replay is not None and batch_and_sequence(other_step)[1] == seq:
             runs[other_batch] = (other_replay["peak_allocated"], other_replay["reserved"])
     points = {row["batch"]: (row["peak_allocated"], row["reserved"]) for row in by_batch}
@@ -168,7 +169,7 @@ def _project(
     margin: float,
     focus: str | None,
 ) -> dict[str, Any]:
-    step, replayed = _replay_step(memory or {})
+    step, replayed, by_batch = _replay_step(memory or {})
     if replayed is None:
         reason = (
             "measured on a GPU: its own allocator figures stand"
@@ -181,7 +182,7 @@ def _project(
         key = resolve_card(focus, cards)
         cards = {key: cards[key]}
     dtypes = memory["gpu_replay"].get("autocast_dtypes", [])
-    scaling = _scaling(step, replayed, memory["gpu_replay"].get("by_batch") or [], others or [])
+    scaling = _scaling(step, replayed, by_batch, others or [])
     notes = []
     if scaling is None:
         notes.append("the step's batch size is unknown (no batch input): no largest batch")
@@ -193,7 +194,7 @@ def _project(
             "PYTORCH_CUDA_ALLOC_CONF settings not modelled (replayed with their defaults): "
             + ", ".join(settings["not_modelled"])
         )
-    rows = [_card(name, gib, replayed, scaling, calibration, margin, dtypes) for name, gib in cards.items()]
+    rows = [_card(name, gib, memory, others or [], calibration, margin, dtypes) for name, gib in cards.items()]
     recorded = "with CUDA's autocast policy" if dtypes else "no autocast region, so no cast policy to apply"
     elsewhere = [r["card"] for r in rows if r.get("projected") and not r["non_allocator_measured_here"]]
     if elsewhere:
@@ -215,9 +216,10 @@ def _project(
         "memory a GPU process uses beyond its allocator from the calibration",
         "methods": {
             "allocated_peak": f"the step's allocations and frees, recorded on the CPU ({recorded}), "
-            "replayed through a model of PyTorch's CUDA caching allocator; plus 2 cuBLAS workspaces (the script's "
-            "thread and autograd's) of PyTorch's default size for the card's compute capability",
-            "reserved_peak": "the same replay's segments (cached across steps), plus the workspaces' segments",
+            "replayed through a model of PyTorch's CUDA caching allocator, with 2 cuBLAS workspaces (the script's "
+            "thread and autograd's) of PyTorch's default size for the card's compute capability allocated where "
+            "each thread first ran a cuBLAS operator",
+            "reserved_peak": "the same replay's segments (cached across steps)",
             "device_used_peak": f"the reserved peak plus {calibration.non_allocator:,} B that a GPU process used "
             f"beyond its allocator (NVML used - memory_reserved) on the calibration step ({calibration.device})",
         },
@@ -229,8 +231,8 @@ def _project(
 def _card(
     name: str,
     gib: float,
-    replayed: dict,
-    scaling: dict | None,
+    memory: MemoryJSON,
+    others: list[tuple[int, MemoryJSON]],
     calibration: Calibration,
     margin: float,
     dtypes: list[str],
@@ -252,14 +254,18 @@ def _card(
             f"{capability[0]}.{capability[1]}",
         }
     workspace = cublas_workspace(capability)
-    ws_allocated = WORKSPACES * round_size(workspace)
-    ws_reserved = WORKSPACES * allocation_size(round_size(workspace))
-    allocated = replayed["peak_allocated"] + ws_allocated
-    reserved = replayed["reserved"] + ws_reserved
+    step, replayed, by_batch = _replay_step(memory, workspace)
+    scaling = _scaling(step, replayed, by_batch, others, workspace)
+    allocated, reserved, extra = replayed["peak_allocated"], replayed["reserved"], 0
+    if str(workspace) not in (memory["gpu_replay"].get("with_workspaces") or {}):
+        # a section without them (an earlier version's report): beside the replay, in segments of their own
+        allocated += WORKSPACES * round_size(workspace)
+        extra = WORKSPACES * allocation_size(round_size(workspace))
+        reserved += extra
     device_used = reserved + calibration.non_allocator
     largest = None
     if scaling is not None:
-        largest = _largest(scaling["points"], usable - ws_reserved - calibration.non_allocator)
+        largest = _largest(scaling["points"], usable - extra - calibration.non_allocator)
     notes = []
     if capability is None:
         notes.append(

@@ -25,13 +25,28 @@ from typing import Any
 
 from .caching_allocator import CachingAllocator
 
-__all__ = ["BATCH_GRID", "allocator_settings", "replay_by_batch", "replay_trace"]
+__all__ = ["BATCH_GRID", "WORKSPACE_SIZES", "allocator_settings", "cublas_workspace", "replay_by_batch", "replay_trace"]
 
 # Batch sizes the trace is replayed at (with the measured one), then doubling, up to the
 # first whose reserved memory passes the largest card of the fit table by far.
 BATCH_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 _GRID_LIMIT = 256 * 1024**3
 _MAX_BATCH = 1 << 40
+
+
+def cublas_workspace(capability: tuple[int, int] | None) -> int:
+    """PyTorch's default cuBLAS workspace for a compute capability (``CUBLAS_WORKSPACE_CONFIG`` unset).
+
+    ``parseChosenWorkspaceSize`` (``aten/src/ATen/cuda/CublasHandlePool.cpp``): 32 MiB on Hopper and
+    Blackwell, 4096 KiB x 2 + 16 KiB x 8 before.
+    """
+    if capability is not None and capability[0] in (9, 10, 12):
+        return 4096 * 8 * 1024
+    return 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+# The workspace sizes the cards can have: each gets a replay of its own.
+WORKSPACE_SIZES = (cublas_workspace((9, 0)), cublas_workspace((8, 0)))
 
 
 def allocator_settings(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -56,11 +71,13 @@ def replay_trace(
     events: list[tuple[str, Any, int, bool]],
     scale: float = 1.0,
     expandable: bool = False,
+    workspace: int = 0,
 ) -> dict[str, Any]:
     """Per measured step: allocated at its start, its allocated peak, reserved at its end; per phase peaks.
 
     Steps are numbered as the report numbers them (the marks' prefixes).
-    ``scale``: the factor applied to the allocations that follow the batch.
+    ``scale``: the factor applied to the allocations that follow the batch. ``workspace``: the
+    bytes of each cuBLAS workspace, allocated where the trace says a handle first ran (0: none).
     """
     alloc = CachingAllocator(expandable=expandable)
     for size in initial:
@@ -85,6 +102,9 @@ def replay_trace(
             block = blocks.pop(key, None)
             if block is not None:
                 alloc.free(block)
+        elif kind == "workspace":
+            if workspace:
+                alloc.malloc(workspace)  # kept for the process's life, as cuBLAS keeps it
         else:
             close()
             index_text, _, phase = str(key).partition(":")
@@ -109,14 +129,19 @@ def replay_trace(
 
 
 def replay_by_batch(
-    initial: list[int], events: list[tuple[str, Any, int, bool]], batch: int, index: int, expandable: bool = False
+    initial: list[int],
+    events: list[tuple[str, Any, int, bool]],
+    batch: int,
+    index: int,
+    expandable: bool = False,
+    workspace: int = 0,
 ) -> list[dict[str, int]]:
     """Step ``index`` replayed at the grid's batch sizes (and ``batch``, the measured one): peaks per batch."""
     rows: list[dict[str, int]] = []
     sizes = sorted({*BATCH_GRID, batch})
     while sizes:
         b = sizes.pop(0)
-        replay = replay_trace(initial, events, b / batch, expandable)
+        replay = replay_trace(initial, events, b / batch, expandable, workspace)
         step = next((s for s in replay["steps"] if s["index"] == index), None)
         if step is None:
             return []

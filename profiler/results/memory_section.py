@@ -14,7 +14,7 @@ import torch
 from ..model.buckets import BUCKETS, Buckets
 from ..tracking import StepRecord, StepTracker
 from ..tracking.phases import span_seconds
-from .gpu_replay import allocator_settings, replay_by_batch, replay_trace
+from .gpu_replay import WORKSPACE_SIZES, allocator_settings, replay_by_batch, replay_trace
 from .schema import MemoryJSON, StepJSON
 from .steps import batch_and_sequence, described_step
 
@@ -219,6 +219,17 @@ def gpu_replay_section(phases: Any, described: StepJSON | None) -> dict[str, Any
         replay_by_batch(phases.trace_initial, phases.trace, batch, described["index"], expandable) if batch else []
     )
     replay["allocator_settings"] = settings
+    # The same with cuBLAS's workspaces allocated where the trace first ran a cuBLAS operator in
+    # forward and in backward, one replay per workspace size a card can have.
+    replay["with_workspaces"] = {
+        str(ws): {
+            "steps": replay_trace(phases.trace_initial, phases.trace, expandable=expandable, workspace=ws)["steps"],
+            "by_batch": replay_by_batch(phases.trace_initial, phases.trace, batch, described["index"], expandable, ws)
+            if batch
+            else [],
+        }
+        for ws in WORKSPACE_SIZES
+    }
     replay["autocast_dtypes"] = sorted(str(d).removeprefix("torch.") for d in phases.autocast_dtypes)
     replay["run_as_on_cuda"] = [
         "CUDA's autocast policy in autocast regions",

@@ -29,6 +29,12 @@ from torch.utils._pytree import tree_leaves
 __all__ = ["LiveTensorCounter"]
 
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
+# Operators CUDA runs through cuBLAS, whose handle allocates a workspace (once per thread) the first
+# time one runs: where that happens in the trace, a GPU's allocator holds the workspace from then on.
+_CUBLAS = {
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "_addmm_activation")
+}
 
 
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
@@ -56,8 +62,12 @@ class LiveTensorCounter(TorchDispatchMode):
         # With record: ("alloc", key, bytes, fixed), ("free", key, bytes, False) and ("mark", label, 0, False),
         # in order. ``fixed``: the tensor has a parameter's shape (a gradient, a weight cast, optimizer
         # state or its temporaries) or at most one element, so its size does not follow the batch.
+        # ("workspace", "script" | "autograd", 0, False): the first cuBLAS operator of forward, and of
+        # backward (which CUDA runs on autograd's own thread, with its own handle).
         self.events: list[tuple[str, Any, int, bool]] | None = [] if record else None
         self._fixed_shapes = fixed_shapes or set()
+        self._thread_kind: str | None = None  # whose cuBLAS handle the current phase uses
+        self._workspaces: set[str] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -91,6 +101,10 @@ class LiveTensorCounter(TorchDispatchMode):
             if self.events is not None:
                 self.events.append(("alloc", key, size, t.numel() <= 1 or tuple(t.shape) in self._fixed_shapes))
             weakref.finalize(storage, self._freed, key)
+        kind = self._thread_kind
+        if kind is not None and func in _CUBLAS and kind not in self._workspaces and self.events is not None:
+            self._workspaces.add(kind)
+            self.events.append(("workspace", kind, 0, False))
         return out
 
     def _freed(self, key: int) -> None:
@@ -100,9 +114,10 @@ class LiveTensorCounter(TorchDispatchMode):
             self.events.append(("free", key, size, False))
 
     def mark(self, label: str) -> None:
-        """A phase boundary in the recorded trace."""
+        """A phase boundary in the recorded trace ("3:backward": step 3's backward begins)."""
         if self.events is not None:
             self.events.append(("mark", label, 0, False))
+            self._thread_kind = "autograd" if label.endswith(":backward") else "script"
 
     def restart_peak(self) -> int:
         """Start a new peak from what is alive now (a phase boundary); returns the old peak."""
