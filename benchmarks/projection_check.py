@@ -56,7 +56,7 @@ def calibration_file() -> dict:
     return json.loads(resources.files("profiler.calibration").joinpath(BUILT_IN).read_text(encoding="utf-8"))
 
 
-def project(batch: int, seq: int, steps: int, cards: dict | None = None) -> tuple[dict, float]:
+def project(batch: int, seq: int, steps: int) -> tuple[dict, float]:
     """The calibration file's step at ``batch`` x ``seq``, planned on fake tensors with a projection."""
     ng = common.load_nanogpt()
     started = time.perf_counter()
@@ -77,11 +77,6 @@ def project(batch: int, seq: int, steps: int, cards: dict | None = None) -> tupl
                 opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
     (entry,) = prof.report.models
-    if cards is not None:
-        from profiler.results.calibration import load_calibration
-        from profiler.results.gpu_projection import project_gpu
-
-        return project_gpu(entry.memory, load_calibration(), cards=cards), seconds
     return {"projection": entry.extra["projection"], "memory": entry.memory}, seconds
 
 
@@ -232,8 +227,8 @@ def main() -> int:
                     for r in rows], headers=["step", "figure", "measured (H100)", "projected", "error"]))  # fmt: skip
     t4 = []
     for b in (int(x) for x in args.batches.split(",")):
-        proj, _ = project(b, seq, steps=3, cards={"T4": 16})
-        (card,) = proj["cards"]
+        result, _ = project(b, seq, steps=3)
+        card = next(c for c in result["projection"]["cards"] if c["card"] == "T4")
         t4.append({"batch": b, **{k: card[k] for k in ("allocated_peak", "reserved_peak", "device_used_peak", "fits")}})
     largest = max((r["batch"] for r in t4 if r["fits"]), default=None)
     gpu = []
@@ -263,8 +258,7 @@ def main() -> int:
             "planning_seconds": round(seconds, 2),
             "comparison": rows,
             "steady_step_largest_abs_error": max(abs(r["error"]) for r in rows if r["step"] == len(measured["steps"])),
-            "projection_at_calibration_batch": {k: v for k, v in projection.items() if k != "cards"}
-            | {"cards": projection["cards"]},
+            "projection_at_calibration_batch": projection,
             "t4_by_batch": t4,
             "t4_largest_measured_batch_that_fits": largest,
             "t4_largest_batch_from_one_point": next(c for c in projection["cards"] if c["card"] == "T4")[

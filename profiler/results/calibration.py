@@ -21,18 +21,16 @@ from importlib import resources
 from typing import Any
 
 from ..errors import ProfilerError
+from .fit import CARD_CAPABILITY
 from .steps import described_step
 
 __all__ = ["BUILT_IN", "Calibration", "load_calibration"]
 
 BUILT_IN = "gpu_h100_seed_fp16_b8.json"
 
-# Compute capability by the names GPUs report (torch.cuda.get_device_name), for a
-# calibration file that names its device but not its capability.
-_CAPABILITY_BY_NAME = {
-    "H200": (9, 0), "H100": (9, 0), "A100": (8, 0), "A10G": (8, 6), "A10": (8, 6), "L40": (8, 9),
-    "L4": (8, 9), "T4": (7, 5), "V100": (7, 0), "B200": (10, 0),
-}  # fmt: skip
+# Compute capability of GPUs outside the fit table, by the names they report
+# (torch.cuda.get_device_name); the table's own cards are in fit.CARD_CAPABILITY.
+_OTHER_CAPABILITY = {"A10": (8, 6), "L40": (8, 9), "B200": (10, 0)}
 
 
 @dataclass(frozen=True)
@@ -75,11 +73,12 @@ def card_of(name: str) -> str | None:
 
 
 def capability_of(name: str) -> tuple[int, int] | None:
+    """The compute capability of a card of the fit table or of a GPU's reported name, if known."""
+    card = name if name in CARD_CAPABILITY else card_of(name)
+    if card is not None:
+        return CARD_CAPABILITY[card]
     upper = name.upper()
-    for key, cap in _CAPABILITY_BY_NAME.items():
-        if key in upper:
-            return cap
-    return None
+    return next((cap for key, cap in _OTHER_CAPABILITY.items() if key in upper), None)
 
 
 def load_calibration(path: str | None = None, option: str = "--calibrate") -> Calibration:

@@ -18,7 +18,16 @@ from .estimates import model_states
 from .schema import MemoryJSON
 from .steps import batch_and_sequence, described_step, described_steps
 
-__all__ = ["CARDS", "FitPoint", "check_margin", "fit_points", "plan_fit", "predict_required", "resolve_card"]
+__all__ = [
+    "CARDS",
+    "CARD_CAPABILITY",
+    "FitPoint",
+    "check_margin",
+    "fit_points",
+    "plan_fit",
+    "predict_required",
+    "resolve_card",
+]
 
 GIB = 1024**3
 
@@ -34,6 +43,20 @@ CARDS: dict[str, float] = {
     "A100-80GB": 80,
     "H100-80GB": 80,
     "H200": 141,
+}
+
+# Compute capability of each card (NVIDIA's CUDA GPUs list): what it can run (bf16 from 8.0) and
+# PyTorch's cuBLAS workspace size for it.
+CARD_CAPABILITY: dict[str, tuple[int, int]] = {
+    "T4": (7, 5),
+    "L4": (8, 9),
+    "A10G": (8, 6),
+    "V100-16GB": (7, 0),
+    "V100-32GB": (7, 0),
+    "A100-40GB": (8, 0),
+    "A100-80GB": (8, 0),
+    "H100-80GB": (9, 0),
+    "H200": (9, 0),
 }
 
 _CARD_ALIASES = {"V100": "V100-16GB", "A100": "A100-80GB", "H100": "H100-80GB"}

@@ -25,43 +25,26 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .caching_allocator import allocation_size, round_size
 from .calibration import Calibration, capability_of
 from .fit import CARDS, GIB, resolve_card
 from .gpu_replay import cublas_workspace
 from .schema import MemoryJSON
 from .steps import batch_and_sequence, described_step
 
-__all__ = ["CARD_CAPABILITY", "cublas_workspace", "project_gpu"]
-
-# Compute capability of the cards in the fit table (NVIDIA's CUDA GPUs list).
-CARD_CAPABILITY: dict[str, tuple[int, int]] = {
-    "T4": (7, 5),
-    "L4": (8, 9),
-    "A10G": (8, 6),
-    "V100-16GB": (7, 0),
-    "V100-32GB": (7, 0),
-    "A100-40GB": (8, 0),
-    "A100-80GB": (8, 0),
-    "H100-80GB": (9, 0),
-    "H200": (9, 0),
-}
-
-WORKSPACES = 2  # the script's thread and autograd's device thread each get a cuBLAS handle and workspace
+__all__ = ["cublas_workspace", "project_gpu"]
 
 
 def _replay_step(memory: MemoryJSON, workspace: int | None = None) -> tuple[dict | None, dict | None, list[dict]]:
     """The described step, its replay (same index) and its replays at other batch sizes.
 
-    With ``workspace``, the replay with cuBLAS workspaces of that size, when the section has one.
+    With ``workspace``, the replay with two cuBLAS workspaces of that size (``gpu_replay.WORKSPACE_SIZES``).
     (None, None, []) without a replay.
     """
     replay = memory.get("gpu_replay")
     step = described_step(memory.get("steps", []))
     if not replay or step is None:
         return None, None, []
-    variant = (replay.get("with_workspaces") or {}).get(str(workspace)) if workspace else None
-    source = variant if variant is not None else replay
+    source = replay["with_workspaces"][str(workspace)] if workspace else replay
     by_index = {s["index"]: s for s in source["steps"]}
     return step, by_index.get(step.get("index")), source.get("by_batch") or []
 
@@ -153,10 +136,12 @@ def project_gpu(
     An unknown ``focus`` card is the caller's error (``ProfilerError``); a failure of ours is said in
     the section (``available: false``), never raised: the rest of the report stands.
     """
+    cards = dict(CARDS if cards is None else cards)
     if focus is not None:
-        resolve_card(focus, dict(CARDS if cards is None else cards))
+        key = resolve_card(focus, cards)
+        cards = {key: cards[key]}
     try:
-        return _project(memory, calibration, others, cards, margin, focus)
+        return _project(memory, calibration, others or [], cards, margin)
     except Exception as exc:  # noqa: BLE001 - the measured report must survive a projection bug
         return {"available": False, "reason": f"the projection failed: {type(exc).__name__}: {exc}", "cards": []}
 
@@ -164,10 +149,9 @@ def project_gpu(
 def _project(
     memory: MemoryJSON | None,
     calibration: Calibration,
-    others: list[tuple[int, MemoryJSON]] | None,
-    cards: dict[str, float] | None,
+    others: list[tuple[int, MemoryJSON]],
+    cards: dict[str, float],
     margin: float,
-    focus: str | None,
 ) -> dict[str, Any]:
     step, replayed, by_batch = _replay_step(memory or {})
     if replayed is None:
@@ -177,12 +161,8 @@ def _project(
             else "no measured step was recorded for a projection"
         )
         return {"available": False, "reason": reason, "cards": []}
-    cards = dict(CARDS if cards is None else cards)
-    if focus is not None:
-        key = resolve_card(focus, cards)
-        cards = {key: cards[key]}
     dtypes = memory["gpu_replay"].get("autocast_dtypes", [])
-    scaling = _scaling(step, replayed, by_batch, others or [])
+    scaling = _scaling(step, replayed, by_batch, others)
     notes = []
     if scaling is None:
         notes.append("the step's batch size is unknown (no batch input): no largest batch")
@@ -194,7 +174,7 @@ def _project(
             "PYTORCH_CUDA_ALLOC_CONF settings not modelled (replayed with their defaults): "
             + ", ".join(settings["not_modelled"])
         )
-    rows = [_card(name, gib, memory, others or [], calibration, margin, dtypes) for name, gib in cards.items()]
+    rows = [_card(name, gib, memory, others, calibration, margin, dtypes) for name, gib in cards.items()]
     recorded = "with CUDA's autocast policy" if dtypes else "no autocast region, so no cast policy to apply"
     elsewhere = [r["card"] for r in rows if r.get("projected") and not r["non_allocator_measured_here"]]
     if elsewhere:
@@ -239,7 +219,7 @@ def _card(
 ) -> dict[str, Any]:
     capacity = int(gib * GIB)
     usable = int(capacity * (1 - margin))
-    capability = CARD_CAPABILITY.get(name) or capability_of(name)
+    capability = capability_of(name)
     row: dict[str, Any] = {
         "card": name,
         "capacity": capacity,
@@ -254,18 +234,13 @@ def _card(
             f"{capability[0]}.{capability[1]}",
         }
     workspace = cublas_workspace(capability)
-    step, replayed, by_batch = _replay_step(memory, workspace)
+    step, replayed, by_batch = _replay_step(memory, workspace)  # the workspaces are in this replay
     scaling = _scaling(step, replayed, by_batch, others, workspace)
-    allocated, reserved, extra = replayed["peak_allocated"], replayed["reserved"], 0
-    if str(workspace) not in (memory["gpu_replay"].get("with_workspaces") or {}):
-        # a section without them (an earlier version's report): beside the replay, in segments of their own
-        allocated += WORKSPACES * round_size(workspace)
-        extra = WORKSPACES * allocation_size(round_size(workspace))
-        reserved += extra
+    allocated, reserved = replayed["peak_allocated"], replayed["reserved"]
     device_used = reserved + calibration.non_allocator
     largest = None
     if scaling is not None:
-        largest = _largest(scaling["points"], usable - extra - calibration.non_allocator)
+        largest = _largest(scaling["points"], usable - calibration.non_allocator)
     notes = []
     if capability is None:
         notes.append(

@@ -103,21 +103,18 @@ def _op(name: str) -> Any | None:
     return getattr(packet, overload or "default", None)
 
 
+def _wrapped_by(key: str) -> set[str]:
+    """aten operators with a kernel for dispatch key ``key`` in the installed torch (``aten::`` dropped)."""
+    return {
+        name.removeprefix("aten::")
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+    }
+
+
 def cuda_autocast_ops() -> set[str]:
     """Operators with an ``AutocastCUDA`` kernel in the installed torch (``aten::`` dropped)."""
-    return {
-        name.removeprefix("aten::")
-        for name in torch._C._dispatch_get_all_op_names()
-        if torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCUDA")
-    }
-
-
-def _cpu_autocast_ops() -> set[str]:
-    return {
-        name.removeprefix("aten::")
-        for name in torch._C._dispatch_get_all_op_names()
-        if name.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCPU")
-    }
+    return _wrapped_by("AutocastCUDA")
 
 
 class _Casts:
@@ -186,14 +183,13 @@ def _kernel(name: str, op: Any, policy: str, casts: _Casts) -> Any:
 
     def kernel(*args: Any, **kwargs: Any) -> Any:
         with torch._C._ExcludeDispatchKeyGuard(_EXCLUDE):
-            if policy == _LOW:
-                to = torch.get_autocast_dtype("cpu")
-                return op(*(casts.cast(to, a) for a in args), **{k: casts.cast(to, v) for k, v in kwargs.items()})
-            if policy == _FP32:
-                f32 = torch.float32
-                return op(*(casts.cast(f32, a) for a in args), **{k: casts.cast(f32, v) for k, v in kwargs.items()})
-            if policy == _PROMOTE:
-                to = casts.promote_type([*args, *kwargs.values()])
+            if policy in (_LOW, _FP32, _PROMOTE):  # every floating input cast to one dtype
+                if policy == _LOW:
+                    to = torch.get_autocast_dtype("cpu")
+                elif policy == _FP32:
+                    to = torch.float32
+                else:
+                    to = casts.promote_type([*args, *kwargs.values()])
                 return op(*(casts.cast(to, a) for a in args), **{k: casts.cast(to, v) for k, v in kwargs.items()})
             if policy == _SET_OPT:
                 if args and casts.eligible(args[0]) and dtype_at is not None:
@@ -233,7 +229,7 @@ def cuda_autocast_policy() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-            for name in _cpu_autocast_ops() - set(CUDA_AUTOCAST_POLICY):
+            for name in _wrapped_by("AutocastCPU") - set(CUDA_AUTOCAST_POLICY):
                 lib.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
             for name, policy in CUDA_AUTOCAST_POLICY.items():
                 op = _op(name)
