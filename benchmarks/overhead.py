@@ -72,10 +72,17 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
     common.sync(step.device)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
+    each: list[float] = []  # each step's own time, inside the block
+
+    def steps() -> None:
+        for _ in range(k):
+            ts = time.perf_counter()
+            step()
+            each.append(time.perf_counter() - ts)
+
     if mode == "plain":
         t1 = time.perf_counter()
-        for _ in range(k):
-            step()
+        steps()
         t2 = t3 = time.perf_counter()
     elif mode in ("ours", "ours_live"):
         prof = profiler.profile(
@@ -83,8 +90,7 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
         )
         with prof:
             t1 = time.perf_counter()
-            for _ in range(k):
-                step()
+            steps()
             t2 = time.perf_counter()
         t3 = time.perf_counter()
         extra["prof"] = prof
@@ -95,15 +101,13 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
 
         with ModelWatcher():
             t1 = time.perf_counter()
-            for _ in range(k):
-                step()
+            steps()
             t2 = time.perf_counter()
         t3 = time.perf_counter()
     elif mode == "torch_profiler":
         with _torch_profiler(step.device):
             t1 = time.perf_counter()
-            for _ in range(k):
-                step()
+            steps()
             t2 = time.perf_counter()
         t3 = time.perf_counter()
     elif mode == "memtracker":
@@ -126,6 +130,8 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
         "teardown_s": t3 - t2,
         "per_step_s": (t3 - t0) / k,
         "per_step_steps_only_s": (t2 - t1) / k,
+        "first_step_s": each[0] if each else None,
+        "later_steps_s": sum(each[1:]) / (k - 1) if len(each) > 1 else None,
         **extra,
     }
 
@@ -174,6 +180,13 @@ def memtracker_summary(mt: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def _part_ratio(rows: list[dict[str, Any]], plain: list[dict[str, Any]], key: str) -> float | None:
+    """Median of ``key`` over a mode's repeats, to plain's median per-step time inside its blocks."""
+    mine = [x[key] for x in rows if x.get(key) is not None]
+    base = [x["per_step_steps_only_s"] for x in plain]
+    return common.ratio(common.median(mine), common.median(base)) if mine and base else None
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,7 +241,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 ours_last = ours_summary(res.pop("prof"))
             if "memtracker" in res:
                 mt_last = memtracker_summary(res.pop("memtracker"))
-            res = {k: round(v, 6) for k, v in res.items()}
+            res = {k: round(v, 6) if v is not None else None for k, v in res.items()}
             raw[mode].append(res)
             if args.verbose:
                 print(f"repeat {r} {mode:15s} {res['per_step_s']:.4f} s/step", file=sys.stderr, flush=True)
@@ -261,6 +274,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "steps_only_ratio_of_medians": common.ratio(
                     common.median(only), common.median(x["per_step_steps_only_s"] for x in raw["plain"])
                 ),
+                # The block's first measured step (every forward measured in full) and the later ones
+                # (forwards that repeat it taken as repeats), each against plain's own steps.
+                "first_step_ratio": _part_ratio(rows, raw["plain"], "first_step_s"),
+                "later_steps_ratio": _part_ratio(rows, raw["plain"], "later_steps_s"),
                 "paired_ratios": [round(x, 4) for x in paired],
             }
 
@@ -284,6 +301,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "applies_to_this_run": args.model in STEP_TARGET_MODELS,
         "measured_ratio": steps_only,
         "target_met": (steps_only <= STEP_TARGET) if steps_only is not None else None,
+        "first_step_ratio": ratios.get("ours", {}).get("first_step_ratio"),
+        "later_steps_ratio": ratios.get("ours", {}).get("later_steps_ratio"),
     }
 
     return {
@@ -425,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     if st["applies_to_this_run"]:
         measured = st["measured_ratio"] if st["measured_ratio"] is None else round(st["measured_ratio"], 3)
         print(f"step target: ours <= {st['max_ratio']:.2f}x per measured step: {measured} -> met={st['target_met']}")
+        first, later = st["first_step_ratio"], st["later_steps_ratio"]
+        if first is not None and later is not None:
+            print(f"  the block's first measured step {first:.3f}x, the later ones {later:.3f}x")
     last = (result.get("ours_measured") or {}).get("last_step", {})
     if last.get("categories"):
         print("ours, last step categories (bytes):", {k: v for k, v in last["categories"].items()})

@@ -93,6 +93,11 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         calibrate: a JSON report of this tool from a GPU run (or a
             calibration file) whose memory beyond the allocator replaces the
             shipped H100 measurement; implies ``project``.
+        reuse_repeats: take a forward called as one measured before (same
+            input shapes and modes, same number of autograd nodes) as its
+            repeat, without hooks on each saved tensor and module call: what
+            makes measuring every step cheap (docs/limits.md says what the
+            check cannot see). ``False`` measures every forward in full.
 
     Under ``torchrun`` each rank measures its own memory; rank 0's report
     also holds every rank's (``prof.report.ranks``, a table in ``render()``),
@@ -112,6 +117,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         gather_timeout: float = DEFAULT_TIMEOUT,
         project: bool = False,
         calibrate: str | os.PathLike[str] | None = None,
+        reuse_repeats: bool = True,
     ) -> None:
         if isinstance(gather_timeout, bool) or not isinstance(gather_timeout, (int, float)) or not gather_timeout > 0:
             raise ProfilerError(f"gather_timeout: expected a number of seconds above 0, got {gather_timeout!r}")
@@ -137,6 +143,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
             live_peak=live_peak,
             rebucket=self._rebucket,
             project=project,
+            reuse_repeats=reuse_repeats,
         )
         self.report: Report | None = None
 
@@ -177,6 +184,8 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
 
     @property
     def steps(self) -> list:
+        for step in self.tracker.steps:
+            step.settle()  # (a repeat's timeline is placed when read)
         return self.tracker.steps
 
     def _ready(self) -> Report:

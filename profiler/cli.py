@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-sampler", action="store_true", help="no background sampling thread (no NVML or host RSS timeline)"
     )
     parser.add_argument(
+        "--measure-every-forward",
+        action="store_true",
+        help="measure every forward tensor by tensor, also those called as one measured before (by default "
+        "those are taken as its repeats, checked by their autograd graph's size: what keeps measuring cheap)",
+    )
+    parser.add_argument(
         "--fake",
         action="store_true",
         help="plan without memory: run the script on fake tensors (FakeTensorMode), for models larger than "
@@ -181,6 +187,7 @@ _OWN_OPTIONS = (
     "--stop-after-steps",
     "--live-peak",
     "--no-sampler",
+    "--measure-every-forward",
     "--fit",
     "--gpu",
     "--margin",

@@ -75,6 +75,8 @@ def _step_dict(step: StepRecord, tracker: StepTracker, by_label: dict[str, dict]
         },
         "optimizer_state": {"by_name": step.optimizer_state_by_name, "by_group": step.optimizer_state_by_group},
         "saved_tensors": step.saved_tensors,
+        "forwards_repeated": step.forwards_repeated,
+        "repeats_unverified": step.repeats_unverified,
         # Saved-tensor hooks see inside torch.compile'd graphs too: always measured (kept for readers of schema 1).
         "activations_measured": True,
         # Of 'activations', what a module compiled whole saved: measured, but no block is known for it.
@@ -309,6 +311,21 @@ def _step_notes(tracker: StepTracker) -> list[str]:
             "features)?"
             if any(s.forwards for s in steps)
             else "no complete step (a forward and a backward that finished) was seen"
+        )
+    repeated = sum(s.forwards_repeated for s in steps)
+    if repeated:
+        notes.append(
+            f"{repeated} of {sum(s.forwards for s in steps) + sum(s.forwards_left_out for s in steps)} forward(s) "
+            "were taken as repeats of one measured in full (the same input shapes, modes and trainable parameters, "
+            "and as many autograd nodes): their saves were not read again, which keeps measuring every step cheap "
+            "(forwards_repeated; profile(reuse_repeats=False) or --measure-every-forward measures each)"
+        )
+    unverified = [s for s in steps if s.repeats_unverified]
+    if unverified:
+        notes.append(
+            f"a forward taken as a repeat made another autograd graph than the one measured (step(s) "
+            f"{', '.join(str(s.index) for s in unverified)}: control flow that follows the data): its figures are "
+            "the measured forward's, unverified, and the next forward of that kind was measured in full"
         )
     left_out = [s for s in steps if s.forwards_left_out]
     if left_out:

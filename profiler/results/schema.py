@@ -95,6 +95,8 @@ class StepJSON(TypedDict):
     categories: CategoriesJSON
     optimizer_state: OptimizerStateJSON
     saved_tensors: int
+    forwards_repeated: int  # forwards taken as repeats of one measured in full (their saves not read again)
+    repeats_unverified: int  # of those, whose autograd graph differed from the measured one's
     activations_measured: bool  # always true in this version
     activations_inside_compiled: int
     activations_offloaded: int

@@ -189,6 +189,7 @@ def _measure_one(options: Options, batch: int, say: Callable[[str], None], resul
             "--json",
             out,
             *(["--live-peak"] if options.live_peak else []),
+            *([] if options.reuse_repeats else ["--measure-every-forward"]),
             *(["--fake"] if options.fake else []),
             *(["--project"] if options.project else []),
             *target,

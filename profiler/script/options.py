@@ -38,6 +38,7 @@ class Options:
     stop_after_steps: bool = False
     interval: float | None = 0.01  # None: no sampler thread
     live_peak: bool = False
+    reuse_repeats: bool = True  # --measure-every-forward turns it off
     cards: dict[str, float] = field(default_factory=lambda: dict(CARDS))
     margin: float = 0.10
     focus: str | None = None  # --fit CARD
@@ -123,6 +124,7 @@ def validate(ns: argparse.Namespace) -> Options:
         stop_after_steps=ns.stop_after_steps,
         interval=None if ns.no_sampler else ns.interval,
         live_peak=ns.live_peak,
+        reuse_repeats=not ns.measure_every_forward,
         cards=cards,
         margin=ns.margin,
         focus=ns.fit,

@@ -176,6 +176,7 @@ class ScriptSession:
                     bucket_of=bucket_resolver(entry.buckets),
                     on_finished=self._on_tracker_finished,
                     live_peak=self.options.live_peak,
+                    reuse_repeats=self.options.reuse_repeats,
                     project=self.options.project,
                     hold_model=False,
                     hooks_host=self._watcher,

@@ -30,6 +30,7 @@ from torch.utils import checkpoint as torch_checkpoint
 from ..errors import guarded
 from .parallel import fsdp_wrapped
 from .parameters import ModelParameters, unique_bytes
+from .repeats import DATA_DEPENDENT
 from .saved_tensors import (
     CHECKPOINT_HOLDER,
     NOT_PACKED,
@@ -184,6 +185,15 @@ class Ledger:
                 f.compiled.add(ptr)  # inside a model compiled whole: which block saved it is not seen
         f.where[ptr] = (path, state)
 
+    def repeat_returned(self, f: ForwardSaves) -> None:
+        """A forward taken as a repeat returned: the inputs and outputs it saves are alive on the timeline.
+
+        (Another forward of the step saving the same batch then adds no second
+        event for it, as when both are measured.)
+        """
+        for ptr, category, nbytes in f.io_saves():
+            self.live.setdefault(ptr, (category, nbytes, f))
+
     def forward_returned(self, f: ForwardSaves) -> None:
         """A root forward returned: which of FSDP's gathered parameters it saved are still gathered now.
 
@@ -202,7 +212,8 @@ class Ledger:
         does, but passes no saved-tensor hook. The nodes this forward made (the
         graph from its outputs back to its inputs' nodes, numbered above
         ``floor``) are walked once, and what a custom Function's ctx holds on
-        the model's device is counted as activations, charged to ``CTX_PATH``.
+        the model's device is counted as activations, charged to ``CTX_PATH``. The walk also notes an
+        operator whose output size follows the data (``repeats.DATA_DEPENDENT``).
         Torch's own checkpoint Function keeps only RNG states there, not
         activations.
         """
@@ -214,6 +225,8 @@ class Ledger:
             seen.add(id(node))
             if node._sequence_nr() <= floor:
                 continue  # made before this forward (the inputs' graph: another model's, say)
+            if type(node).__name__ in DATA_DEPENDENT:
+                step.current_forward.data_dependent = True  # not to be taken as repeating (repeats.py)
             if isinstance(node, _FUNCTION_NODE) and getattr(node, "_forward_cls", None) is not _CHECKPOINT_FUNCTION:
                 for t in tensors_in(list(vars(node).values())):
                     key = storage_key(t)

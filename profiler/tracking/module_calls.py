@@ -91,6 +91,7 @@ def running_call_kwargs(module: nn.Module) -> dict:
     as ``model(input_ids=ids, labels=labels)`` (every Hugging Face script) has
     its batch in these. They are read from torch's frame that calls the hook
     (a few frames up: call this from the hook itself), once per root call.
+    None when that frame is not found: what the call was given is not known.
     """
     frame = sys._getframe(1)
     for _ in range(8):
@@ -100,7 +101,7 @@ def running_call_kwargs(module: nn.Module) -> dict:
             kwargs = frame.f_locals.get("kwargs")
             return dict(kwargs) if isinstance(kwargs, dict) else {}
         frame = frame.f_back
-    return {}
+    return None
 
 
 def hide_global_hook_warning() -> tuple:
@@ -150,7 +151,7 @@ class CallsOwner(Protocol):
 
     def fail(self, where: str, exc: Exception) -> None: ...
 
-    def root_forward_begins(self, args: Any) -> None: ...
+    def root_forward_begins(self, args: Any, kwargs: dict | None) -> None: ...
 
     def root_forward_ends(self, output: Any) -> None: ...
 
@@ -205,6 +206,7 @@ class ModuleCalls:
         # Modules that say where their input's batch is (an LSTM, a Transformer layer, attention).
         self._batch_first = {id(m) for m in model.modules() if isinstance(getattr(m, "batch_first", None), bool)}
         self.stack: list[int] = []
+        self.skip_inside = False  # a forward taken as a repeat runs: calls inside the model are not followed
         self.trunk_state = "before"  # where execution is relative to the trunk: before/in/after
         self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed
         self._handles: list[Any] = []
@@ -264,7 +266,7 @@ class ModuleCalls:
                     return None  # (dynamo tracing a caller of this compiled call: no graph break from us)
                 if module is me.owner.model:
                     me._root_pre(module, args, kwargs)
-                elif me.owner.step is not None:
+                elif me.owner.step is not None and not me.skip_inside:
                     me._pre(module, args)
                 else:
                     return None  # as for any part: only a step's calls matter
@@ -312,31 +314,33 @@ class ModuleCalls:
 
         Inside the model only a step's calls matter (which module saves what):
         a forward that is not a training step (evaluation, a teacher) costs one
-        call at its root.
+        call at its root, and so does a forward taken as a repeat.
         """
-        if torch.compiler.is_compiling():
-            return
+        if torch.compiler.is_compiling() or (self.skip_inside and module is not self._model_ref()):
+            return  # (dynamo tracing a caller: touch nothing; a repeat's calls inside the model)
         if id(module) not in self._hooked:
             if self._wraps_the_model(module):  # torch.compile(model): its call is the model's, compiled whole
                 self._measure_as_compiled_whole()
-                self._pre(self._model_ref(), args)
-                self._note_root_inputs(module, args)
+                kwargs = running_call_kwargs(module)
+                self._pre(self._model_ref(), args, kwargs)
+                self._note_inputs(args, kwargs)
             return
         model = self._model_ref()
         if module is model:
-            self._pre(module, args)
-            self._note_root_inputs(module, args)
-        elif self.owner.step is not None and model is not None:  # (ids of a dropped model's modules are reused)
-            self._pre(module, args)
+            kwargs = running_call_kwargs(module)
+            self._pre(module, args, kwargs)
+            self._note_inputs(args, kwargs)
+        elif self.owner.step is not None and model is not None and not self.skip_inside:
+            self._pre(module, args)  # (ids of a dropped model's modules are reused: model is checked)
 
     def _any_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (self.skip_inside and module is not self._model_ref()):
             return
         if id(module) not in self._hooked:
             if self._wraps_the_model(module):
                 self._post(self._model_ref(), args, output)
             return
-        if self.owner.step is not None or module is self._model_ref():
+        if (self.owner.step is not None and not self.skip_inside) or module is self._model_ref():
             self._post(module, args, output)
 
     def _wraps_the_model(self, module: nn.Module) -> bool:
@@ -361,12 +365,15 @@ class ModuleCalls:
             self._notes.append(COMPILED_NOTE)
 
     @guarded
-    def _pre(self, module: nn.Module, args: Any) -> None:
-        """A call of one of the model's modules begins (callers return at once while dynamo traces)."""
+    def _pre(self, module: nn.Module, args: Any, kwargs: dict | None = None) -> None:
+        """A call of one of the model's modules begins (callers return at once while dynamo traces).
+
+        ``kwargs``: a root call's keyword arguments (None: not known).
+        """
         if PROCESS.forks != self._forks or threading.get_ident() != self._thread:
             return
         if module is self._model_ref() and not self.stack:
-            self.owner.root_forward_begins(args)
+            self.owner.root_forward_begins(args, kwargs)
         self.stack.append(id(module))
         if self._run_order is not None and self.owner.forwarding:
             self._run_order.setdefault(self._paths.get(id(module), OUTSIDE), len(self._run_order))
@@ -426,16 +433,10 @@ class ModuleCalls:
     def _root_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if torch.compiler.is_compiling():
             return
-        self._pre(module, args)
+        self._pre(module, args, kwargs)
         self._note_inputs(args, kwargs)
 
     @guarded
-    def _note_root_inputs(self, module: nn.Module, args: Any) -> None:
-        """The root call's inputs, for a call seen by a global hook, which is not given the keyword arguments."""
-        step = self.owner.step
-        if step is not None and step.current_forward.input_shape is None:  # batch and sequence sizes, once a forward
-            self._note_inputs(args, running_call_kwargs(module))
-
     def _note_inputs(self, args: Any, kwargs: Any) -> None:
         """Remember the open forward's batch input shape, once a forward."""
         step = self.owner.step
@@ -454,7 +455,7 @@ class ModuleCalls:
         root pre-hook would have done.
         """
         if self.owner.measuring and not self.stack:
-            self.owner.root_forward_begins(args)
+            self.owner.root_forward_begins(args, kwargs)
             self.stack.append(id(self.owner.model))
             self._note_inputs(args, kwargs)
 

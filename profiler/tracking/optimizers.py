@@ -126,6 +126,24 @@ def optimizer_state(opt: torch.optim.Optimizer, param_ids: set[int]) -> tuple[in
     return sum(by_name.values()), dict(by_name), by_group
 
 
+def state_fingerprint(opt: torch.optim.Optimizer) -> tuple:
+    """Which tensors ``opt``'s state holds, by identity: equal fingerprints, equal ``optimizer_state``.
+
+    Read at every step's start and end; an optimizer updates its state in
+    place (Adam's moments), so after its first step the count is rarely
+    needed again. Plain values (LBFGS's counters) hold no tensor memory.
+    """
+    out = []
+    for p, state in state_optimizer(opt).state.items():
+        out.append(id(p))
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                out.append(id(value))
+            elif isinstance(value, (list, tuple, dict)):
+                out.append(tuple(map(id, value.values() if isinstance(value, dict) else value)))
+    return tuple(out)
+
+
 # Handles of optimizer post-hooks retired while torch was iterating their dict
 # (a tracker that finished inside its own post-hook): a key deleted mid-loop
 # raises in the script, so the entry's value became a no-op. The keys go where
@@ -199,6 +217,7 @@ class OptimizerWatch:
         self.in_pre_hooks = False  # torch is iterating its optimizer pre-hooks (ours is running)
         self.in_post_hooks = False
         self._scaler: bool | None = None  # whether a GradScaler exists, looked up once
+        self._counted: tuple[weakref.ref, tuple, tuple] | None = None  # (optimizer, fingerprint, its state's figures)
         self._handles: list[Any] = []
         self._forks = PROCESS.forks
         if optimizer is not None and not updates_any(optimizer, param_ids):
@@ -349,4 +368,10 @@ class OptimizerWatch:
     def state(self, opt: torch.optim.Optimizer | None = None) -> tuple[int, dict[str, int], list[int]]:
         """``optimizer_state`` of ``opt`` (default: the model's optimizer) for the model's parameters."""
         opt = self.optimizer if opt is None else opt
-        return optimizer_state(opt, self._param_ids) if opt is not None else (0, {}, [])
+        if opt is None:
+            return 0, {}, []
+        fingerprint, counted = state_fingerprint(opt), self._counted
+        if counted is None or counted[0]() is not opt or counted[1] != fingerprint:
+            self._counted = counted = (weakref.ref(opt), fingerprint, optimizer_state(opt, self._param_ids))
+        total, by_name, by_group = counted[2]
+        return total, dict(by_name), list(by_group)

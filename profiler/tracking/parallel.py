@@ -138,9 +138,12 @@ def detect_setup() -> ParallelSetup | None:
     The environment still says which rank this is after the script called
     ``destroy_process_group()`` (or in a rank that never made one).
     """
-    job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    initialized = dist is not None and dist.is_available() and dist.is_initialized()
+    if not initialized and "WORLD_SIZE" not in os.environ:
+        return None  # (the common case, looked at every step: one process, no torchrun)
+    job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if initialized:
         try:
             backend = str(dist.get_backend())
         except Exception:  # noqa: BLE001 - a backend name is a label only

@@ -13,6 +13,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
 
 from .parallel import fsdp2_sharded
@@ -47,6 +48,8 @@ class ModelParameters:
         # FSDP2 swaps a unit's sharded DTensors for plain unsharded Parameters during its forward
         # (the root's until backward): the sharded ones, read now, are the model's.
         self._fixed = False
+        self._stale = True  # a module or parameter may have been registered since the last read
+        self._handles: list = []
         self.refresh()
         self._fixed = fsdp2_sharded(model)
         self.ids: set[int] = {id(p) for p in self._all}  # every parameter, lazy ones included
@@ -74,12 +77,34 @@ class ModelParameters:
             return self._shaped
         return [p for ref in self._refs if (p := ref()) is not None and not is_lazy(p)]
 
+    def watch(self) -> None:
+        """Be told when a module or parameter is registered anywhere: only then are they read again.
+
+        (Torch's global registration hooks: walking the model at every step
+        cost a few percent of a small model's step.)
+        """
+        if not self._handles:
+            self._handles = [
+                module_hooks.register_module_module_registration_hook(self._registered),
+                module_hooks.register_module_parameter_registration_hook(self._registered),
+            ]
+
+    def unwatch(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._stale = [], True
+
+    def _registered(self, module: nn.Module, name: str, value: object) -> None:
+        self._stale = True
+
     def refresh(self) -> None:
         """Read the model's parameters again (a step begins: the script may have replaced a module)."""
         model = self.model
-        if model is not None and not self._fixed:
+        if model is not None and not self._fixed and self._stale:
             self._all = list(model.parameters())
             self._shaped = [p for p in self._all if not is_lazy(p)]
+            # Read again at every step without the hooks, and while lazy ones have no shape yet.
+            self._stale = not self._handles or len(self._shaped) < len(self._all)
 
     def take_storages(self) -> None:
         """Know the storages of the parameters that have one (left out of activations)."""
@@ -89,6 +114,16 @@ class ModelParameters:
         """Lazy parameters that got their shapes since: know their storage."""
         self.take_storages()
         self.lazy_left = self.model is not None and any(is_lazy(p) for p in self._all)
+
+    def devices_note(self, device: torch.device) -> list[str]:
+        """A note when the parameters are on several devices (the allocator's figures are ``device``'s only)."""
+        devices = {p.device for p in self.shaped()}
+        if len(devices) < 2:
+            return []
+        return [
+            f"parameters on several devices ({', '.join(sorted(map(str, devices)))}); allocator figures are for "
+            f"{device} only"
+        ]
 
     def any_trainable(self) -> bool:
         return self.model is not None and any(p.requires_grad for p in self._all)

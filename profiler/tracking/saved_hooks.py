@@ -176,6 +176,16 @@ class SavedHooks:
             # (it could not pop it from beneath ours) goes with ours.
             _pop_tracker_pairs(self.thread, lambda other: not other.owner.measuring)
 
+    def clear(self) -> bool:
+        """Take our pair, and idle trackers' pairs, off the top: True when the stack is then empty.
+
+        A forward taken as a repeat (see ``repeats.py``) runs with no pair: its
+        saves go to no hook at all, as without us.
+        """
+        self.pop()
+        _pop_tracker_pairs(self.thread, lambda other: other is not self and not other.owner.forwarding)
+        return _top() is None
+
     def foreign_pair_on_top(self) -> bool:
         """Another pair than ours is innermost: a non-reentrant checkpoint's, around a block."""
         top = _top()

@@ -18,6 +18,7 @@ from .parallel import PLAIN_TYPES, local_tensor
 
 __all__ = [
     "CHECKPOINT_HOLDER",
+    "fake_tensor_type",
     "NOT_PACKED",
     "SavedTensor",
     "memory_of",
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 
-def _fake_tensor_type() -> type | None:
+def fake_tensor_type() -> type | None:
     """``FakeTensor``, once something imported it (no tensor can be one before)."""
     module = sys.modules.get("torch._subclasses.fake_tensor")
     return getattr(module, "FakeTensor", None) if module is not None else None
@@ -43,12 +44,14 @@ def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     a real storage would be, so the same rules count it byte for byte.
     """
     try:
-        if type(t) not in PLAIN_TYPES:
-            fake = _fake_tensor_type()
+        if type(t) in PLAIN_TYPES:  # (the common case first: called for every save and gradient)
+            storage = t.untyped_storage()
+        else:
+            fake = fake_tensor_type()
             if fake is not None and isinstance(t, fake):
                 storage = t.untyped_storage()
                 return (storage._cdata, storage.nbytes())
-        storage = local_tensor(t).untyped_storage()
+            storage = local_tensor(t).untyped_storage()
         ptr = storage.data_ptr()
         return (ptr, storage.nbytes()) if ptr else None
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):

@@ -8,6 +8,9 @@ step were alive together, and joining steps that turned out to be one.
 
 from __future__ import annotations
 
+import bisect
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +32,15 @@ PHASES = ("forward", "backward", "optimizer")
 SKIPPED_STEPS_LIMIT = 16
 
 
-@dataclass
+_TICK = 1e-9  # seconds: a moved release is kept strictly between two gradient arrivals
+
+
+def gradient_arrivals(events: list[tuple[float, str, int]]) -> list[float]:
+    """When the step's gradients arrived (first seen), in order."""
+    return [t for t, c, n in events if c == "gradients" and n > 0]
+
+
+@dataclass(eq=False)  # (one forward is itself only: compared by identity)
 class ForwardSaves:
     """What one root forward (and the loss computed after it) saved for backward.
 
@@ -40,7 +51,8 @@ class ForwardSaves:
     the script keeps but never backpropagates is no part of the step.
     """
 
-    saved: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (activations)
+    # storage ptr -> bytes (activations); a repeat's keys for storages not its own are (id, ptr) pairs
+    saved: dict[Any, int] = field(default_factory=dict)
     copies: dict[int, int] = field(default_factory=dict)  # storage ptr -> bytes (autocast copies)
     # storage ptr -> (module path, where relative to the trunk: before / in / after, None for bucket "other")
     where: dict[int, tuple[str, str | None]] = field(default_factory=dict)
@@ -64,6 +76,104 @@ class ForwardSaves:
     input_is_tokens: bool = False
     # (batch size, batch_first, which module) from the first module with a batch_first attribute it ran
     batch_hint: tuple[int, bool, str] | None = None
+    n_saved: int = 0  # tensors autograd saved (before deduplication)
+    trunk_input_shape: tuple[int, ...] | None = None  # its step's, when it was measured (for its repeats)
+    began_at: float = 0.0  # perf_counter when it began
+    reached_at: float | None = None  # perf_counter when a backward pass first reached its output
+    # Taking later forwards as repeats of this one (see repeats.py):
+    signature: tuple | None = None  # what it was called with, and the state around the call
+    plain_hooks: bool = False  # measured under our pair alone (no script's pair below, no peer tracker)
+    data_dependent: bool = False  # its graph has an operator whose output size follows the data
+    seq_begin: int | None = None  # autograd's node counter when it began
+    seq_end: int | None = None  # and when it returned
+    nodes: int | None = None  # graph nodes it made
+    nodes_after: int | None = None  # graph nodes made between its return and the model's next forward
+    original: ForwardSaves | None = None  # the measured forward this one repeats, taken without hooks
+    anchors: list[int | None] | None = None  # as an original: see ``anchor``
+    held: set[int] = field(default_factory=set)  # as an original: its saves alive when its backward began
+    io: list[int] = field(default_factory=list)  # storages of its input tensors, then of its output's
+    summaries: dict[int, tuple] = field(default_factory=dict)  # as an original: ``summary`` by bucket resolver
+
+    def own_figures(self) -> None:
+        """A repeat: hold what its original saved, storage by storage, as this forward saves it (made once).
+
+        Its inputs and outputs are its own storages, not the original's: what
+        the original saved of those is put under this forward's (so the same
+        batch given to two forwards alive together is still counted once).
+        Made only where a step's forwards are counted together: a repeat alone
+        in its backward pass is counted from its original's ``summary``.
+        """
+        original = self.original
+        if original is None or self.saved or self.copies:
+            return
+        held, mine = original.held, dict(zip(original.io, self.io)) if len(original.io) == len(self.io) else {}
+        # (the original's other storages are not this forward's: keys of their own, equal to no address)
+        key = {p: mine.get(p, (id(self), p)) for p in held}
+        self.saved = {key[p]: n for p, n in original.saved.items() if p in held}
+        self.copies = {key[p]: n for p, n in original.copies.items() if p in held}
+        self.where = {key[p]: w for p, w in original.where.items() if p in held}
+
+    def io_saves(self) -> list[tuple[int, str, int]]:
+        """A repeat: (storage, category, bytes) of what its original saved of its own inputs and outputs."""
+        o = self.original
+        if o is None or len(o.io) != len(self.io):
+            return []
+        out = []
+        for mine, theirs in zip(self.io, o.io):
+            if theirs in o.held:
+                category = "activations" if theirs in o.saved else "autocast_copies"
+                out.append((mine, category, o.saved.get(theirs) or o.copies.get(theirs, 0)))
+        return out
+
+    def summary(self, bucket_of: Callable[[str, str], str]) -> tuple[int, dict, dict, int]:
+        """An original's held saves: activations, by (module, bucket), by bucket, and autocast copies (kept)."""
+        cached = self.summaries.get(id(bucket_of))
+        if cached is None:
+            by_module: dict[tuple[str, str], int] = {}
+            by_bucket: dict[str, int] = {}
+            for ptr, nbytes in self.saved.items():
+                if ptr in self.held:
+                    path, state = self.where[ptr]
+                    bucket = "other" if state is None else bucket_of(path, state)
+                    by_module[path, bucket] = by_module.get((path, bucket), 0) + nbytes
+                    by_bucket[bucket] = by_bucket.get(bucket, 0) + nbytes
+            copies = sum(n for ptr, n in self.copies.items() if ptr in self.held)
+            cached = self.summaries[id(bucket_of)] = (sum(by_bucket.values()), by_module, by_bucket, copies)
+        return cached
+
+    def timeline(self, arrivals: list[float]) -> list[tuple[float, str, int]]:
+        """Its saves and releases; a repeat's are its original's, moved to its own forward and backward.
+
+        A release in backward is put between the same two gradient arrivals
+        of the step (``arrivals``, see ``gradient_arrivals``) as in its
+        original (``anchors``), so the step's replayed timeline, and its live
+        peak, are its original's.
+        """
+        o = self.original
+        if o is None:
+            return self.events
+        if o.reached_at is None or self.reached_at is None or o.anchors is None:
+            return [(t + self.began_at - o.began_at, c, n) for t, c, n in o.events]
+        # Before backward: its original's span (slower, measured) scaled onto its own.
+        scale = (self.reached_at - self.began_at) / max(o.reached_at - o.began_at, _TICK)
+        backward = self.reached_at - o.reached_at
+        grads = arrivals[bisect.bisect_left(arrivals, self.reached_at) :]
+        out = []
+        for (t, c, n), g in zip(o.events, o.anchors):
+            if g is None:
+                out.append((self.began_at + (t - o.began_at) * scale, c, n))
+                continue
+            low = grads[g - 1] if 0 < g <= len(grads) else self.reached_at
+            high = grads[g] if g < len(grads) else math.inf
+            out.append((min(max(t + backward, low + _TICK), high - _TICK), c, n))
+        return out
+
+    def anchor(self, step_events: list[tuple[float, str, int]]) -> None:
+        """For each of its events in backward, how many gradients of the step arrived before it (see ``timeline``)."""
+        if self.reached_at is None:
+            return
+        grads = [t for t in gradient_arrivals(step_events) if t >= self.reached_at]
+        self.anchors = [None if t < self.reached_at else bisect.bisect_left(grads, t) for t, _, _ in self.events]
 
     @property
     def graph_freed(self) -> bool:
@@ -74,6 +184,13 @@ class ForwardSaves:
     def consumed_by(self) -> int:
         """The backward pass that frees it: the one that reached it, or (not watched) the next one."""
         return self.reached_by if self.reached_by is not None else self.backwards_before + 1
+
+    def alive_until(self, pass_of_task: dict[int, int]) -> float:
+        """The last backward pass at which any of its saves can be alive (``alive_at``), for skipping it after."""
+        if self.holders:
+            return math.inf
+        freed = [pass_of_task.get(task, begun) for begun, task in self.freed.values()]
+        return max([self.consumed_by, *freed])
 
     def alive_at(self, ptr: int, k: int, pass_of_task: dict[int, int]) -> bool:
         """Whether its saved storage ``ptr`` was held when the step's backward pass ``k`` began.
@@ -140,6 +257,8 @@ class StepRecord:
     unsharded_parameters_saved: int = 0  # FSDP: gathered parameters saved for backward (not activations)
     unsharded_parameters_held: int = 0  # of those, still gathered when the forward returned (alive into backward)
     activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
+    forwards_repeated: int = 0  # forwards taken as repeats of one measured before (see repeats.py)
+    repeats_unverified: int = 0  # of those, whose graph (or loss) made another number of nodes than the original's
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input (of those kept, see fold)
     input_is_tokens: bool = False
     batch_dim: int | None = None  # which dimension of input_shape is the batch
@@ -156,12 +275,13 @@ class StepRecord:
     activations_left_out: int = 0  # what they saved (alive while the script holds their output)
     current_forward: ForwardSaves = field(default_factory=ForwardSaves)  # the forward running or just run
     open_forwards: list[ForwardSaves] = field(default_factory=list)  # forwards not yet folded
+    repeats_unplaced: list[ForwardSaves] = field(default_factory=list)  # folded repeats not yet on the timeline
     pass_of_task: dict[int, int] = field(default_factory=dict)  # autograd graph task -> the backward pass it was
 
     def begin_forward(self) -> ForwardSaves:
         """A root forward of this step begins: its saves are kept apart until ``fold``."""
         self.forwards += 1
-        self.current_forward = ForwardSaves(backwards_before=self.backwards)
+        self.current_forward = ForwardSaves(backwards_before=self.backwards, began_at=time.perf_counter())
         self.open_forwards.append(self.current_forward)
         return self.current_forward
 
@@ -194,14 +314,27 @@ class StepRecord:
             left_out = [f for f in forwards if f.watched and f.reached_by is None]
             kept = [f for f in forwards if not (f.watched and f.reached_by is None)]
             passes = range(1, max([self.backwards] + [f.consumed_by for f in kept]) + 1)
-            groups = [(k, [f for f in kept if f.backwards_before < k]) for k in passes]
+            members: dict[int, list[ForwardSaves]] = {k: [] for k in passes}
+            for f in kept:  # (each forward only in the passes it can be alive at: linear in the step's length)
+                for k in range(f.backwards_before + 1, int(min(f.alive_until(self.pass_of_task), passes[-1])) + 1):
+                    members[k].append(f)
+            groups = list(members.items())
         else:
             left_out, kept = [], forwards
             groups = [(None, [f]) for f in forwards]
         for k, group in groups:
+            lone = group[0] if len(group) == 1 else None
+            if lone is not None and lone.original is not None and not lone.holders and not lone.freed:
+                total, by_module, by_bucket, copies_total = lone.original.summary(bucket_of)  # (a repeat, alone)
+                if total >= self.activations:
+                    self.activations, self.activations_inside_compiled = total, 0
+                    self.activations_by_module, self.activations_by_bucket = dict(by_module), dict(by_bucket)
+                self.autocast_copies = max(self.autocast_copies, copies_total)
+                continue
             saved: dict[int, ForwardSaves] = {}
             copies: dict[int, int] = {}
             for f in group:
+                f.own_figures()
                 for ptr in f.saved:
                     if k is None or f.alive_at(ptr, k, self.pass_of_task):
                         saved.setdefault(ptr, f)
@@ -228,14 +361,31 @@ class StepRecord:
             offloaded = sum(f.offloaded for f in group if k is None or k <= f.consumed_by)
             self.activations_offloaded = max(self.activations_offloaded, offloaded)
         for f in kept:
-            self.events.extend(f.events)
+            if f.original is None:
+                self.events.extend(f.events)
+            else:
+                self.repeats_unplaced.append(f)  # (on the timeline when it is read: see settle)
             if self.input_shape is None and f.input_shape is not None:
                 self.input_shape, self.input_is_tokens = f.input_shape, f.input_is_tokens
                 self.batch_dim, self.batch_source = batch_dimension(f.input_shape, f.batch_hint)
         if left_out:
             self.forwards -= len(left_out)
             self.forwards_left_out += len(left_out)
+            for f in left_out:
+                f.own_figures()
             self.activations_left_out += sum({ptr: n for f in left_out for ptr, n in f.saved.items()}.values())
+
+    def settle(self) -> None:
+        """Put the repeats' saves and releases on the step's timeline, once the step is over.
+
+        Left out of ``fold``, which runs inside the script's training step:
+        only what reads the timeline (the report, ``merge``) needs them.
+        """
+        if self.repeats_unplaced:
+            arrivals = gradient_arrivals(self.events)
+            for f in self.repeats_unplaced:
+                self.events.extend(f.timeline(arrivals))
+            self.repeats_unplaced = []
 
     def merge(self, earlier: list[StepRecord]) -> StepRecord:
         """One step made of ``earlier`` steps and this one (all folded): the first of them, grown.
@@ -247,10 +397,14 @@ class StepRecord:
         the optimizer phase is this step's, the one still open.
         """
         merged = earlier[0]
+        for s in earlier + [self]:
+            s.settle()
         for s in earlier[1:] + [self]:
             merged.forwards += s.forwards
             merged.backwards += s.backwards
             merged.saved_tensors += s.saved_tensors
+            merged.forwards_repeated += s.forwards_repeated
+            merged.repeats_unverified += s.repeats_unverified
             merged.gradients = max(merged.gradients, s.gradients)
             if s.activations >= merged.activations:
                 merged.activations = s.activations

@@ -39,6 +39,7 @@ from .optimizers import OptimizerWatch
 from .parallel import ParallelWatch
 from .parameters import ModelParameters
 from .phases import PhaseClock
+from .repeats import RepeatBook
 from .saved_hooks import PASS_ON, SavedHooks
 from .saved_tensors import NOT_PACKED, tensors_in
 from .step_record import ForwardSaves, StepRecord, enough_steps, trained
@@ -99,6 +100,7 @@ class StepTracker:
         hooks_host: Any = None,
         rebucket: Callable[[dict[str, int]], Callable[[str, str], str]] | None = None,
         project: bool = False,
+        reuse_repeats: bool = True,
     ) -> None:
         self.parameters = ModelParameters(model, hold=hold_model)
         self.max_steps = max_steps
@@ -142,12 +144,9 @@ class StepTracker:
             self.device, sample_interval=sample_interval, live_peak=live_peak, notes=self.notes, project=project
         )
         self.outputs = OutputWatch(self._output_reached)
-        devices = {p.device for p in self.parameters.shaped()}
-        if len(devices) > 1:
-            self.notes.append(
-                "parameters on several devices (" + ", ".join(sorted(map(str, devices))) + "); "
-                f"allocator figures are for {self.device} only"
-            )
+        # Forwards that repeat a measured one are taken as it (repeats.py); a live-tensor count or a trace sees all.
+        self.repeats = RepeatBook(reuse_repeats and not self.phases.live_peak and not self.ledger.fsdp)
+        self.notes += self.parameters.devices_note(self.device)
 
     # ------------------------------------------------------------ what it holds
     @property
@@ -184,6 +183,7 @@ class StepTracker:
             self.parallel.look()
             self.optimizers.adopt_running_step()
             self.parameters.take_storages()
+            self.parameters.watch()
             self.calls.install()
             self.ledger.hook_gradients()
             self.optimizers.install()
@@ -230,8 +230,11 @@ class StepTracker:
             self.optimizers.remove()
             self.calls.remove()
             self.ledger.unhook_gradients()
+            self.parameters.unwatch()
             self.outputs.remove()
             self.phases.stop()
+            for step in self.steps:
+                step.settle()
             self.finished = True
 
     def release(self) -> None:
@@ -362,7 +365,7 @@ class StepTracker:
         self.step, self._state = None, StepState.IDLE
 
     # ------------------------------------------------------- root forwards
-    def root_forward_begins(self, args: Any) -> None:
+    def root_forward_begins(self, args: Any, kwargs: dict | None = None) -> None:
         """A root forward of the model begins (told by the module-call stack)."""
         # Autograd nodes numbered above the inputs' were made by this forward (see Ledger.count_function_ctx).
         self._seq_floor = max((t.grad_fn._sequence_nr() for t in tensors_in(args) if t.grad_fn is not None), default=-1)
@@ -404,10 +407,17 @@ class StepTracker:
             step.checkpointing = True  # a forward run by backward: a reentrant checkpoint's recomputation
         if step.forwards:
             self.ledger.release_cleared_gradients(step)  # (gradient accumulation: the next micro-batch begins)
-        step.begin_forward()
+        alone = self._state in (StepState.IDLE, StepState.AFTER_BACKWARD)  # no other forward awaits its backward
+        forward = step.begin_forward()
         self._state = StepState.FORWARD
         self.phases.begin(step, "forward")
-        self.saved_hooks.push()
+        # Measured tensor by tensor (our pair pushed), or taken as a repeat of one measured (repeats.py).
+        call = (args, kwargs, self.model, self.parameters.shaped())
+        if self.repeats.begin(forward, step, call, alone, self.saved_hooks.clear):
+            self.calls.skip_inside = True
+        else:
+            self.saved_hooks.push()
+            self.repeats.measured(forward, self.saved_hooks.outer is None and not self.saved_hooks.peers)
 
     def _end_step_before_next_forward(self) -> None:
         """A training forward after a backward: the step before is over, or this is its next micro-batch.
@@ -438,7 +448,9 @@ class StepTracker:
         step = self.step
         if step is None or self._state is not StepState.FORWARD:
             return
-        if self.saved_hooks.balanced:
+        forward, self.calls.skip_inside = step.current_forward, False
+        self.repeats.forward_ends(forward, step, output)
+        if forward.original is None and self.saved_hooks.balanced:
             # The script's own pair is below ours: it pops the top one when its
             # `with` ends, so ours must be gone by then. What a loss computed
             # after this forward saves goes to the script's hooks unseen.
@@ -447,11 +459,13 @@ class StepTracker:
                 step.saves_after_forward_unseen = True
         self._state = StepState.AFTER_FORWARD
         fns = {id(t.grad_fn): t.grad_fn for t in tensors_in(output) if t.grad_fn is not None}
-        forward = step.current_forward
         forward.watched = bool(fns)
         forward.graph = [self.outputs.watch(fn, forward) for fn in fns.values()]
         self.ledger.forward_returned(forward)
-        self.ledger.count_function_ctx(step, list(fns.values()), self._seq_floor)
+        if forward.original is None:
+            self.ledger.count_function_ctx(step, list(fns.values()), self._seq_floor)
+        else:
+            self.ledger.repeat_returned(forward)
 
     @guarded
     def run_order_known(self, order: dict[str, int]) -> None:
@@ -476,23 +490,22 @@ class StepTracker:
         per view) is a backward pass of its own.
         """
         step = self.step
-        if step is None or not any(f is forward for f in step.open_forwards):
+        forwards = step.open_forwards if step is not None else []
+        if not (forwards and forwards[-1] is forward) and not any(f is forward for f in forwards):
             return
         task = torch._C._current_graph_task_id()
-        if self._state is StepState.BACKWARD and task == self._backward_task:
-            if forward.reached_by is None:  # one more forward this backward goes through
-                forward.reached_by = step.backwards
-            return
-        if self._state is StepState.BACKWARD:  # (the last one's end was not seen: a backward that raised)
-            self._backward_end()
-        if self._state in (StepState.AFTER_FORWARD, StepState.FORWARD, StepState.AFTER_BACKWARD):
+        if not (self._state is StepState.BACKWARD and task == self._backward_task):  # (else: one more it reaches)
+            if self._state is StepState.BACKWARD:  # (the last one's end was not seen: a backward that raised)
+                self._backward_end()
             # A new backward call: the first through this step's outputs, one per
             # view, or another loss on a graph an earlier call retained.
             self._backward_task = task
             self._backward_begin()
             step.pass_of_task[task] = step.backwards
-            if forward.reached_by is None:
-                forward.reached_by = step.backwards
+        if forward.reached_by is None:
+            forward.reached_by, forward.reached_at = step.backwards, time.perf_counter()
+        if forward.original is not None:
+            self.repeats.reached(forward, step.backwards, task)
 
     def _backward_begin(self) -> None:
         step = self.step
@@ -511,6 +524,7 @@ class StepTracker:
         self.ledger.count_gradients(step)
         self.ledger.release_at_backward_end()
         self._state = StepState.AFTER_BACKWARD
+        self.repeats.backward_ended(step)  # (what this pass reached and freed may be repeated from now on)
 
     def _gradient_accumulated(self) -> None:
         self._pass_accumulated = True
@@ -518,8 +532,12 @@ class StepTracker:
     # ------------------------------------------------ the optimizer's steps
     def optimizer_step_begins(self, opt: torch.optim.Optimizer, adopted: bool) -> None:
         """A step of an optimizer of the model begins (told by the optimizer watch)."""
-        if adopted and self.step is not None:
-            self._merge_unconfirmed_steps()
+        if adopted and self.step is not None and self.steps and not any(s.optimizer_steps for s in self.steps):
+            # The optimizer shows up only now: the steps so far (a backward, then a new
+            # forward, looked like a hand-written update) were micro-batches of this one.
+            self.phases.end_open(self.step)  # (the last backward is still open: closed on this step)
+            self.step.fold(self.calls.bucket_of)
+            self.steps, self.step = [], self.step.merge(self.steps)
         step = self.step
         if step is None:
             return
@@ -528,22 +546,6 @@ class StepTracker:
         if step.optimizer_state_before == 0 and not step.optimizer_steps:
             step.optimizer_state_before = self.optimizers.state(opt)[0]
         self.phases.begin(step, "optimizer")
-
-    def _merge_unconfirmed_steps(self) -> None:
-        """The optimizer shows up only now: earlier backward passes were micro-batches of this step.
-
-        Until an optimizer steps, the end of a backward followed by a new
-        forward looked like a hand-written update (one step each). Seeing the
-        optimizer's first ``step()`` proves they were gradient accumulation.
-        """
-        earlier = [s for s in self.steps if s.optimizer_steps == 0]
-        if not earlier or len(earlier) != len(self.steps):
-            return
-        step = self.step
-        self.phases.end_open(step)  # the last backward is still open: close it on this step, then merge
-        step.fold(self.calls.bucket_of)
-        self.steps = []
-        self.step = step.merge(earlier)
 
     def optimizer_step_ended(self, opt: torch.optim.Optimizer) -> None:
         """The model's optimizer's ``step()`` returned (told by the optimizer watch)."""
@@ -589,4 +591,5 @@ class StepTracker:
         if self._state is StepState.AFTER_FORWARD and self.calls.in_another_model():
             return PASS_ON  # another model's forward, not a loss on ours
         step.saved_tensors += 1
+        step.current_forward.n_saved += 1
         return self.ledger.observe(step, t, packed)
