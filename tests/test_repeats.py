@@ -20,6 +20,7 @@ from support import batch, tiny_gpt
 from torch import nn
 
 from profiler import profile
+from profiler.tracking.repeats import MAX_ORIGINALS
 
 FIGURES = (
     "forwards",
@@ -260,3 +261,24 @@ def test_any_sequence_of_batches_gives_the_full_measurement(sizes, train):
         return prof
 
     _same_figures(run)
+
+
+def test_dynamic_lengths_keep_a_bounded_number_of_originals():
+    # Dynamic padding: a new sequence length every step, then the first ones again.
+    lengths = list(range(1, MAX_ORIGINALS + 9)) + [1, 2, MAX_ORIGINALS + 8]
+
+    def run(reuse):
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with profile(model, opt, sample_interval=None, reuse_repeats=reuse) as prof:
+            for n in lengths:
+                model(torch.randn(n, 4)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        return prof
+
+    _, fast = _same_figures(run)
+    _, prof = _steps(run, True)
+    assert len(prof.tracker.repeats.originals) == MAX_ORIGINALS
+    # (lengths 1 and 2 were let go of and measured again; the last length is still kept)
+    assert [s["forwards_repeated"] for s in fast[-3:]] == [0, 0, 1]

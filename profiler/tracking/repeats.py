@@ -40,7 +40,7 @@ from .parallel import PLAIN_TYPES
 from .saved_tensors import fake_tensor_type, memory_of, tensors_in
 from .step_record import ForwardSaves, StepRecord
 
-__all__ = ["DATA_DEPENDENT", "RepeatBook", "call_signature", "mode_signature", "sequence_nr"]
+__all__ = ["DATA_DEPENDENT", "MAX_ORIGINALS", "RepeatBook", "call_signature", "mode_signature", "sequence_nr"]
 
 # Autograd nodes of operators whose output size can follow the data (advanced
 # and boolean indexing, masked selection, splits by computed sizes): a forward
@@ -58,6 +58,9 @@ DATA_DEPENDENT = frozenset(
 )
 _SCALARS = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device})
 _MAX_ITEMS = 256  # a call with longer containers than this is measured (no signature)
+# Originals kept, by signature: a script with dynamic padding has one per sequence length; past
+# this many the oldest is let go of (its kind is measured again when it comes back).
+MAX_ORIGINALS = 64
 
 sequence_nr = torch._C._autograd._get_sequence_nr  # this thread's autograd node counter, read only
 
@@ -111,7 +114,7 @@ def mode_signature(model: nn.Module, parameters: list[nn.Parameter]) -> tuple:
         torch.get_autocast_dtype("cpu"),
         torch.is_autocast_enabled("cuda"),
         torch.get_autocast_dtype("cuda"),
-        tuple((p.shape, p.requires_grad) for p in parameters),
+        tuple((p.shape, p.dtype, p.requires_grad) for p in parameters),  # (.half() keeps the Parameter)
     )
 
 
@@ -154,17 +157,24 @@ class RepeatBook:
         return self.originals.get(signature) if signature is not None else None
 
     def begin(
-        self, forward: ForwardSaves, step: StepRecord, call: tuple, alone: bool, clear_hooks: Callable[[], bool]
+        self,
+        forward: ForwardSaves,
+        step: StepRecord,
+        call: tuple,
+        inputs: list[torch.Tensor],
+        alone: bool,
+        clear_hooks: Callable[[], bool],
     ) -> bool:
         """A root forward begins: True when it is taken as a repeat (then with no hook pair on the stack).
 
-        ``call``: (args, kwargs, model, parameters); ``alone``: no other
+        ``call``: (args, kwargs, model, parameters); ``inputs``: the tensors
+        in args and kwargs; ``alone``: no other
         forward of the step awaits its backward; ``clear_hooks()`` takes
         tracker pairs off the stack and says whether it is then empty.
         """
         if not self.enabled:
             return False
-        self.forward_begins(forward, step, tensors_in(call[:2]))
+        self.forward_begins(forward, step, inputs)
         forward.signature = self.signature(*call)
         original = self.match(forward.signature)
         if original is None or not alone or step.checkpointing or torch._C._current_graph_task_id() != -1:
@@ -206,6 +216,8 @@ class RepeatBook:
                 return  # its loss saved another forward's input or output: not a forward that repeats alone
             forward.trunk_input_shape = step.trunk_input_shape
             forward.anchor(step.events)
+            if len(self.originals) >= MAX_ORIGINALS:
+                del self.originals[next(iter(self.originals))]
             self.originals[forward.signature] = forward
 
     def forward_begins(self, forward: ForwardSaves, step: StepRecord, inputs: list[torch.Tensor]) -> None:

@@ -40,7 +40,7 @@ def gradient_arrivals(events: list[tuple[float, str, int]]) -> list[float]:
     return [t for t, c, n in events if c == "gradients" and n > 0]
 
 
-@dataclass(eq=False)  # (one forward is itself only: compared by identity)
+@dataclass(eq=False, slots=True)  # (one forward is itself only; made for every forward: slots)
 class ForwardSaves:
     """What one root forward (and the loss computed after it) saved for backward.
 

@@ -368,7 +368,8 @@ class StepTracker:
     def root_forward_begins(self, args: Any, kwargs: dict | None = None) -> None:
         """A root forward of the model begins (told by the module-call stack)."""
         # Autograd nodes numbered above the inputs' were made by this forward (see Ledger.count_function_ctx).
-        self._seq_floor = max((t.grad_fn._sequence_nr() for t in tensors_in(args) if t.grad_fn is not None), default=-1)
+        inputs = tensors_in((args, kwargs))
+        self._seq_floor = max((t.grad_fn._sequence_nr() for t in inputs if t.grad_fn is not None), default=-1)
         step = self.step
         if step is not None and self._state is StepState.BACKWARD and torch._C._current_graph_task_id() != -1:
             # Backward recomputing a checkpointed model: part of that backward, not a
@@ -413,7 +414,7 @@ class StepTracker:
         self.phases.begin(step, "forward")
         # Measured tensor by tensor (our pair pushed), or taken as a repeat of one measured (repeats.py).
         call = (args, kwargs, self.model, self.parameters.shaped())
-        if self.repeats.begin(forward, step, call, alone, self.saved_hooks.clear):
+        if self.repeats.begin(forward, step, call, inputs, alone, self.saved_hooks.clear):
             self.calls.skip_inside = True
         else:
             self.saved_hooks.push()
