@@ -45,6 +45,9 @@ class ModelParameters:
         # hook needs them cost a tenth of a small model's step.
         self._all: list[nn.Parameter] = []
         self._shaped: list[nn.Parameter] = []
+        # The model's modules below its root, read with the parameters (not the root: a model the
+        # script drops must go, and its parts with it once released).
+        self.parts: list[nn.Module] = []
         # FSDP2 swaps a unit's sharded DTensors for plain unsharded Parameters during its forward
         # (the root's until backward): the sharded ones, read now, are the model's.
         self._fixed = False
@@ -103,6 +106,7 @@ class ModelParameters:
         if model is not None and not self._fixed and self._stale:
             self._all = list(model.parameters())
             self._shaped = [p for p in self._all if not is_lazy(p)]
+            self.parts = list(model.modules())[1:]
             # Read again at every step without the hooks, and while lazy ones have no shape yet.
             self._stale = not self._handles or len(self._shaped) < len(self._all)
 
@@ -138,4 +142,4 @@ class ModelParameters:
 
     def release(self) -> None:
         """Let go of the model and forget its parameters (their figures were taken out)."""
-        self._ref, self._held, self._refs, self._all, self._shaped = None, None, [], [], []
+        self._ref, self._held, self._refs, self._all, self._shaped, self.parts = None, None, [], [], [], []

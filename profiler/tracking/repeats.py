@@ -8,8 +8,8 @@ of each kind is measured that way, and a later one is taken as its repeat when
 
 * its call matches (``call_signature``): the shapes, dtypes, devices and
   ``requires_grad`` of the tensors it is given and its other arguments'
-  values, with the model's training flag, autocast's state and its
-  parameters' shapes and ``requires_grad`` (``mode_signature``);
+  values, with its modules' training flags, autocast's state and its
+  parameters' shapes, dtypes and ``requires_grad`` (``mode_signature``);
 * it runs alone: no other forward of the step awaits its backward (two views
   of one loss are each measured), no saved-tensor hook pair is on the stack
   (a checkpoint's, ``save_on_cpu``), no backward is running;
@@ -62,7 +62,10 @@ _MAX_ITEMS = 256  # a call with longer containers than this is measured (no sign
 # this many the oldest is let go of (its kind is measured again when it comes back).
 MAX_ORIGINALS = 64
 
-sequence_nr = torch._C._autograd._get_sequence_nr  # this thread's autograd node counter, read only
+# This thread's autograd node counter (read only), and whether the running backward keeps its graph:
+# private to torch, looked up softly; without them no forward is taken as a repeat.
+sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
+_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 
 
 def _describe(obj: Any, out: list, depth: int) -> bool:
@@ -106,10 +109,10 @@ def call_signature(args: Any, kwargs: dict | None) -> tuple | None:
     return None
 
 
-def mode_signature(model: nn.Module, parameters: list[nn.Parameter]) -> tuple:
-    """The state around a forward that changes its saves: training flag, autocast, which parameters train."""
+def mode_signature(modules: list[nn.Module], parameters: list[nn.Parameter]) -> tuple:
+    """The state around a forward that changes its saves: training flags, autocast, which parameters train."""
     return (
-        model.training,
+        tuple(m.training for m in modules),  # (a part put in .eval(): frozen batch norm, no dropout)
         torch.is_autocast_enabled("cpu"),
         torch.get_autocast_dtype("cpu"),
         torch.is_autocast_enabled("cuda"),
@@ -139,7 +142,7 @@ class RepeatBook:
     """The measured forwards later ones may repeat, by signature, and the checks of each repeat."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+        self.enabled = enabled and sequence_nr is not None and _keeps_graph is not None
         self.originals: dict[tuple, ForwardSaves] = {}
         self.repeated = 0  # forwards taken as repeats
         self.dropped = 0  # originals dropped after a repeat's check failed
@@ -147,10 +150,10 @@ class RepeatBook:
         self._candidates: list[ForwardSaves] = []  # forwards measured in full, their backward not yet ended
 
     @staticmethod
-    def signature(args: Any, kwargs: dict | None, model: nn.Module | None, parameters: list) -> tuple | None:
+    def signature(args: Any, kwargs: dict | None, modules: list[nn.Module], parameters: list) -> tuple | None:
         """A root forward's ``call_signature`` with its ``mode_signature``; None when not said cheaply."""
         call = call_signature(args, kwargs)
-        return None if call is None or model is None else (call, mode_signature(model, parameters))
+        return None if call is None or not modules else (call, mode_signature(modules, parameters))
 
     def match(self, signature: tuple | None) -> ForwardSaves | None:
         """The original a forward of this signature repeats, if any."""
@@ -167,7 +170,7 @@ class RepeatBook:
     ) -> bool:
         """A root forward begins: True when it is taken as a repeat (then with no hook pair on the stack).
 
-        ``call``: (args, kwargs, model, parameters); ``inputs``: the tensors
+        ``call``: (args, kwargs, the model's modules, its parameters); ``inputs``: the tensors
         in args and kwargs; ``alone``: no other
         forward of the step awaits its backward; ``clear_hooks()`` takes
         tracker pairs off the stack and says whether it is then empty.
@@ -263,7 +266,7 @@ class RepeatBook:
         keeps the graph (``retain_graph=True``); then the saves are held until
         a backward that does not.
         """
-        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        keep = _keeps_graph()
         if not keep and not forward.holders:
             return
         forward.own_figures()

@@ -413,7 +413,8 @@ class StepTracker:
         self._state = StepState.FORWARD
         self.phases.begin(step, "forward")
         # Measured tensor by tensor (our pair pushed), or taken as a repeat of one measured (repeats.py).
-        call = (args, kwargs, self.model, self.parameters.shaped())
+        model = self.model
+        call = (args, kwargs, [model, *self.parameters.parts] if model is not None else [], self.parameters.shaped())
         if self.repeats.begin(forward, step, call, inputs, alone, self.saved_hooks.clear):
             self.calls.skip_inside = True
         else:
