@@ -315,10 +315,12 @@ def _step_notes(tracker: StepTracker) -> list[str]:
     repeated = sum(s.forwards_repeated for s in steps)
     if repeated:
         notes.append(
-            f"{repeated} of {sum(s.forwards for s in steps) + sum(s.forwards_left_out for s in steps)} forward(s) "
-            "were taken as repeats of one measured in full (the same input shapes, modes and trainable parameters, "
-            "and as many autograd nodes): their saves were not read again, which keeps measuring every step cheap "
-            "(forwards_repeated; profile(reuse_repeats=False) or --measure-every-forward measures each)"
+            f"{repeated} of {sum(s.forwards for s in steps) + sum(s.forwards_left_out for s in steps)} forwards "
+            "were taken as repeats of a forward measured in full before (the same input shapes, dtypes and "
+            "arguments, training and autocast modes and trainable parameters, checked by the number of autograd "
+            "nodes they and their loss made): their figures are that forward's, not read again tensor by tensor, "
+            "which keeps measuring every step cheap (docs/limits.md, 'Repeated forwards'; --measure-every-forward "
+            "or profile(reuse_repeats=False) measures each in full)"
         )
     unverified = [s for s in steps if s.repeats_unverified]
     if unverified:

@@ -30,6 +30,7 @@ timeline is its original's, moved to its own forward and backward.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -242,7 +243,7 @@ class RepeatBook:
         if not self.enabled:
             return
         outputs = tensors_in(output)
-        forward.seq_end = sequence_nr()
+        forward.seq_end, forward.ended_at = sequence_nr(), time.perf_counter()
         forward.nodes = forward.seq_end - forward.seq_begin if forward.seq_begin is not None else None
         forward.io += [memory_of(t)[0] for t in outputs]
         original = forward.original

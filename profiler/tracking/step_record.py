@@ -79,6 +79,7 @@ class ForwardSaves:
     n_saved: int = 0  # tensors autograd saved (before deduplication)
     trunk_input_shape: tuple[int, ...] | None = None  # its step's, when it was measured (for its repeats)
     began_at: float = 0.0  # perf_counter when it began
+    ended_at: float | None = None  # and when it returned
     reached_at: float | None = None  # perf_counter when a backward pass first reached its output
     # Taking later forwards as repeats of this one (see repeats.py):
     signature: tuple | None = None  # what it was called with, and the state around the call
@@ -152,16 +153,29 @@ class ForwardSaves:
         o = self.original
         if o is None:
             return self.events
-        if o.reached_at is None or self.reached_at is None or o.anchors is None:
+        if None in (o.reached_at, self.reached_at, o.anchors, o.ended_at, self.ended_at):
             return [(t + self.began_at - o.began_at, c, n) for t, c, n in o.events]
-        # Before backward: its original's span (slower, measured) scaled onto its own.
-        scale = (self.reached_at - self.began_at) / max(o.reached_at - o.began_at, _TICK)
+        # Before backward reached it: the original's forward's saves over its own forward (scaled:
+        # the original was slower, measured), the loss's saves right after it, and the loss's
+        # releases (backward frees those before it reaches the model's output) just before it was
+        # reached, after every forward's saves.
+        early = sum(1 for (_, _, n), g in zip(o.events, o.anchors) if g is None and n < 0)
+        scale = (self.ended_at - self.began_at) / max(o.ended_at - o.began_at, _TICK)
+        after = released = 0
         backward = self.reached_at - o.reached_at
         grads = arrivals[bisect.bisect_left(arrivals, self.reached_at) :]
         out = []
         for (t, c, n), g in zip(o.events, o.anchors):
             if g is None:
-                out.append((self.began_at + (t - o.began_at) * scale, c, n))
+                if n < 0:
+                    released += 1
+                    at = self.reached_at - _TICK * (early - released + 1)
+                elif t <= o.ended_at:
+                    at = self.began_at + (t - o.began_at) * scale
+                else:
+                    after += 1
+                    at = self.ended_at + _TICK * after
+                out.append((at, c, n))
                 continue
             low = grads[g - 1] if 0 < g <= len(grads) else self.reached_at
             high = grads[g] if g < len(grads) else math.inf
