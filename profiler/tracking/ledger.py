@@ -295,11 +295,17 @@ class Ledger:
     @guarded
     def _gradient_accumulated(self, param: torch.Tensor) -> None:
         """A parameter's gradient was accumulated: the timeline's gradient growth."""
-        step = self._current_step()
-        if step is None or param.grad is None:
+        step, grad = self._current_step(), param.grad
+        if step is None or grad is None:
             return
         self._accumulated()
-        ident, nbytes = memory_of(param.grad)
+        try:  # (the common case, once per parameter and backward, read directly)
+            if type(grad) is not torch.Tensor:
+                raise TypeError
+            storage = grad.untyped_storage()
+            ident, nbytes = storage.data_ptr() or id(grad), storage.nbytes()
+        except (TypeError, RuntimeError, NotImplementedError):  # a DTensor, a fake or a sparse gradient
+            ident, nbytes = memory_of(grad)
         if ident not in self.gradients_seen:
             self.gradients_seen[ident] = nbytes
             step.events.append((time.perf_counter(), "gradients", nbytes))
