@@ -299,13 +299,7 @@ class Ledger:
         if step is None or grad is None:
             return
         self._accumulated()
-        try:  # (the common case, once per parameter and backward, read directly)
-            if type(grad) is not torch.Tensor:
-                raise TypeError
-            storage = grad.untyped_storage()
-            ident, nbytes = storage.data_ptr() or id(grad), storage.nbytes()
-        except (TypeError, RuntimeError, NotImplementedError):  # a DTensor, a fake or a sparse gradient
-            ident, nbytes = memory_of(grad)
+        ident, nbytes = memory_of(grad)
         if ident not in self.gradients_seen:
             self.gradients_seen[ident] = nbytes
             step.events.append((time.perf_counter(), "gradients", nbytes))

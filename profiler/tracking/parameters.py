@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
 
-from .parallel import PLAIN_TYPES, fsdp2_sharded
+from .parallel import fsdp2_sharded
 from .saved_tensors import memory_of, storage_key
 
 __all__ = ["ModelParameters", "shaped_parameters", "unique_bytes"]
@@ -32,17 +32,7 @@ def shaped_parameters(model: nn.Module | None) -> list[nn.Parameter]:
 
 def unique_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the distinct memory behind ``tensors`` (a tied weight, or views, counted once)."""
-    seen: dict = {}
-    for t in tensors:
-        try:  # (the common case, read directly: at every step's start and backward's end)
-            if type(t) not in PLAIN_TYPES:
-                raise TypeError
-            storage = t.untyped_storage()
-            seen[storage.data_ptr() or id(t)] = storage.nbytes()
-        except (TypeError, RuntimeError, NotImplementedError):  # a DTensor, a fake or a sparse tensor
-            key, nbytes = memory_of(t)
-            seen[key] = nbytes
-    return sum(seen.values())
+    return sum(dict(memory_of(t) for t in tensors).values())
 
 
 class ModelParameters:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .parallel import PLAIN_TYPES
-from .saved_tensors import fake_tensor_type, memory_of, tensors_in
+from .saved_tensors import fake_tensor_type, memory_of
 from .step_record import ForwardSaves, StepRecord
 
 __all__ = ["DATA_DEPENDENT", "MAX_ORIGINALS", "RepeatBook", "call_signature", "mode_signature", "sequence_nr"]
@@ -145,8 +145,6 @@ class RepeatBook:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and sequence_nr is not None and _keeps_graph is not None
         self.originals: dict[tuple, ForwardSaves] = {}
-        self.repeated = 0  # forwards taken as repeats
-        self.dropped = 0  # originals dropped after a repeat's check failed
         self._last: tuple[ForwardSaves, StepRecord] | None = None  # the last root forward, and its step
         self._candidates: list[ForwardSaves] = []  # forwards measured in full, their backward not yet ended
 
@@ -238,18 +236,16 @@ class RepeatBook:
                     self._mismatch(original, its_step)
         self._last = (forward, step)
 
-    def forward_ends(self, forward: ForwardSaves, step: StepRecord, output: Any) -> None:
-        """A root forward returned ``output``: its node count; a repeat takes its original's figures and is checked."""
+    def forward_ends(self, forward: ForwardSaves, step: StepRecord, outputs: list[torch.Tensor]) -> None:
+        """A root forward returned (``outputs``: its tensors): its node count; a repeat takes its original's figures."""
         if not self.enabled:
             return
-        outputs = tensors_in(output)
         forward.seq_end, forward.ended_at = sequence_nr(), time.perf_counter()
         forward.nodes = forward.seq_end - forward.seq_begin if forward.seq_begin is not None else None
         forward.io += [memory_of(t)[0] for t in outputs]
         original = forward.original
         if original is None:
             return
-        self.repeated += 1
         step.forwards_repeated += 1
         forward.n_saved, forward.batch_hint = original.n_saved, original.batch_hint
         step.saved_tensors += original.n_saved
@@ -284,4 +280,3 @@ class RepeatBook:
         step.repeats_unverified += 1
         if self.originals.get(original.signature) is original:
             del self.originals[original.signature]
-            self.dropped += 1

@@ -450,8 +450,8 @@ class StepTracker:
         step = self.step
         if step is None or self._state is not StepState.FORWARD:
             return
-        forward, self.calls.skip_inside = step.current_forward, False
-        self.repeats.forward_ends(forward, step, output)
+        forward, self.calls.skip_inside, outputs = step.current_forward, False, tensors_in(output)
+        self.repeats.forward_ends(forward, step, outputs)
         if forward.original is None and self.saved_hooks.balanced:
             # The script's own pair is below ours: it pops the top one when its
             # `with` ends, so ours must be gone by then. What a loss computed
@@ -460,7 +460,7 @@ class StepTracker:
             if self.saved_hooks.outer is not None:
                 step.saves_after_forward_unseen = True
         self._state = StepState.AFTER_FORWARD
-        fns = {id(t.grad_fn): t.grad_fn for t in tensors_in(output) if t.grad_fn is not None}
+        fns = {id(t.grad_fn): t.grad_fn for t in outputs if t.grad_fn is not None}
         forward.watched = bool(fns)
         forward.graph = [self.outputs.watch(fn, forward) for fn in fns.values()]
         self.ledger.forward_returned(forward)
