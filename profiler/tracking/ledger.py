@@ -79,9 +79,9 @@ class Ledger:
 
     ``current_step()`` is the step being measured (None when none is);
     ``locate()`` says where the running code is: (module path, where relative
-    to the trunk, inside a module compiled whole), from the module-call stack; ``accumulated()`` is
-    told each time a parameter's ``.grad`` is accumulated (a backward pass
-    that accumulates none is ``torch.autograd.grad``'s).
+    to the trunk, inside a module compiled whole), from the module-call stack; ``accumulated`` is
+    set each time a parameter's ``.grad`` is accumulated (the owner clears it when a backward pass
+    begins: a pass that accumulates none is ``torch.autograd.grad``'s).
     """
 
     def __init__(
@@ -91,14 +91,13 @@ class Ledger:
         *,
         current_step: Callable[[], StepRecord | None],
         locate: Callable[[], tuple[str, str | None, bool]],
-        accumulated: Callable[[], None],
         fail: Callable[[str, Exception], None],
     ) -> None:
         self.parameters = parameters
         self._device = device
         self._current_step = current_step
         self._locate = locate
-        self._accumulated = accumulated
+        self.accumulated = False  # a parameter's .grad was accumulated since the owner cleared this
         self.fail = fail  # for @guarded
         self.live: dict[
             int, tuple[str, int, ForwardSaves]
@@ -292,17 +291,23 @@ class Ledger:
             handle.remove()
         self._grad_handles = []
 
-    @guarded
     def _gradient_accumulated(self, param: torch.Tensor) -> None:
-        """A parameter's gradient was accumulated: the timeline's gradient growth."""
-        step, grad = self._current_step(), param.grad
-        if step is None or grad is None:
-            return
-        self._accumulated()
-        ident, nbytes = memory_of(grad)
-        if ident not in self.gradients_seen:
-            self.gradients_seen[ident] = nbytes
-            step.events.append((time.perf_counter(), "gradients", nbytes))
+        """A parameter's gradient was accumulated: the timeline's gradient growth.
+
+        Called once per parameter per backward: guarded inline (as ``guarded``
+        does) rather than through its wrapper, one call less each time.
+        """
+        try:
+            step, grad = self._current_step(), param.grad
+            if step is None or grad is None:
+                return
+            self.accumulated = True
+            ident, nbytes = memory_of(grad)
+            if ident not in self.gradients_seen:
+                self.gradients_seen[ident] = nbytes
+                step.events.append((time.perf_counter(), "gradients", nbytes))
+        except Exception as exc:  # noqa: BLE001 - reported, never raised into the backward pass
+            self.fail("_gradient_accumulated", exc)
 
     def release_cleared_gradients(self, step: StepRecord) -> None:
         """Take gradients that ``zero_grad()`` freed in mid-step off the timeline.
@@ -317,7 +322,7 @@ class Ledger:
         gone = [ident for ident in self.gradients_seen if ident not in alive]
         if gone:
             now = time.perf_counter()
-            step.events.extend((now, "gradients", -self.gradients_seen.pop(ident)) for ident in gone)
+            step.events.extend([(now, "gradients", -self.gradients_seen.pop(ident)) for ident in gone])
 
     def count_gradients(self, step: StepRecord) -> None:
         """The step's gradient bytes: the most its parameters' unique gradient storages held."""

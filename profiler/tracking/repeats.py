@@ -112,13 +112,14 @@ def call_signature(args: Any, kwargs: dict | None) -> tuple | None:
 
 def mode_signature(modules: list[nn.Module], parameters: list[nn.Parameter]) -> tuple:
     """The state around a forward that changes its saves: training flags, autocast, which parameters train."""
+    # (Read at every root forward: comprehensions into tuples, not generators, cost less per item.)
     return (
-        tuple(m.training for m in modules),  # (a part put in .eval(): frozen batch norm, no dropout)
+        tuple([m.training for m in modules]),  # (a part put in .eval(): frozen batch norm, no dropout)
         torch.is_autocast_enabled("cpu"),
         torch.get_autocast_dtype("cpu"),
         torch.is_autocast_enabled("cuda"),
         torch.get_autocast_dtype("cuda"),
-        tuple((p.shape, p.dtype, p.requires_grad) for p in parameters),  # (.half() keeps the Parameter)
+        tuple([(p.shape, p.dtype, p.requires_grad) for p in parameters]),  # (.half() keeps the Parameter)
     )
 
 
@@ -184,6 +185,8 @@ class RepeatBook:
         if not clear_hooks():  # (a script's pair: a checkpoint's, save_on_cpu)
             return False
         forward.original = original
+        # (Its input's shape is its original's: the signature holds it. Not read again.)
+        forward.input_shape, forward.input_is_tokens = original.input_shape, original.input_is_tokens
         return True
 
     def measured(self, forward: ForwardSaves, plain_hooks: bool) -> None:

@@ -116,7 +116,6 @@ class StepTracker:
         self._running = False
         self._stop_requested = False  # an internal error inside an optimizer pre-hook: stop at the next forward
         self._backward_task = -1  # autograd's id of the backward call running the step's backward pass
-        self._pass_accumulated = False  # the last backward pass accumulated a parameter's .grad
         self._seq_floor = -1  # the highest autograd node number among the running root forward's inputs
         self._thread = threading.get_ident()
 
@@ -135,7 +134,6 @@ class StepTracker:
             self.device,
             current_step=self._measured_step,
             locate=self.calls.where,
-            accumulated=self._gradient_accumulated,
             fail=self.fail,
         )
         self.saved_hooks = SavedHooks(self, self.ledger)
@@ -367,9 +365,7 @@ class StepTracker:
     # ------------------------------------------------------- root forwards
     def root_forward_begins(self, args: Any, kwargs: dict | None = None) -> None:
         """A root forward of the model begins (told by the module-call stack)."""
-        # Autograd nodes numbered above the inputs' were made by this forward (see Ledger.count_function_ctx).
         inputs = tensors_in((args, kwargs))
-        self._seq_floor = max((t.grad_fn._sequence_nr() for t in inputs if t.grad_fn is not None), default=-1)
         step = self.step
         if step is not None and self._state is StepState.BACKWARD and torch._C._current_graph_task_id() != -1:
             # Backward recomputing a checkpointed model: part of that backward, not a
@@ -418,6 +414,8 @@ class StepTracker:
         if self.repeats.begin(forward, step, call, inputs, alone, self.saved_hooks.clear):
             self.calls.skip_inside = True
         else:
+            # Autograd nodes numbered above the inputs' were made by this forward (see Ledger.count_function_ctx).
+            self._seq_floor = max((t.grad_fn._sequence_nr() for t in inputs if t.grad_fn is not None), default=-1)
             self.saved_hooks.push()
             self.repeats.measured(forward, self.saved_hooks.outer is None and not self.saved_hooks.peers)
 
@@ -433,7 +431,7 @@ class StepTracker:
             self.step is not None
             and self._state is StepState.AFTER_BACKWARD
             and not self.optimizers.in_step
-            and self._pass_accumulated
+            and self.ledger.accumulated  # (the last backward pass accumulated a parameter's .grad)
         ):
             return
         # A step ended without an optimizer step: weights updated by hand (no
@@ -512,7 +510,7 @@ class StepTracker:
     def _backward_begin(self) -> None:
         step = self.step
         self._state = StepState.BACKWARD
-        self._pass_accumulated = False
+        self.ledger.accumulated = False
         step.backwards += 1
         self.ledger.release_cleared_gradients(step)
         self.phases.begin(step, "backward")
@@ -527,9 +525,6 @@ class StepTracker:
         self.ledger.release_at_backward_end()
         self._state = StepState.AFTER_BACKWARD
         self.repeats.backward_ended(step)  # (what this pass reached and freed may be repeated from now on)
-
-    def _gradient_accumulated(self) -> None:
-        self._pass_accumulated = True
 
     # ------------------------------------------------ the optimizer's steps
     def optimizer_step_begins(self, opt: torch.optim.Optimizer, adopted: bool) -> None:
