@@ -185,6 +185,9 @@ class StepTracker:
             self.calls.install()
             self.ledger.hook_gradients()
             self.optimizers.install()
+            # Read now, not in the first step: parameters (stale until watched) and the optimizer's state count.
+            self.parameters.refresh()
+            self.optimizers.state()
             self.phases.start(self.parameters.shaped())
         except Exception as exc:  # noqa: BLE001 - reported; the training runs unmeasured
             self.fail("start", exc)
