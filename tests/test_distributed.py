@@ -257,6 +257,10 @@ def test_a_json_path_no_rank_can_use_stops_every_rank_at_once(tmp_path):
     (tmp_path / "out").mkdir()
     start = time.monotonic()
     proc = torchrun(
+        # torchrun stops the other ranks once it sees one fail (polling every 0.1 s by default): a rank
+        # still importing torch on a loaded machine would be stopped before it could say it refuses.
+        "--monitor-interval",
+        "5",
         "-m",
         "profiler",
         "--json",
