@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import ProfilerError
 from .model.buckets import bucket_resolver
-from .results.assemble import analyze_model, attach_memory, rebucketing
+from .results.assemble import analyze_for_tracking, analyze_model, attach_memory
 from .results.calibration import load_calibration
 from .results.gather import DEFAULT_TIMEOUT, gather_ranks, rank_path
 from .results.report import Report
@@ -131,7 +131,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
         self._calibration = (
             load_calibration(os.fspath(calibrate) if calibrate else None, "calibrate=") if project else None
         )
-        self._model_report = analyze_model(model, name)
+        self._model_report, self._rebucketing = analyze_for_tracking(model, name)
         self._model, self._name = model, name
         self._run_order: dict[str, int] | None = None
         self.tracker = StepTracker(
@@ -149,7 +149,7 @@ class profile:  # noqa: N801 - lower case like torch.profiler.profile, used as a
 
     def _rebucket(self, order: dict[str, int]) -> object:
         self._run_order = order  # (kept for a lazy model analysed again when the block ends)
-        return rebucketing(self._model_report, self._model)(order)
+        return self._rebucketing(order)
 
     def __enter__(self) -> profile:
         self.tracker.start()

@@ -32,7 +32,16 @@ from torch.nn.parameter import is_lazy
 
 from .inventory import Inventory, owner_path
 
-__all__ = ["BUCKETS", "Trunk", "BlockParam", "Buckets", "bucket_resolver", "find_buckets"]
+__all__ = [
+    "BUCKETS",
+    "BlockParam",
+    "Buckets",
+    "Structure",
+    "Trunk",
+    "bucket_resolver",
+    "find_buckets",
+    "find_structure",
+]
 
 BUCKETS: tuple[str, ...] = ("embedding", "block", "head", "other")
 
@@ -290,17 +299,44 @@ def _position_bucket(path: str, index: int, spans: list[tuple[str, int, int]]) -
     return "other"
 
 
-def find_buckets(model: nn.Module, inventory: Inventory, run_order: dict[str, int] | None = None) -> Buckets:
-    """Label every parameter embedding / block / head / other from the structure.
+@dataclass(frozen=True)
+class Structure:
+    """What of the buckets the order the modules run in does not change: read once, before any forward."""
 
-    ``run_order``: module path -> the order of its first call in a forward that
-    was seen; modules are then placed by when they ran.
+    trunks: list[Trunk]
+    cores: list[str]
+    anchors: list[tuple[str, list[str]]]
+    embeddings: set[str]
+    registered: tuple[dict[str, int], list[tuple[str, int, int]]]  # ``_trunk_spans`` in registration order
+
+
+def find_structure(model: nn.Module, inventory: Inventory) -> Structure:
+    """The trunks, recurrent cores, embeddings and registration-order spans ``find_buckets`` places modules by.
+
+    Taken apart so that placing the buckets by run order, once the first
+    forward ran (inside the training step), does not walk the model again.
     """
     trunks = _find_trunks(model, inventory)
     cores = [] if trunks else _recurrent_cores(model)
     anchors = _anchors(trunks, cores)
     embeddings = {p for p, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
-    registered = _trunk_spans(inventory, anchors)
+    return Structure(trunks, cores, anchors, embeddings, _trunk_spans(inventory, anchors))
+
+
+def find_buckets(
+    model: nn.Module,
+    inventory: Inventory,
+    run_order: dict[str, int] | None = None,
+    structure: Structure | None = None,
+) -> Buckets:
+    """Label every parameter embedding / block / head / other from the structure.
+
+    ``run_order``: module path -> the order of its first call in a forward that
+    was seen; modules are then placed by when they ran. ``structure``:
+    ``find_structure(model, inventory)`` when it was read before.
+    """
+    s = structure if structure is not None else find_structure(model, inventory)
+    trunks, cores, anchors, embeddings, registered = s.trunks, s.cores, s.anchors, s.embeddings, s.registered
     ran = _trunk_spans(inventory, anchors, run_order) if run_order else registered
     module_bucket = _bucket_of_modules(inventory, anchors, embeddings, registered, ran)
     order, spans = registered

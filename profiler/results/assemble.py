@@ -13,7 +13,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import ProfilerError
-from ..model.buckets import bucket_resolver, find_buckets
+from ..model.buckets import Structure, bucket_resolver, find_buckets, find_structure
 from ..model.inventory import take_inventory
 from ..model.traits import ModelTraits
 from ..tracking import StepTracker
@@ -25,7 +25,7 @@ from .memory_section import memory_section
 from .rank_section import rank_section
 from .report import ModelReport
 
-__all__ = ["analyze_model", "attach_measurements", "attach_memory", "rebucketing"]
+__all__ = ["analyze_for_tracking", "analyze_model", "attach_measurements", "attach_memory", "rebucketing"]
 
 
 def analyze_model(model: nn.Module, name: str | None = None, run_order: dict[str, int] | None = None) -> ModelReport:
@@ -35,27 +35,50 @@ def analyze_model(model: nn.Module, name: str | None = None, run_order: dict[str
     counted too: zero parameters is an answer, not an error. ``run_order``:
     the order its modules were seen to run in, when a forward was measured.
     """
+    return _analyzed(model, name, run_order)[0]
+
+
+def _analyzed(model: nn.Module, name: str | None, run_order: dict[str, int] | None) -> tuple[ModelReport, Structure]:
     if not isinstance(model, nn.Module):
         raise ProfilerError(
             f"analyze() needs a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}"
         )
     inventory = take_inventory(model)
-    buckets = find_buckets(model, inventory, run_order)
-    return ModelReport(name=name or type(model).__name__, inventory=inventory, buckets=buckets)
+    structure = find_structure(model, inventory)
+    buckets = find_buckets(model, inventory, run_order, structure)
+    return ModelReport(name=name or type(model).__name__, inventory=inventory, buckets=buckets), structure
 
 
-def rebucketing(entry: ModelReport, model: nn.Module) -> Callable[[dict[str, int]], Callable[[str, str], str]]:
+def analyze_for_tracking(
+    model: nn.Module, name: str | None = None
+) -> tuple[ModelReport, Callable[[dict[str, int]], Callable[[str, str], str]]]:
+    """``analyze_model``, and the entry's ``rebucketing`` made from the same reading of its structure.
+
+    The rebucketing then runs inside the first training step without walking
+    the model again (only the run order is new).
+    """
+    entry, structure = _analyzed(model, name, None)
+    return entry, rebucketing(entry, model, structure)
+
+
+def rebucketing(
+    entry: ModelReport, model: nn.Module, structure: Structure | None = None
+) -> Callable[[dict[str, int]], Callable[[str, str], str]]:
     """What a tracker calls once a forward showed the order the modules run in: the entry's buckets follow it.
 
     Returns the bucket resolver the tracker charges saves with from then on.
     The model is held weakly (the runner lets the script drop it).
     """
     model_ref = weakref.ref(model)
+    # Read now (the first forward is inside a training step), unless lazy parameters get their shapes only then.
+    lazy = entry.inventory.uninitialized
+    if structure is None and not lazy:
+        structure = find_structure(model, entry.inventory)
 
     def rebucket(order: dict[str, int]) -> Callable[[str, str], str]:
         model = model_ref()
         if model is not None:
-            entry.buckets = find_buckets(model, entry.inventory, order)
+            entry.buckets = find_buckets(model, entry.inventory, order, None if lazy else structure)
         return bucket_resolver(entry.buckets)
 
     return rebucket
