@@ -316,8 +316,8 @@ class ModuleCalls:
         a forward that is not a training step (evaluation, a teacher) costs one
         call at its root, and so does a forward taken as a repeat.
         """
-        if (self.skip_inside and module is not self._model_ref()) or torch.compiler.is_compiling():
-            return  # (a repeat's calls inside the model, checked first: the most frequent; dynamo tracing a caller)
+        if torch.compiler.is_compiling() or (self.skip_inside and module is not self._model_ref()):
+            return  # (dynamo tracing a caller: touch nothing; a repeat's calls inside the model)
         if id(module) not in self._hooked:
             if self._wraps_the_model(module):  # torch.compile(model): its call is the model's, compiled whole
                 self._measure_as_compiled_whole()
@@ -334,7 +334,7 @@ class ModuleCalls:
             self._pre(module, args)  # (ids of a dropped model's modules are reused: model is checked)
 
     def _any_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if (self.skip_inside and module is not self._model_ref()) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (self.skip_inside and module is not self._model_ref()):
             return
         if id(module) not in self._hooked:
             if self._wraps_the_model(module):
