@@ -212,9 +212,8 @@ class PhaseClock:
     def begin(self, step: StepRecord, name: str) -> None:
         """Close the open phase and open ``name``."""
         now = time.perf_counter()
-        for other, ph in step.phases.items():  # (step.open_phases, read here at every forward and backward)
-            if ph.started_at is not None:
-                self.end(step, other, now)
+        for other in step.open_phases:
+            self.end(step, other, now)
         ph = step.phases[name]
         ph.started_at = now
         step.phase_spans.setdefault(name, []).append((now, now))
@@ -247,7 +246,7 @@ class PhaseClock:
             live = step.live_baseline + counter.peak - step.live_start
             ph.live_tensor_peak = max(ph.live_tensor_peak or 0, live)
             step.live_tensor_peak = max(step.live_tensor_peak or 0, live)
-        read = self.read() if self.cuda else None
+        read = self.read()
         if read is not None:
             allocated, reserved, peak = read
             ph.peak_allocated = max(ph.peak_allocated or 0, peak)

@@ -62,17 +62,7 @@ def memory_of(t: torch.Tensor) -> tuple[int, int]:
     """(identity, bytes) of the memory behind ``t``: its storage, else the tensor itself.
 
     Two tensors with one identity share memory and are counted once.
-    Called for every gradient a backward accumulates: a plain tensor's storage
-    is read here, without the call into ``storage_key``.
     """
-    if type(t) in PLAIN_TYPES:
-        try:
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-            ptr = 0
-        if ptr:
-            return (ptr, storage.nbytes())
     key = storage_key(t)
     return key if key is not None else (id(t), local_tensor(t).numel() * t.element_size())
 

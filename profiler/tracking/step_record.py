@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,22 @@ SKIPPED_STEPS_LIMIT = 16
 
 
 _TICK = 1e-9  # seconds: a moved release is kept strictly between two gradient arrivals
+
+
+def _by_place(
+    saves: Iterable[tuple[int, tuple[str, str | None]]], bucket_of: Callable[[str, str], str]
+) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    """Bytes of saves placed at (module path, where relative to the trunk), by (module, bucket) and by bucket.
+
+    ``where`` None: saved inside a module compiled whole, bucket "other".
+    """
+    by_module: dict[tuple[str, str], int] = {}
+    by_bucket: dict[str, int] = {}
+    for nbytes, (path, state) in saves:
+        bucket = "other" if state is None else bucket_of(path, state)
+        by_module[path, bucket] = by_module.get((path, bucket), 0) + nbytes
+        by_bucket[bucket] = by_bucket.get(bucket, 0) + nbytes
+    return by_module, by_bucket
 
 
 def gradient_arrivals(events: list[tuple[float, str, int]]) -> list[float]:
@@ -130,14 +146,8 @@ class ForwardSaves:
         """An original's held saves: activations, by (module, bucket), by bucket, and autocast copies (kept)."""
         cached = self.summaries.get(id(bucket_of))
         if cached is None:
-            by_module: dict[tuple[str, str], int] = {}
-            by_bucket: dict[str, int] = {}
-            for ptr, nbytes in self.saved.items():
-                if ptr in self.held:
-                    path, state = self.where[ptr]
-                    bucket = "other" if state is None else bucket_of(path, state)
-                    by_module[path, bucket] = by_module.get((path, bucket), 0) + nbytes
-                    by_bucket[bucket] = by_bucket.get(bucket, 0) + nbytes
+            held = ((nbytes, self.where[ptr]) for ptr, nbytes in self.saved.items() if ptr in self.held)
+            by_module, by_bucket = _by_place(held, bucket_of)
             copies = sum(n for ptr, n in self.copies.items() if ptr in self.held)
             cached = self.summaries[id(bucket_of)] = (sum(by_bucket.values()), by_module, by_bucket, copies)
         return cached
@@ -357,13 +367,7 @@ class StepRecord:
                 )
             total = sum(f.saved[ptr] for ptr, f in saved.items())
             if total >= self.activations:
-                by_module: dict[tuple[str, str], int] = {}
-                by_bucket: dict[str, int] = {}
-                for ptr, f in saved.items():
-                    nbytes, (path, state) = f.saved[ptr], f.where[ptr]
-                    bucket = "other" if state is None else bucket_of(path, state)
-                    by_module[path, bucket] = by_module.get((path, bucket), 0) + nbytes
-                    by_bucket[bucket] = by_bucket.get(bucket, 0) + nbytes
+                by_module, by_bucket = _by_place(((f.saved[ptr], f.where[ptr]) for ptr, f in saved.items()), bucket_of)
                 self.activations = total
                 self.activations_by_module, self.activations_by_bucket = by_module, by_bucket
                 self.activations_inside_compiled = sum(f.saved[ptr] for ptr, f in saved.items() if ptr in f.compiled)
