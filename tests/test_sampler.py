@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from profiler.tracking import nvml as nvml_mod
 from profiler.tracking import sampler as sampler_mod
+from profiler.tracking.host_rss import rss_source
 from profiler.tracking.sampler import MemorySampler, Sample
 
 MiB = 1 << 20
@@ -172,7 +173,7 @@ def test_real_cpu_run_sees_host_rss_grow_and_joins_thread() -> None:
     assert s.peak_nvml_device_used is None and s.peak_nvml_process_used is None
     assert s.baseline_nvml_device_used is None
     src = s.sources
-    assert src["host"] == "psutil rss"
+    assert src["host"] == rss_source()
     assert src["device"].startswith("unavailable: device is cpu")
     assert src["process"].startswith("unavailable: device is cpu")
     json.dumps(s.to_dict())

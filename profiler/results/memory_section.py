@@ -77,6 +77,7 @@ def _step_dict(step: StepRecord, tracker: StepTracker, by_label: dict[str, dict]
         "saved_tensors": step.saved_tensors,
         "forwards_repeated": step.forwards_repeated,
         "repeats_unverified": step.repeats_unverified,
+        "repeats_raised": step.repeats_raised,
         # Saved-tensor hooks see inside torch.compile'd graphs too: always measured (kept for readers of schema 1).
         "activations_measured": True,
         # Of 'activations', what a module compiled whole saved: measured, but no block is known for it.
@@ -328,6 +329,13 @@ def _step_notes(tracker: StepTracker) -> list[str]:
             f"a forward taken as a repeat made another autograd graph than the one measured (step(s) "
             f"{', '.join(str(s.index) for s in unverified)}: control flow that follows the data): its figures are "
             "the measured forward's, unverified, and the next forward of that kind was measured in full"
+        )
+    raised = [s for s in steps if s.repeats_raised]
+    if raised:
+        notes.append(
+            f"{sum(s.repeats_raised for s in raised)} forward(s) begun as a repeat raised (step(s) "
+            f"{', '.join(str(s.index) for s in raised)}): what they saved before the error is not known and is not "
+            "counted (--measure-every-forward measures such a forward tensor by tensor)"
         )
     left_out = [s for s in steps if s.forwards_left_out]
     if left_out:

@@ -97,6 +97,7 @@ class StepJSON(TypedDict):
     saved_tensors: int
     forwards_repeated: int  # forwards taken as repeats of one measured in full (their saves not read again)
     repeats_unverified: int  # of those, whose autograd graph differed from the measured one's
+    repeats_raised: int  # forwards begun as repeats that raised: not counted (what they saved is not known)
     activations_measured: bool  # always true in this version
     activations_inside_compiled: int
     activations_offloaded: int

@@ -30,6 +30,7 @@ timeline is its original's, moved to its own forward and backward.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -248,6 +249,12 @@ class RepeatBook:
         forward.io += [memory_of(t)[0] for t in outputs]
         original = forward.original
         if original is None:
+            return
+        if not outputs and sys.exc_info()[1] is not None:
+            # It raised (its hooks run in torch's except block): what it saved before the
+            # error is not known, and went with it. Not its original's figures: nothing, said.
+            forward.original = None
+            step.repeats_raised += 1
             return
         step.forwards_repeated += 1
         forward.n_saved, forward.batch_hint = original.n_saved, original.batch_hint

@@ -283,6 +283,7 @@ class StepRecord:
     activations_offloaded: int = 0  # saved tensors the script's own pack hook moved off the device (save_on_cpu)
     forwards_repeated: int = 0  # forwards taken as repeats of one measured before (see repeats.py)
     repeats_unverified: int = 0  # of those, whose graph (or loss) made another number of nodes than the original's
+    repeats_raised: int = 0  # forwards taken as repeats that raised: what they saved before the error is not known
     input_shape: tuple[int, ...] | None = None  # of the first forward's batch input (of those kept, see fold)
     input_is_tokens: bool = False
     batch_dim: int | None = None  # which dimension of input_shape is the batch
@@ -423,6 +424,7 @@ class StepRecord:
             merged.saved_tensors += s.saved_tensors
             merged.forwards_repeated += s.forwards_repeated
             merged.repeats_unverified += s.repeats_unverified
+            merged.repeats_raised += s.repeats_raised
             merged.gradients = max(merged.gradients, s.gradients)
             if s.activations >= merged.activations:
                 merged.activations = s.activations

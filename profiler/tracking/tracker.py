@@ -415,7 +415,7 @@ class StepTracker:
         model = self.model
         call = (args, kwargs, [model, *self.parameters.parts] if model is not None else [], self.parameters.shaped())
         if self.repeats.begin(forward, step, call, inputs, alone, self.saved_hooks.clear):
-            self.calls.skip_inside = True
+            self.calls.skip_repeat()
         else:
             # Autograd nodes numbered above the inputs' were made by this forward (see Ledger.count_function_ctx).
             self._seq_floor = max((t.grad_fn._sequence_nr() for t in inputs if t.grad_fn is not None), default=-1)
