@@ -143,3 +143,30 @@ def test_an_exception_left_on_the_root_is_removed_when_the_block_ends() -> None:
             opt.zero_grad()
     assert _global_hooks() == before and _no_hooks_of_ours_on(model)
     pickle.dumps(model)
+
+
+def test_a_copy_made_right_after_a_repeat_raised_carries_nothing_of_ours() -> None:
+    before = _global_hooks()
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with profile(model, opt, sample_interval=None) as prof:
+        for i in range(4):
+            model.probe.fail_next = i == 2
+            try:
+                loss = model(torch.randn(16, 8)).pow(2).mean()
+            except ValueError:
+                # No module call since: the root still carries the stand-ins for our hooks.
+                twin = copy.deepcopy(model)
+                clone = pickle.loads(pickle.dumps(model))
+                seen = len(model.probe.seen)
+                for other in (twin, clone):
+                    other.probe.fail_next = False
+                    other(torch.randn(16, 8)).sum().backward()  # their hooks do nothing
+                continue
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert _global_hooks() == before and _no_hooks_of_ours_on(model)
+    assert len(model.probe.seen) == seen + 1  # (the copies' calls were not the model's)
+    steps = _steps(prof)
+    assert [s["forwards"] for s in steps] == [1, 1, 2]  # (the copies' forwards are no step of the model's)

@@ -27,11 +27,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.modules import module as module_hooks
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import guarded
 from .compiled import compiled_parts, hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
+from .global_pair import GlobalPair
 from .saved_tensors import tensors_in
 
 __all__ = [
@@ -211,11 +210,8 @@ class ModuleCalls:
         self.trunk_state = "before"  # where execution is relative to the trunk: before/in/after
         self._hooked: set[int] = set()  # ids of the model's modules whose calls are observed
         self._handles: list[Any] = []
-        self._global: list[Any] = []  # the handles of our two global hooks (not under a host)
-        self._global_on = False  # they are in torch's dicts (out of them while a repeat runs)
-        self._quiet: weakref.ref | None = None  # the root, while it carries our pair instead
-        self._quiet_ids: tuple[int, int] | None = None  # the ids of that pair in the root's hook dicts
-        self._quiet_stale = False  # that pair is to go, once no loop of torch's runs over it
+        # Our two global hooks (not under a host), out of torch's dicts while a repeat runs.
+        self._pair = GlobalPair(self._any_pre, self._any_post, self._quiet_pre, self._quiet_post)
         self._root_called = False  # the running root call came through the model's own call (hooks ran)
         self._warning_filter: tuple | None = None
         self._compiled_calls: list[tuple[weakref.ref, weakref.ref | None]] = []  # (module, our wrapper)
@@ -237,21 +233,14 @@ class ModuleCalls:
         if self._host is not None:  # no global hook added or removed (see ModelWatcher.listen)
             self._handles.append(self._host.listen(self._any_pre, self._any_post))
         else:
-            self._add_global_hooks()
+            self._pair.install()
             self._warning_filter = hide_global_hook_warning()
 
-    def _add_global_hooks(self) -> None:
-        self._global = [
-            module_hooks.register_module_forward_pre_hook(self._any_pre),
-            module_hooks.register_module_forward_hook(self._any_post, always_call=True),
-        ]
-        self._global_on = True
-
     def remove(self) -> None:
-        for handle in self._handles + self._global:
+        for handle in self._handles:
             handle.remove()
-        self._unquiet()
-        self._handles, self._global, self._global_on = [], [], False
+        self._pair.remove()
+        self._handles = []
         restore_warnings(self._warning_filter)
         self._warning_filter = None
         for module, wrapper in self._compiled_calls:
@@ -297,71 +286,25 @@ class ModuleCalls:
     def skip_repeat(self) -> None:
         """A forward taken as a repeat begins: no call inside the model is followed until it returns.
 
-        A global module hook, even one that returns at once, sends every module
-        call in the process down ``nn.Module._call_impl``'s slow path: a few
-        microseconds a call, most of what hooks cost a small model whose forwards
-        are repeats. So while a repeat runs, our global pair is out of torch's
-        dicts and the root module alone carries a pair of ours (for a nested
-        call of the root, and for its end); the root's end puts the global pair
-        back. Entries are moved by their ids (a handle made per forward cost as
-        much as the calls it spared). Not for a root call that came another way
-        (a compiled wrapper's, the runner's watcher's hooks, which stay on anyway).
+        Our global hooks leave torch's dicts until it returns (``global_pair.py``),
+        unless the root call came another way (a compiled wrapper's, or under the
+        runner's watcher, whose global hooks stay on anyway).
         """
         self.skip_inside = True
         model = self._model_ref()
-        if not (self._global and self._global_on and self._root_called and model is not None) or self._quiet:
-            return
-        pre, post = self._global
-        module_hooks._global_forward_pre_hooks.pop(pre.id, None)  # (torch's loop already holds them as a tuple)
-        module_hooks._global_forward_hooks.pop(post.id, None)  # (its always-called mark stays: it comes back)
-        self._global_on = False
-        if self._quiet_ids is None:  # ids from torch's own counter, taken once
-            self._quiet_ids = (RemovableHandle(model._forward_pre_hooks).id, RemovableHandle(model._forward_hooks).id)
-        pre_id, post_id = self._quiet_ids
-        model._forward_pre_hooks[pre_id] = self._quiet_pre
-        model._forward_hooks[post_id] = self._quiet_post
-        model._forward_hooks_always_called[post_id] = True
-        self._quiet = weakref.ref(model)
-
-    def _loud(self, now: bool) -> None:
-        """Put the global pair back; the root's pair goes now, or (``now`` False) at the next root call.
-
-        After an exception in the forward torch runs the root's always-called
-        hooks in a loop over its hook dict itself, where a removal would raise.
-        """
-        if not self._global_on and self._global and self._running():
-            pre, post = self._global
-            module_hooks._global_forward_pre_hooks[pre.id] = self._any_pre
-            module_hooks._global_forward_hooks[post.id] = self._any_post
-            self._global_on = True
-        if now:
-            self._unquiet()
-        else:
-            self._quiet_stale = True
-
-    def _unquiet(self) -> None:
-        """Take the root's pair off it."""
-        model = self._quiet() if self._quiet is not None else None
-        if model is not None and self._quiet_ids is not None:
-            pre_id, post_id = self._quiet_ids
-            model._forward_pre_hooks.pop(pre_id, None)
-            model._forward_hooks.pop(post_id, None)
-            model._forward_hooks_always_called.pop(post_id, None)
-        self._quiet, self._quiet_stale = None, False
-
-    def _running(self) -> bool:
-        return self.owner.measuring and self._host is None
+        if self._root_called and model is not None:
+            self._pair.go_quiet(model)
 
     def _quiet_pre(self, module: nn.Module, args: Any) -> None:
-        """The root called again inside its own repeat (or, with the global pair back, nothing to do)."""
-        if self._quiet is not None and not self._quiet_stale:
+        """The root called again inside its own repeat (with the global pair back: nothing to do)."""
+        if self._pair.quiet and not self._pair.stale:
             self._any_pre(module, args)
 
     def _quiet_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._quiet is None or self._quiet_stale:
+        if not self._pair.quiet or self._pair.stale:
             return
         if self.stack == [id(module)]:  # the repeat's own end, not a nested call's
-            self._loud(now=sys.exc_info()[1] is None)
+            self._pair.go_loud(now=sys.exc_info()[1] is None)
         self._any_post(module, args, output)
 
     def step_begins(self) -> None:
@@ -403,6 +346,8 @@ class ModuleCalls:
         """
         if torch.compiler.is_compiling() or (self.skip_inside and module is not self._model_ref()):
             return  # (dynamo tracing a caller: touch nothing; a repeat's calls inside the model)
+        if self._pair.stale:  # the root's stand-ins after a repeat that raised: no loop of torch's over them now
+            self._pair.leave_root()
         if id(module) not in self._hooked:
             if self._wraps_the_model(module):  # torch.compile(model): its call is the model's, compiled whole
                 self._measure_as_compiled_whole()
@@ -412,8 +357,8 @@ class ModuleCalls:
             return
         model = self._model_ref()
         if module is model:
-            if self._quiet is not None and not self.stack:  # (a stale pair of the root's, left by an exception)
-                self._loud(now=True)
+            if self._pair.quiet and not self.stack:  # (the stand-ins, left by a repeat no hook saw end)
+                self._pair.go_loud(now=True)
             kwargs = running_call_kwargs(module)
             self._root_called = True
             self._pre(module, args, kwargs)
