@@ -187,7 +187,7 @@ def _part_ratio(rows: list[dict[str, Any]], plain: list[dict[str, Any]], key: st
 
     Like for like: a block's first step is slower in plain mode too (the
     previous block's tool and the ``gc.collect()`` before each block leave
-    the caches cold; 3.7 ms against 2.5 ms on the tiny model), so a first
+    the caches cold; 3.9 ms against 2.6 ms on the tiny model, blocks of 20), so a first
     step set against plain's average step reads too high, and the later ones
     too low.
     """
