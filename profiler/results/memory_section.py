@@ -294,6 +294,11 @@ def _measuring_notes(tracker: StepTracker) -> list[str]:
     return notes
 
 
+def _indices(steps: list[StepRecord]) -> str:
+    """The steps' numbers, as a note lists them."""
+    return ", ".join(str(s.index) for s in steps)
+
+
 def _step_notes(tracker: StepTracker) -> list[str]:
     """What the measured steps were, where they are not plain training steps."""
     notes: list[str] = []
@@ -327,21 +332,21 @@ def _step_notes(tracker: StepTracker) -> list[str]:
     if unverified:
         notes.append(
             f"a forward taken as a repeat made another autograd graph than the one measured (step(s) "
-            f"{', '.join(str(s.index) for s in unverified)}: control flow that follows the data): its figures are "
+            f"{_indices(unverified)}: control flow that follows the data): its figures are "
             "the measured forward's, unverified, and the next forward of that kind was measured in full"
         )
     raised = [s for s in steps if s.repeats_raised]
     if raised:
         notes.append(
             f"{sum(s.repeats_raised for s in raised)} forward(s) begun as a repeat raised (step(s) "
-            f"{', '.join(str(s.index) for s in raised)}): what they saved before the error is not known and is not "
+            f"{_indices(raised)}): what they saved before the error is not known and is not "
             "counted (--measure-every-forward measures such a forward tensor by tensor)"
         )
     left_out = [s for s in steps if s.forwards_left_out]
     if left_out:
         notes.append(
             f"{sum(s.forwards_left_out for s in left_out)} forward(s) with gradients on whose output no backward "
-            f"reached (step(s) {', '.join(str(s.index) for s in left_out)}: a probe such as `out = model(x)`, or a "
+            f"reached (step(s) {_indices(left_out)}: a probe such as `out = model(x)`, or a "
             "metric, whose output the script kept) were left out of those steps: what they saved "
             f"(up to {max(s.activations_left_out for s in left_out):,} bytes) stayed alive while the script held "
             "their output, and is not in 'activations' (activations_left_out)"
