@@ -73,6 +73,11 @@ class GlobalPair:
         """The root carries the stand-ins (a repeat runs, or one raised and they are stale)."""
         return self._root is not None
 
+    @property
+    def standing_in(self) -> bool:
+        """The stand-ins on the root act for the global pair (a repeat runs: not stale)."""
+        return self._root is not None and not self.stale
+
     def install(self) -> None:
         self._handles = [
             module_hooks.register_module_forward_pre_hook(self._pre),

@@ -297,11 +297,11 @@ class ModuleCalls:
 
     def _quiet_pre(self, module: nn.Module, args: Any) -> None:
         """The root called again inside its own repeat (with the global pair back: nothing to do)."""
-        if self._pair.quiet and not self._pair.stale:
+        if self._pair.standing_in:
             self._any_pre(module, args)
 
     def _quiet_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._pair.quiet or self._pair.stale:
+        if not self._pair.standing_in:
             return
         if self.stack == [id(module)]:  # the repeat's own end, not a nested call's
             self._pair.go_loud(now=sys.exc_info()[1] is None)
