@@ -1,13 +1,18 @@
 """Step-time overhead of ``profiler.profile()`` against a plain step and two other tools.
 
 The same training step (AdamW; fp16 autocast + GradScaler on CUDA, fp32 on
-CPU) is timed in four modes, interleaved within each repeat so that drift in
+CPU) is timed in five modes, interleaved within each repeat so that drift in
 the machine's load hits every mode alike:
 
     plain           the step, nothing else
     ours            inside ``profiler.profile(model, optimizer)`` (default: sampler on)
     torch_profiler  inside ``torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=False)``
     memtracker      inside ``torch.distributed._tools.mem_tracker.MemTracker`` (track_external(model, optimizer))
+    hooks_floor     the hooks ``profile()`` installs, for as long, each doing nothing (``hook_floor.py``):
+                    what seeing a step through them costs before any work is done in them
+
+and, on request (``--modes``), two more: ``watch`` (what the runner leaves on
+after its measured steps) and ``ours_live`` (``profile(live_peak=True)``).
 
 Each mode-repeat is one ``with`` block around K consecutive steps. The timed
 span is the whole block: building the tool (for ``profile()``: the static
@@ -38,11 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import torch  # noqa: E402
+from hook_floor import HookFloor  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import profiler  # noqa: E402
 
-MODES = ("plain", "ours", "torch_profiler", "memtracker", "watch", "ours_live")
+MODES = ("plain", "ours", "torch_profiler", "memtracker", "watch", "ours_live", "hooks_floor")
+_ON_REQUEST = ("watch", "ours_live")  # modes run only when --modes names them
 TARGETS = {"cpu": 1.10, "cuda": 1.05}  # ours / plain, per step, for the seed model
 TARGET_MODEL = "seed"
 STEP_TARGET, STEP_TARGET_MODELS = 1.10, ("tiny", "lbfgs")  # per measured step, where per-call costs show
@@ -100,6 +107,12 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
         from profiler.script.watcher import ModelWatcher  # noqa: PLC0415
 
         with ModelWatcher():
+            t1 = time.perf_counter()
+            steps()
+            t2 = time.perf_counter()
+        t3 = time.perf_counter()
+    elif mode == "hooks_floor":
+        with HookFloor(step.model, step.optimizer):
             t1 = time.perf_counter()
             steps()
             t2 = time.perf_counter()
@@ -368,7 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=argparse.SUPPRESS,
         help="skip the one untimed block per tool before timing",
     )
-    p.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if m not in ("watch", "ours_live")])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if m not in _ON_REQUEST])
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
     p.add_argument(
@@ -404,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     result = benchmark(args)
     dev = torch.device(result["settings"]["device"]).type
     # A subset of the modes gets its own file: the committed full comparison stays as it is.
-    default_modes = [m for m in MODES if m not in ("watch", "ours_live")]
+    default_modes = [m for m in MODES if m not in _ON_REQUEST]
     suffix = "" if args.modes == default_modes else "_" + "_".join(args.modes)
     path = common.write_json(f"overhead_{args.model}_{dev}{suffix}", result, args.out)
 

@@ -16,11 +16,12 @@ from pathlib import Path
 from tabulate import tabulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("ours", "ours_live", "watch", "torch_profiler", "memtracker")
+MODES = ("ours", "ours_live", "watch", "hooks_floor", "torch_profiler", "memtracker")
 LABELS = {
     "ours": "profiler.profile()",
     "ours_live": "profiler.profile(live_peak=True), opt-in",
     "watch": "runner after its steps (model discovery hooks only)",
+    "hooks_floor": "profile()'s hooks, doing nothing (floor)",
     "torch_profiler": "torch.profiler (profile_memory)",
     "memtracker": "MemTracker",
 }

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from ..errors import guarded
-from .parallel import fsdp_wrapped
+from .parallel import PLAIN_TYPES, fsdp_wrapped
 from .parameters import ModelParameters, unique_bytes
 from .repeats import DATA_DEPENDENT
 from .saved_tensors import (
@@ -57,7 +57,12 @@ def _is_parameter(t: torch.Tensor) -> bool:
     (the other tower of a two-tower model) are saved for backward as often as
     this model's, whose storages are known beforehand.
     """
-    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+    base = t._base
+    if type(t) is torch.Tensor and (base is None or type(base) is torch.Tensor):
+        # (An activation, checked at every save: for a plain tensor, Parameter's isinstance test is its
+        # _is_param flag alone. Read directly, that costs a tenth of the metaclass's Python check.)
+        return bool(getattr(t, "_is_param", False) or getattr(base, "_is_param", False))
+    return isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter)
 
 
 def _count_unsharded(f: ForwardSaves, t: torch.Tensor, nbytes: int) -> None:
@@ -302,10 +307,23 @@ class Ledger:
             if step is None or grad is None:
                 return
             self.accumulated = True
-            ident, nbytes = memory_of(grad)
-            if ident not in self.gradients_seen:
-                self.gradients_seen[ident] = nbytes
-                step.events.append((time.perf_counter(), "gradients", nbytes))
+            seen, ident, storage = self.gradients_seen, 0, None
+            if type(grad) in PLAIN_TYPES:  # (its storage read here: memory_of's two calls cost a tenth of this hook)
+                try:
+                    storage = grad.untyped_storage()
+                    ident = storage.data_ptr()
+                except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+                    ident = 0  # (a sparse gradient: memory_of says what it is)
+            if ident:
+                if ident in seen:
+                    return
+                nbytes = storage.nbytes()
+            else:
+                ident, nbytes = memory_of(grad)
+                if ident in seen:
+                    return
+            seen[ident] = nbytes
+            step.events.append((time.perf_counter(), "gradients", nbytes))
         except Exception as exc:  # noqa: BLE001 - reported, never raised into the backward pass
             self.fail("_gradient_accumulated", exc)
 
@@ -326,5 +344,5 @@ class Ledger:
 
     def count_gradients(self, step: StepRecord) -> None:
         """The step's gradient bytes: the most its parameters' unique gradient storages held."""
-        grads = [p.grad for p in self.parameters.shaped() if p.grad is not None]
+        grads = [g for p in self.parameters.shaped() if (g := p.grad) is not None]
         step.gradients = max(step.gradients, unique_bytes(grads))

@@ -17,7 +17,7 @@ from torch.nn.modules import module as module_hooks
 from torch.nn.parameter import is_lazy
 
 from .parallel import fsdp2_sharded
-from .saved_tensors import memory_of, storage_key
+from .saved_tensors import memory_map, storage_key
 
 __all__ = ["ModelParameters", "shaped_parameters", "unique_bytes"]
 
@@ -32,7 +32,7 @@ def shaped_parameters(model: nn.Module | None) -> list[nn.Parameter]:
 
 def unique_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the distinct memory behind ``tensors`` (a tied weight, or views, counted once)."""
-    return sum(dict([memory_of(t) for t in tensors]).values())
+    return sum(memory_map(tensors).values())
 
 
 class ModelParameters:
@@ -134,7 +134,7 @@ class ModelParameters:
 
     def gradients(self) -> dict[int, int]:
         """Storage identity -> bytes of every gradient the parameters hold now."""
-        return dict([memory_of(p.grad) for p in self.shaped() if p.grad is not None])
+        return memory_map([g for p in self.shaped() if (g := p.grad) is not None])
 
     def gradients_cleared(self) -> bool:
         """True when ``zero_grad(set_to_none=True)`` ran: no trainable parameter has a gradient."""

@@ -22,6 +22,7 @@ __all__ = [
     "NOT_PACKED",
     "SavedTensor",
     "memory_of",
+    "memory_map",
     "storage_key",
     "tensors_held",
     "tensors_in",
@@ -65,6 +66,28 @@ def memory_of(t: torch.Tensor) -> tuple[int, int]:
     """
     key = storage_key(t)
     return key if key is not None else (id(t), local_tensor(t).numel() * t.element_size())
+
+
+def memory_map(tensors: list[torch.Tensor]) -> dict[Any, int]:
+    """``memory_of`` of many tensors, as identity -> bytes (shared memory once).
+
+    Read several times a step over every parameter or gradient: a plain
+    tensor's storage is read here in the loop, without two calls per tensor.
+    """
+    out: dict[Any, int] = {}
+    for t in tensors:
+        if type(t) in PLAIN_TYPES:
+            try:
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr:
+                    out[ptr] = storage.nbytes()
+                    continue
+            except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+                pass  # (no storage: a sparse tensor, say; memory_of says what it is)
+        ident, nbytes = memory_of(t)
+        out[ident] = nbytes
+    return out
 
 
 def weight_copy_source(t: torch.Tensor) -> bool:

@@ -1,0 +1,70 @@
+"""The per-step reads written for speed give what the plain reads give, on every kind of tensor.
+
+``memory_map`` (many tensors' memory in one loop) against ``memory_of`` one by
+one, and the ledger's parameter test against PyTorch's own
+``isinstance(t, nn.Parameter)`` (whose metaclass also accepts a tensor flagged
+``_is_param``), on plain tensors, views, parameters and their views, flagged
+tensors, subclasses, sparse and empty tensors and tensors on the meta device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from profiler.tracking.ledger import _is_parameter
+from profiler.tracking.parameters import unique_bytes
+from profiler.tracking.saved_tensors import memory_map, memory_of
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _kinds() -> dict[str, torch.Tensor]:
+    base = torch.randn(6, 4)
+    param = nn.Parameter(torch.randn(5, 3))
+    flagged = torch.randn(3)
+    flagged._is_param = True
+    return {
+        "plain": base,
+        "view": base[2:],
+        "alias": base.view(24),
+        "parameter": param,
+        "parameter view": param[1:],
+        "parameter detached": param.detach(),
+        "flagged": flagged,
+        "flagged view": flagged[1:],
+        "subclass": torch.randn(4).as_subclass(_Sub),
+        "sparse": torch.randn(4, 4).to_sparse(),
+        "empty": torch.empty(0),
+        "meta": torch.empty(8, device="meta"),
+        "int": torch.arange(10),
+    }
+
+
+@pytest.mark.parametrize("name", list(_kinds()))
+def test_is_parameter_is_torchs_own_test(name: str) -> None:
+    t = _kinds()[name]
+    torch_says = isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+    assert _is_parameter(t) is torch_says
+
+
+def test_memory_map_is_memory_of_one_by_one() -> None:
+    kinds = _kinds()
+    tensors = list(kinds.values())
+    expected = dict([memory_of(t) for t in tensors])
+    assert memory_map(tensors) == expected
+    # views and aliases of one storage are one entry: the base, its view and its alias share it
+    assert len({memory_of(kinds[k])[0] for k in ("plain", "view", "alias")}) == 1
+    assert unique_bytes([kinds["plain"], kinds["view"], kinds["alias"]]) == 6 * 4 * 4
+
+
+def test_memory_map_of_tied_parameters_counts_once() -> None:
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in (emb.weight, head.weight)}
+    assert memory_map([emb.weight, head.weight]) == storages
+    assert unique_bytes([emb.weight, head.weight]) == 10 * 8 * 4
