@@ -12,7 +12,9 @@ much is what is done in them:
 
 * the first forward of a block (measured in full by ``profile()``): a global
   module pre-hook and an always-called forward hook on every module call, and
-  a saved-tensor hook pair whose pack and unpack hand the tensor back;
+  a saved-tensor hook pair whose pack saves a detached alias (as autograd
+  itself would) and whose unpack hands it back, on until the optimizer's step
+  or the next forward (its loss's saves too);
 * every forward (those after the first are taken as repeats, with no global
   hook): a pre-hook and an always-called forward hook on the root module,
   and a prehook on each output node, which queues a callback for the end of
@@ -32,6 +34,11 @@ from torch.nn.modules import module as module_hooks
 
 def _nothing(*args: Any) -> None:
     return None
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """The least a pack hook must do: a detached alias (``t`` itself would make a reference cycle)."""
+    return t.detach()
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -56,7 +63,7 @@ class HookFloor:
         self._handles = [
             self.model.register_forward_pre_hook(self._root_pre),
             self.model.register_forward_hook(self._root_post, always_call=True),
-            self.optimizer.register_step_pre_hook(_nothing),
+            self.optimizer.register_step_pre_hook(self._optimizer_pre),
             self.optimizer.register_step_post_hook(_nothing),
         ]
         self._handles += [
@@ -65,31 +72,38 @@ class HookFloor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._first_forward_over()
+        self._pop_saved_hooks()
+        self._global_off()
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
     def _root_pre(self, module: nn.Module, args: Any) -> None:
-        if self._first and self._saved_hooks is None:
-            self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(_same, _same)
+        self._pop_saved_hooks()  # (the first forward's pair, kept on for its loss, as profile() keeps its own)
+        if self._first:
+            self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(_detached, _same)
             self._saved_hooks.__enter__()
+            self._first = False
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._first_forward_over()
+        self._global_off()  # (the first forward is over: later ones run as repeats, with no global hook)
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         for t in outputs:
             if isinstance(t, torch.Tensor) and t.grad_fn is not None:
                 t.grad_fn.register_prehook(self._reached)
 
-    def _first_forward_over(self) -> None:
-        """The first forward returned: its saved-tensor pair and the global module hooks go."""
+    def _optimizer_pre(self, *args: Any) -> None:
+        self._pop_saved_hooks()
+
+    def _pop_saved_hooks(self) -> None:
         if self._saved_hooks is not None:
             self._saved_hooks.__exit__(None, None, None)
             self._saved_hooks = None
+
+    def _global_off(self) -> None:
         for handle in self._global:
             handle.remove()
-        self._global, self._first = [], False
+        self._global = []
 
     @staticmethod
     def _reached(grad_outputs: Any) -> None:

@@ -1,0 +1,91 @@
+"""benchmarks/hook_floor.py: the benchmark's floor installs the hooks profile() uses, changes nothing, leaves none.
+
+Checked against torch's own hook dicts and against a plain run of the same
+steps (same losses and weights, bit for bit), and against ``profile()``
+itself: the floor's hooks are called at the points where ``profile()``'s are
+(one saved-tensor pack per save of the first forward, a gradient hook per
+trainable parameter per backward).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def hook_floor():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("hook_floor", BENCHMARKS / "hook_floor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+
+
+def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> list[float]:
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen)
+    losses = []
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_floor_changes_nothing_and_leaves_no_hook(hook_floor) -> None:
+    plain, floored = _net(), _net()
+    floored.load_state_dict(plain.state_dict())
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    floor_opt = torch.optim.AdamW(floored.parameters(), lr=1e-2)
+    globals_before = (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks))
+    with hook_floor.HookFloor(floored, floor_opt):
+        assert len(module_hooks._global_forward_pre_hooks) == globals_before[0] + 1
+        floor_losses = _steps(floored, floor_opt, 3)
+        # after the first forward the global pair is gone, as profile()'s is while repeats run
+        assert len(module_hooks._global_forward_pre_hooks) == globals_before[0]
+    assert floor_losses == _steps(plain, plain_opt, 3)
+    for a, b in zip(plain.parameters(), floored.parameters()):
+        assert torch.equal(a, b)
+    assert (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks)) == globals_before
+    assert not floored._forward_pre_hooks and not floored._forward_hooks
+    assert not floor_opt._optimizer_step_pre_hooks and not floor_opt._optimizer_step_post_hooks
+    assert all(not p._post_accumulate_grad_hooks for p in floored.parameters())
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no pair left on the stack
+
+
+def test_floor_packs_what_profile_counts(hook_floor, monkeypatch) -> None:
+    """The floor's pack hook runs once per tensor the first forward saves: profile()'s count of that step."""
+    import profiler
+
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    packs, grads = [], []
+    monkeypatch.setattr(hook_floor, "_detached", lambda t: packs.append(1) or t.detach())
+    floor = hook_floor.HookFloor(model, opt)
+    with floor:
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: grads.append(1))
+        _steps(model, opt, 1)
+    twin = copy.deepcopy(model)
+    with profiler.profile(twin, sample_interval=None) as prof:
+        _steps(twin, torch.optim.SGD(twin.parameters(), lr=0.1), 1)
+    step = prof.to_dict()["models"][0]["memory"]["steps"][0]
+    assert len(packs) == step["saved_tensors"]
+    assert len(grads) == len(list(model.parameters()))
