@@ -21,6 +21,17 @@ from profiler.model import BUCKETS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (its own imports, such as ``common``, found beside it)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --------------------------------------------------------------------------- models and steps

@@ -10,25 +10,17 @@ trainable parameter per backward).
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from support import assert_no_hooks, hook_state, load_benchmark
 from torch import nn
 from torch.nn.modules import module as module_hooks
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def hook_floor():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("hook_floor", BENCHMARKS / "hook_floor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hook_floor")
 
 
 def _net() -> nn.Module:
@@ -55,6 +47,7 @@ def test_floor_changes_nothing_and_leaves_no_hook(hook_floor) -> None:
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     floor_opt = torch.optim.AdamW(floored.parameters(), lr=1e-2)
     globals_before = (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks))
+    before = hook_state(floored)
     with hook_floor.HookFloor(floored, floor_opt):
         assert len(module_hooks._global_forward_pre_hooks) == globals_before[0] + 1
         floor_losses = _steps(floored, floor_opt, 3)
@@ -63,11 +56,8 @@ def test_floor_changes_nothing_and_leaves_no_hook(hook_floor) -> None:
     assert floor_losses == _steps(plain, plain_opt, 3)
     for a, b in zip(plain.parameters(), floored.parameters()):
         assert torch.equal(a, b)
-    assert (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks)) == globals_before
-    assert not floored._forward_pre_hooks and not floored._forward_hooks
+    assert_no_hooks(floored, before)
     assert not floor_opt._optimizer_step_pre_hooks and not floor_opt._optimizer_step_post_hooks
-    assert all(not p._post_accumulate_grad_hooks for p in floored.parameters())
-    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no pair left on the stack
 
 
 def test_floor_packs_what_profile_counts(hook_floor, monkeypatch) -> None:
