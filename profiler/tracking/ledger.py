@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from ..errors import guarded
-from .parallel import PLAIN_TYPES, fsdp_wrapped
+from .parallel import fsdp_wrapped
 from .parameters import ModelParameters, unique_bytes
 from .repeats import DATA_DEPENDENT
 from .saved_tensors import (
@@ -307,23 +307,10 @@ class Ledger:
             if step is None or grad is None:
                 return
             self.accumulated = True
-            seen, ident, storage = self.gradients_seen, 0, None
-            if type(grad) in PLAIN_TYPES:  # (its storage read here, not through memory_of: two calls fewer)
-                try:
-                    storage = grad.untyped_storage()
-                    ident = storage.data_ptr()
-                except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-                    ident = 0  # (a sparse gradient: memory_of says what it is)
-            if ident:
-                if ident in seen:
-                    return
-                nbytes = storage.nbytes()
-            else:
-                ident, nbytes = memory_of(grad)
-                if ident in seen:
-                    return
-            seen[ident] = nbytes
-            step.events.append((time.perf_counter(), "gradients", nbytes))
+            ident, nbytes = memory_of(grad)
+            if ident not in self.gradients_seen:
+                self.gradients_seen[ident] = nbytes
+                step.events.append((time.perf_counter(), "gradients", nbytes))
         except Exception as exc:  # noqa: BLE001 - reported, never raised into the backward pass
             self.fail("_gradient_accumulated", exc)
 
@@ -344,5 +331,4 @@ class Ledger:
 
     def count_gradients(self, step: StepRecord) -> None:
         """The step's gradient bytes: the most its parameters' unique gradient storages held."""
-        grads = [g for p in self.parameters.shaped() if (g := p.grad) is not None]
-        step.gradients = max(step.gradients, unique_bytes(grads))
+        step.gradients = max(step.gradients, sum(self.parameters.gradients().values()))
