@@ -1,7 +1,9 @@
 """The per-step reads written for speed give what the plain reads give, on every kind of tensor.
 
-``memory_map`` (many tensors' memory in one loop) against ``memory_of`` one by
-one, and the ledger's parameter test against PyTorch's own
+``memory_map`` (many tensors' memory in one loop) and ``memory_ids`` (a
+forward's inputs and outputs, in order) against ``memory_of`` one by one, the
+gradient hook's own storage read against it on a sparse gradient and dense
+ones, and the ledger's parameter test against PyTorch's own
 ``isinstance(t, nn.Parameter)`` (whose metaclass also accepts a tensor flagged
 ``_is_param``), on plain tensors, views, parameters and their views, flagged
 tensors, subclasses, sparse and empty tensors and tensors on the meta device.
@@ -13,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+from profiler import profile
 from profiler.tracking.ledger import _is_parameter
 from profiler.tracking.parameters import unique_bytes
-from profiler.tracking.saved_tensors import memory_map, memory_of
+from profiler.tracking.saved_tensors import memory_ids, memory_map, memory_of
 
 
 class _Sub(torch.Tensor):
@@ -68,3 +71,28 @@ def test_memory_map_of_tied_parameters_counts_once() -> None:
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in (emb.weight, head.weight)}
     assert memory_map([emb.weight, head.weight]) == storages
     assert unique_bytes([emb.weight, head.weight]) == 10 * 8 * 4
+
+
+def test_memory_ids_is_memory_of_in_order() -> None:
+    tensors = list(_kinds().values())
+    tensors += tensors[:3]  # (a storage given twice keeps both places)
+    assert memory_ids(tensors) == [memory_of(t)[0] for t in tensors]
+
+
+def test_gradient_arrivals_read_as_memory_of_reads_them() -> None:
+    """The gradient hook reads a plain gradient's storage itself; a sparse one (no storage) goes to ``memory_of``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 50, (4, 6))
+    with profile(model, opt, sample_interval=None) as prof:
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            model(ids).sum().backward()
+            held = dict(memory_of(p.grad) for p in model.parameters())
+            opt.step()
+    assert not [n for n in prof.tracker.notes if "internal error" in n]
+    assert model[0].weight.grad.is_sparse
+    for step in prof.tracker.steps:
+        arrived = [n for _, category, n in step.events if category == "gradients" and n > 0]
+        assert sorted(arrived) == sorted(held.values())

@@ -12,6 +12,8 @@ data-dependent shapes and data-dependent control flow.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from autograd_walk import graph_saved_bytes
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +23,7 @@ from torch import nn
 
 from profiler import profile
 from profiler.tracking.repeats import MAX_ORIGINALS
+from profiler.tracking.step_record import ForwardSaves
 
 FIGURES = (
     "forwards",
@@ -282,3 +285,32 @@ def test_dynamic_lengths_keep_a_bounded_number_of_originals():
     assert len(prof.tracker.repeats.originals) == MAX_ORIGINALS
     # (lengths 1 and 2 were let go of and measured again; the last length is still kept)
     assert [s["forwards_repeated"] for s in fast[-3:]] == [0, 0, 1]
+
+
+def test_a_closures_repeats_are_let_go_of_when_their_step_ends():
+    """A long run keeps no forward per closure evaluation (only what places it on the timeline).
+
+    Each forward holds lists, sets and its signature: kept for the whole run,
+    twenty a step, they would be objects the garbage collector walks again and
+    again, in the script's process, for as long as it is measured.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, dtype=torch.float64)
+    y = x.pow(2).sum(1, keepdim=True)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=5, tolerance_grad=0, tolerance_change=0)
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with profile(model, opt, sample_interval=None) as prof:
+        for _ in range(8):
+            opt.step(closure)
+        gc.collect()
+        forwards_alive = sum(1 for o in gc.get_objects() if type(o) is ForwardSaves)
+    steps = prof.to_dict()["models"][0]["memory"]["steps"]
+    assert sum(s["forwards_repeated"] for s in steps) == 8 * 5 - 1
+    assert forwards_alive <= len(steps) + 3  # (each step's empty current one, the original, the last forward)

@@ -97,9 +97,11 @@ def running_call_kwargs(module: nn.Module) -> dict:
     for _ in range(8):
         if frame is None:
             break
-        if frame.f_code in _MODULE_CALL_CODES and frame.f_locals.get("self") is module:
-            kwargs = frame.f_locals.get("kwargs")
-            return dict(kwargs) if isinstance(kwargs, dict) else {}
+        if frame.f_code in _MODULE_CALL_CODES:
+            local = frame.f_locals  # (a copy of the frame's locals, made at each read: read once)
+            if local.get("self") is module:
+                kwargs = local.get("kwargs")
+                return dict(kwargs) if isinstance(kwargs, dict) else {}
         frame = frame.f_back
     return None
 

@@ -56,6 +56,46 @@ def gradient_arrivals(events: list[tuple[float, str, int]]) -> list[float]:
     return [t for t, c, n in events if c == "gradients" and n > 0]
 
 
+def placed(
+    o: ForwardSaves, began_at: float, ended_at: float | None, reached_at: float | None, arrivals: list[float]
+) -> list[tuple[float, str, int]]:
+    """A repeat's saves and releases: its original ``o``'s, moved to its own forward and backward.
+
+    A release in backward is put between the same two gradient arrivals
+    of the step (``arrivals``, see ``gradient_arrivals``) as in its
+    original (``anchors``), so the step's replayed timeline, and its live
+    peak, are its original's.
+    """
+    if None in (o.reached_at, reached_at, o.anchors, o.ended_at, ended_at):
+        return [(t + began_at - o.began_at, c, n) for t, c, n in o.events]
+    # Before backward reached it: the original's forward's saves over its own forward (scaled:
+    # the original was slower, measured), the loss's saves right after it, and the loss's
+    # releases (backward frees those before it reaches the model's output) just before it was
+    # reached, after every forward's saves.
+    early = sum(1 for (_, _, n), g in zip(o.events, o.anchors) if g is None and n < 0)
+    scale = (ended_at - began_at) / max(o.ended_at - o.began_at, _TICK)
+    after = released = 0
+    backward = reached_at - o.reached_at
+    grads = arrivals[bisect.bisect_left(arrivals, reached_at) :]
+    out = []
+    for (t, c, n), g in zip(o.events, o.anchors):
+        if g is None:
+            if n < 0:
+                released += 1
+                at = reached_at - _TICK * (early - released + 1)
+            elif t <= o.ended_at:
+                at = began_at + (t - o.began_at) * scale
+            else:
+                after += 1
+                at = ended_at + _TICK * after
+            out.append((at, c, n))
+            continue
+        low = grads[g - 1] if 0 < g <= len(grads) else reached_at
+        high = grads[g] if g < len(grads) else math.inf
+        out.append((min(max(t + backward, low + _TICK), high - _TICK), c, n))
+    return out
+
+
 @dataclass(eq=False, slots=True)  # (one forward is itself only; made for every forward: slots)
 class ForwardSaves:
     """What one root forward (and the loss computed after it) saved for backward.
@@ -110,6 +150,7 @@ class ForwardSaves:
     held: set[int] = field(default_factory=set)  # as an original: its saves alive when its backward began
     io: list[int] = field(default_factory=list)  # storages of its input tensors, then of its output's
     summaries: dict[int, tuple] = field(default_factory=dict)  # as an original: ``summary`` by bucket resolver
+    io_plan: list[tuple[int, str, int]] | None = None  # as an original: see ``io_saves``
 
     def own_figures(self) -> None:
         """A repeat: hold what its original saved, storage by storage, as this forward saves it (made once).
@@ -135,12 +176,15 @@ class ForwardSaves:
         o = self.original
         if o is None or len(o.io) != len(self.io):
             return []
-        out = []
-        for mine, theirs in zip(self.io, o.io):
-            if theirs in o.held:
-                category = "activations" if theirs in o.saved else "autocast_copies"
-                out.append((mine, category, o.saved.get(theirs) or o.copies.get(theirs, 0)))
-        return out
+        plan = o.io_plan
+        if plan is None:  # (an original's saves are settled: worked out once, for all its repeats)
+            plan = o.io_plan = [
+                (i, "activations" if p in o.saved else "autocast_copies", o.saved.get(p) or o.copies.get(p, 0))
+                for i, p in enumerate(o.io)
+                if p in o.held
+            ]
+        io = self.io
+        return [(io[i], category, nbytes) for i, category, nbytes in plan]
 
     def summary(self, bucket_of: Callable[[str, str], str]) -> tuple[int, dict, dict, int]:
         """An original's held saves: activations, by (module, bucket), by bucket, and autocast copies (kept)."""
@@ -153,44 +197,10 @@ class ForwardSaves:
         return cached
 
     def timeline(self, arrivals: list[float]) -> list[tuple[float, str, int]]:
-        """Its saves and releases; a repeat's are its original's, moved to its own forward and backward.
-
-        A release in backward is put between the same two gradient arrivals
-        of the step (``arrivals``, see ``gradient_arrivals``) as in its
-        original (``anchors``), so the step's replayed timeline, and its live
-        peak, are its original's.
-        """
-        o = self.original
-        if o is None:
+        """Its saves and releases; a repeat's are its original's, moved to its own forward and backward (``placed``)."""
+        if self.original is None:
             return self.events
-        if None in (o.reached_at, self.reached_at, o.anchors, o.ended_at, self.ended_at):
-            return [(t + self.began_at - o.began_at, c, n) for t, c, n in o.events]
-        # Before backward reached it: the original's forward's saves over its own forward (scaled:
-        # the original was slower, measured), the loss's saves right after it, and the loss's
-        # releases (backward frees those before it reaches the model's output) just before it was
-        # reached, after every forward's saves.
-        early = sum(1 for (_, _, n), g in zip(o.events, o.anchors) if g is None and n < 0)
-        scale = (self.ended_at - self.began_at) / max(o.ended_at - o.began_at, _TICK)
-        after = released = 0
-        backward = self.reached_at - o.reached_at
-        grads = arrivals[bisect.bisect_left(arrivals, self.reached_at) :]
-        out = []
-        for (t, c, n), g in zip(o.events, o.anchors):
-            if g is None:
-                if n < 0:
-                    released += 1
-                    at = self.reached_at - _TICK * (early - released + 1)
-                elif t <= o.ended_at:
-                    at = self.began_at + (t - o.began_at) * scale
-                else:
-                    after += 1
-                    at = self.ended_at + _TICK * after
-                out.append((at, c, n))
-                continue
-            low = grads[g - 1] if 0 < g <= len(grads) else self.reached_at
-            high = grads[g] if g < len(grads) else math.inf
-            out.append((min(max(t + backward, low + _TICK), high - _TICK), c, n))
-        return out
+        return placed(self.original, self.began_at, self.ended_at, self.reached_at, arrivals)
 
     def anchor(self, step_events: list[tuple[float, str, int]]) -> None:
         """For each of its events in backward, how many gradients of the step arrived before it (see ``timeline``)."""
@@ -267,6 +277,7 @@ class StepRecord:
     optimizer_steps: int = 0
     optimizer_state_before: int = 0  # state bytes that existed when the step began
     phases: dict[str, PhaseRecord] = field(default_factory=lambda: {p: PhaseRecord() for p in PHASES})
+    open_phase: str | None = None  # the phase begun and not yet ended (phases tile the step: one at most)
     allocated_start: int | None = None
     live_start: int | None = None  # the live-tensor counter when the step began
     live_baseline: int = 0  # weights, gradients and optimizer state alive when the step began
@@ -300,7 +311,10 @@ class StepRecord:
     activations_left_out: int = 0  # what they saved (alive while the script holds their output)
     current_forward: ForwardSaves = field(default_factory=ForwardSaves)  # the forward running or just run
     open_forwards: list[ForwardSaves] = field(default_factory=list)  # forwards not yet folded
-    repeats_unplaced: list[ForwardSaves] = field(default_factory=list)  # folded repeats not yet on the timeline
+    # Folded repeats not yet on the timeline: (original, began_at, ended_at, reached_at), what ``placed`` needs.
+    # (Not the repeats themselves: a step of twenty closure evaluations would keep twenty of them, and their
+    # lists, sets and signatures, for as long as the run is measured, each more for the garbage collector.)
+    repeats_unplaced: list[tuple[ForwardSaves, float, float | None, float | None]] = field(default_factory=list)
     pass_of_task: dict[int, int] = field(default_factory=dict)  # autograd graph task -> the backward pass it was
 
     def begin_forward(self) -> ForwardSaves:
@@ -313,7 +327,7 @@ class StepRecord:
     @property
     def open_phases(self) -> list[str]:
         """The phases begun and not yet ended (at most one: phases tile the step)."""
-        return [name for name, ph in self.phases.items() if ph.started_at is not None]
+        return [] if self.open_phase is None else [self.open_phase]
 
     def fold(self, bucket_of: Callable[[str, str], str]) -> None:
         """Fold the forwards measured since the last fold into the step's figures.
@@ -383,7 +397,8 @@ class StepRecord:
             if f.original is None:
                 self.events.extend(f.events)
             else:
-                self.repeats_unplaced.append(f)  # (on the timeline when it is read: see settle)
+                # (on the timeline when it is read: see settle)
+                self.repeats_unplaced.append((f.original, f.began_at, f.ended_at, f.reached_at))
             if self.input_shape is None and f.input_shape is not None:
                 self.input_shape, self.input_is_tokens = f.input_shape, f.input_is_tokens
                 self.batch_dim, self.batch_source = batch_dimension(f.input_shape, f.batch_hint)
@@ -402,8 +417,8 @@ class StepRecord:
         """
         if self.repeats_unplaced:
             arrivals = gradient_arrivals(self.events)
-            for f in self.repeats_unplaced:
-                self.events.extend(f.timeline(arrivals))
+            for original, began_at, ended_at, reached_at in self.repeats_unplaced:
+                self.events.extend(placed(original, began_at, ended_at, reached_at, arrivals))
             self.repeats_unplaced = []
 
     def merge(self, earlier: list[StepRecord]) -> StepRecord:
