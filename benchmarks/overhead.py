@@ -52,6 +52,7 @@ MODES = ("plain", "ours", "torch_profiler", "memtracker", "watch", "ours_live", 
 _ON_REQUEST = ("watch", "ours_live")  # modes run only when --modes names them
 TARGETS = {"cpu": 1.10, "cuda": 1.05}  # ours / plain, per step, for the seed model
 TARGET_MODEL = "seed"
+KEPT_STEPS = 50  # measured steps over which the objects profile() keeps per step are counted
 STEP_TARGET, STEP_TARGET_MODELS = 1.10, ("tiny", "lbfgs")  # per measured step, where per-call costs show
 
 
@@ -73,6 +74,31 @@ def _memtracker(step: common.TrainStep):
     return mt
 
 
+class CollectorClock:
+    """The garbage collector's collections (per generation) and the seconds they took, while ``on``.
+
+    A tool that keeps Python objects per step makes the collector run more
+    often, and a full collection walks every object of the process (a tenth of
+    a second or more): a cost of long runs that a block started after
+    ``gc.collect()`` barely shows, so each block reports its own.
+    """
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = 0.0
+        self.on = False
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.collections[info["generation"]] += 1
+            self.seconds += time.perf_counter() - self._began
+
+
 def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float | None = 0.01) -> dict[str, Any]:
     """Run K steps in one block of ``mode``; return the timings (and, for ours, what it measured)."""
     gc.collect()
@@ -80,12 +106,19 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     each: list[float] = []  # each step's own time, inside the block
+    collector = CollectorClock()
 
     def steps() -> None:
-        for _ in range(k):
-            ts = time.perf_counter()
-            step()
-            each.append(time.perf_counter() - ts)
+        gc.callbacks.append(collector)
+        collector.on = True
+        try:
+            for _ in range(k):
+                ts = time.perf_counter()
+                step()
+                each.append(time.perf_counter() - ts)
+        finally:
+            collector.on = False
+            gc.callbacks.remove(collector)
 
     if mode == "plain":
         t1 = time.perf_counter()
@@ -145,8 +178,40 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
         "per_step_steps_only_s": (t2 - t1) / k,
         "first_step_s": each[0] if each else None,
         "later_steps_s": sum(each[1:]) / (k - 1) if len(each) > 1 else None,
+        "gc_collections": collector.collections,  # during the steps, per generation (0, 1, 2)
+        "gc_s_per_step": collector.seconds / k,
         **extra,
     }
+
+
+def kept_objects_per_step(step: common.TrainStep, k: int, sample_interval: float | None) -> dict[str, Any]:
+    """Objects the garbage collector tracks that ``profile()`` keeps per measured step (untimed).
+
+    Counted after a full collection before and after ``k`` steps, inside the
+    block (what the open tracker holds) and in a plain run of as many steps
+    (what the training itself keeps, an optimizer's growing history), whose
+    count is taken off.
+    """
+
+    def count(measured: bool) -> int:
+        prof = profiler.profile(step.model, step.optimizer, sample_interval=sample_interval) if measured else None
+        if prof is not None:
+            prof.__enter__()
+        try:
+            for _ in range(2):  # (the first steps make what is made once: originals, optimizer state, torch's caches)
+                step()
+            gc.collect()
+            before = len(gc.get_objects())
+            for _ in range(k):
+                step()
+            gc.collect()
+            return len(gc.get_objects()) - before
+        finally:
+            if prof is not None:
+                prof.__exit__(None, None, None)
+
+    plain, ours = count(False), count(True)
+    return {"steps": k, "plain": plain / k, "ours": ours / k, "kept_by_profile": (ours - plain) / k}
 
 
 def ours_summary(prof: profiler.profile) -> dict[str, Any]:
@@ -261,13 +326,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 ours_last = ours_summary(res.pop("prof"))
             if "memtracker" in res:
                 mt_last = memtracker_summary(res.pop("memtracker"))
-            res = {k: round(v, 6) if v is not None else None for k, v in res.items()}
+            res = {k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()}
             raw[mode].append(res)
             if args.verbose:
                 print(f"repeat {r} {mode:15s} {res['per_step_s']:.4f} s/step", file=sys.stderr, flush=True)
 
     wall = time.perf_counter() - t_start
     load_after = common.loadavg()
+    kept = kept_objects_per_step(step, KEPT_STEPS, args.sample_interval) if "ours" in args.modes else None
 
     plain = [x["per_step_s"] for x in raw.get("plain", [])]
     plain_med = common.median(plain)
@@ -284,6 +350,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "per_step_steps_only_s": common.median(only),
             "setup_s": common.median(x["setup_s"] for x in rows),
             "teardown_s": common.median(x["teardown_s"] for x in rows),
+            "gc_s_per_step": common.median(x["gc_s_per_step"] for x in rows),
+            "gc_collections_all_repeats": [sum(x["gc_collections"][g] for x in rows) for g in range(3)],
         }
         if mode != "plain" and plain:
             paired = [a / b for a, b in zip(per, plain)]
@@ -357,6 +425,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "target_met": target["target_met"],
         "ours_measured": ours_last,
         "memtracker_measured": mt_last,
+        "ours_kept_objects_per_step": kept,
         "final_loss": float(step.last_loss) if step.last_loss is not None else None,
         "grad_scaler_skipped_steps": step.skipped_steps,
         "notes": notes,
@@ -435,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.get('ratio_of_medians', 1.0):.3f}x" if mode != "plain" else "1.000x",
                 f"{r['median_paired_ratio']:.3f}x" if r else "",
                 f"{r['ratio_of_mins']:.3f}x" if r else "",
+                f"{med['gc_s_per_step'] * 1e3:.3f}",
             ]
         )
     print(
@@ -447,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio (medians)",
                 "median paired ratio",
                 "ratio (mins)",
+                "gc ms/step",
             ],
         )
     )
@@ -468,6 +539,12 @@ def main(argv: list[str] | None = None) -> int:
         first, later = st["first_step_ratio"], st["later_steps_ratio"]
         if first is not None and later is not None:
             print(f"  the block's first measured step {first:.3f}x, the later ones {later:.3f}x")
+    kept = result.get("ours_kept_objects_per_step")
+    if kept:
+        print(
+            f"objects profile() keeps per measured step (tracked by the garbage collector, over {kept['steps']} "
+            f"steps): {kept['kept_by_profile']:.1f}"
+        )
     last = (result.get("ours_measured") or {}).get("last_step", {})
     if last.get("categories"):
         print("ours, last step categories (bytes):", {k: v for k, v in last["categories"].items()})

@@ -63,6 +63,8 @@ def overhead_table() -> str:
                     f"{r['ratio_of_medians']:.3f}x",
                     f"{r['steps_only_ratio_of_medians']:.3f}x" if "steps_only_ratio_of_medians" in r else "n/a",
                     f"{r['ratio_of_mins']:.3f}x",
+                    s.get("steps_per_repeat"),
+                    f"{gc_s * 1e3:.3f}" if (gc_s := d["medians"][mode].get("gc_s_per_step")) is not None else "n/a",
                 ]
             )
     return tabulate(
@@ -78,6 +80,8 @@ def overhead_table() -> str:
             "ratio",
             "steps only",
             "ratio of mins",
+            "steps a block",
+            "gc ms/step",
         ],
         tablefmt="github",
     )
