@@ -36,6 +36,7 @@ import gc
 import sys
 import time
 import traceback
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,7 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
 
 
 def kept_objects_per_step(step: common.TrainStep, k: int, sample_interval: float | None) -> dict[str, Any]:
-    """Objects the garbage collector tracks that ``profile()`` keeps per measured step (untimed).
+    """Objects the garbage collector tracks, and Python memory, that ``profile()`` keeps per measured step (untimed).
 
     Counted after a full collection before and after ``k`` steps, inside the
     block (what the open tracker holds) and in a plain run of as many steps
@@ -193,7 +194,8 @@ def kept_objects_per_step(step: common.TrainStep, k: int, sample_interval: float
     count is taken off.
     """
 
-    def count(measured: bool) -> int:
+    def count(measured: bool) -> tuple[int, int]:
+        """(objects, bytes of Python memory) kept over the ``k`` steps."""
         prof = profiler.profile(step.model, step.optimizer, sample_interval=sample_interval) if measured else None
         if prof is not None:
             prof.__enter__()
@@ -201,17 +203,27 @@ def kept_objects_per_step(step: common.TrainStep, k: int, sample_interval: float
             for _ in range(2):  # (the first steps make what is made once: originals, optimizer state, torch's caches)
                 step()
             gc.collect()
-            before = len(gc.get_objects())
+            tracemalloc.start()
+            before = len(gc.get_objects()), tracemalloc.get_traced_memory()[0]
             for _ in range(k):
                 step()
             gc.collect()
-            return len(gc.get_objects()) - before
+            after = len(gc.get_objects()), tracemalloc.get_traced_memory()[0]
+            return after[0] - before[0], after[1] - before[1]
         finally:
+            tracemalloc.stop()
             if prof is not None:
                 prof.__exit__(None, None, None)
 
     plain, ours = count(False), count(True)
-    return {"steps": k, "plain": plain / k, "ours": ours / k, "kept_by_profile": (ours - plain) / k}
+    return {
+        "steps": k,
+        "plain": plain[0] / k,
+        "ours": ours[0] / k,
+        "kept_by_profile": (ours[0] - plain[0]) / k,
+        # Python memory (tracemalloc: Python's own allocations, not tensors) kept per step beyond plain's
+        "python_bytes_kept_by_profile": (ours[1] - plain[1]) / k,
+    }
 
 
 def ours_summary(prof: profiler.profile) -> dict[str, Any]:
@@ -291,6 +303,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.warmup):  # creates the optimizer state, warms the allocator and kernels
         step()
 
+    # Counted before any tool has run: what one leaves behind (MemTracker's weak dictionaries, emptied as
+    # tensors die) would be let go of during the plain count and read as the training's own.
+    kept = kept_objects_per_step(step, KEPT_STEPS, args.sample_interval) if "ours" in args.modes else None
+
     # one untimed block per tool: imports, kineto start-up, first-use costs
     per_mode_warm: dict[str, float] = {}
     for mode in modes:
@@ -333,7 +349,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     wall = time.perf_counter() - t_start
     load_after = common.loadavg()
-    kept = kept_objects_per_step(step, KEPT_STEPS, args.sample_interval) if "ours" in args.modes else None
 
     plain = [x["per_step_s"] for x in raw.get("plain", [])]
     plain_med = common.median(plain)
@@ -542,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = result.get("ours_kept_objects_per_step")
     if kept:
         print(
-            f"objects profile() keeps per measured step (tracked by the garbage collector, over {kept['steps']} "
-            f"steps): {kept['kept_by_profile']:.1f}"
+            f"profile() keeps per measured step (over {kept['steps']} steps): {kept['kept_by_profile']:.1f} objects "
+            f"the garbage collector tracks, {kept['python_bytes_kept_by_profile'] / 1024:.1f} KiB of Python memory"
         )
     last = (result.get("ours_measured") or {}).get("last_step", {})
     if last.get("categories"):
