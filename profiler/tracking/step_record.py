@@ -196,14 +196,8 @@ class ForwardSaves:
             cached = self.summaries[id(bucket_of)] = (sum(by_bucket.values()), by_module, by_bucket, copies)
         return cached
 
-    def timeline(self, arrivals: list[float]) -> list[tuple[float, str, int]]:
-        """Its saves and releases; a repeat's are its original's, moved to its own forward and backward (``placed``)."""
-        if self.original is None:
-            return self.events
-        return placed(self.original, self.began_at, self.ended_at, self.reached_at, arrivals)
-
     def anchor(self, step_events: list[tuple[float, str, int]]) -> None:
-        """For each of its events in backward, how many gradients of the step arrived before it (see ``timeline``)."""
+        """For each of its events in backward, how many gradients of the step arrived before it (see ``placed``)."""
         if self.reached_at is None:
             return
         grads = [t for t in gradient_arrivals(step_events) if t >= self.reached_at]
