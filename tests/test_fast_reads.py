@@ -1,8 +1,7 @@
 """The per-step reads written for speed give what the plain reads give, on every kind of tensor.
 
-``memory_map`` (many tensors' memory in one loop) and ``memory_ids`` (a
-forward's inputs and outputs, in order) against ``memory_of`` one by one, the
-gradient hook's own storage read against it on a sparse gradient and dense
+``memory_map`` (many tensors' memory in one loop) against ``memory_of`` one by
+one, the gradient hook's arrivals against it on a sparse gradient and dense
 ones, and the ledger's parameter test against PyTorch's own
 ``isinstance(t, nn.Parameter)`` (whose metaclass also accepts a tensor flagged
 ``_is_param``), on plain tensors, views, parameters and their views, flagged
@@ -18,7 +17,7 @@ from torch import nn
 from profiler import profile
 from profiler.tracking.ledger import _is_parameter
 from profiler.tracking.parameters import unique_bytes
-from profiler.tracking.saved_tensors import memory_ids, memory_map, memory_of
+from profiler.tracking.saved_tensors import memory_map, memory_of
 
 
 class _Sub(torch.Tensor):
@@ -73,14 +72,8 @@ def test_memory_map_of_tied_parameters_counts_once() -> None:
     assert unique_bytes([emb.weight, head.weight]) == 10 * 8 * 4
 
 
-def test_memory_ids_is_memory_of_in_order() -> None:
-    tensors = list(_kinds().values())
-    tensors += tensors[:3]  # (a storage given twice keeps both places)
-    assert memory_ids(tensors) == [memory_of(t)[0] for t in tensors]
-
-
 def test_gradient_arrivals_read_as_memory_of_reads_them() -> None:
-    """The gradient hook reads a plain gradient's storage itself; a sparse one (no storage) goes to ``memory_of``."""
+    """The gradient hook's arrivals are ``memory_of`` each gradient: dense ones, and a sparse one (no storage)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

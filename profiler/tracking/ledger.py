@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from ..errors import guarded
-from .parallel import PLAIN_TYPES, fsdp_wrapped
+from .parallel import fsdp_wrapped
 from .parameters import ModelParameters, unique_bytes
 from .repeats import DATA_DEPENDENT
 from .saved_tensors import (
@@ -307,18 +307,7 @@ class Ledger:
             if step is None or grad is None:
                 return
             self.accumulated = True
-            # (memory_of, with a plain tensor's storage read here: two calls less, made per parameter per pass)
-            ident = 0
-            if type(grad) in PLAIN_TYPES:
-                try:
-                    storage = grad.untyped_storage()
-                    ident = storage.data_ptr()
-                except RuntimeError:  # (a sparse gradient, NotImplementedError: memory_of says what it is)
-                    pass
-            if not ident:
-                ident, nbytes = memory_of(grad)
-            elif ident not in self.gradients_seen:
-                nbytes = storage.nbytes()
+            ident, nbytes = memory_of(grad)
             if ident not in self.gradients_seen:
                 self.gradients_seen[ident] = nbytes
                 step.events.append((time.perf_counter(), "gradients", nbytes))

@@ -212,10 +212,10 @@ class PhaseClock:
     def begin(self, step: StepRecord, name: str) -> None:
         """Close the open phase and open ``name``."""
         now = time.perf_counter()
-        if step.open_phase is not None:
-            self.end(step, step.open_phase, now)
+        for other in step.open_phases:
+            self.end(step, other, now)
         ph = step.phases[name]
-        ph.started_at, step.open_phase = now, name
+        ph.started_at = now
         step.phase_spans.setdefault(name, []).append((now, now))
         if self.device_clock.enabled:
             ph.device_spans.append([self.device_clock.mark(), None])
@@ -241,14 +241,12 @@ class PhaseClock:
             if ph.device_spans and ph.device_spans[-1][1] is None:
                 ph.device_spans[-1][1] = self.device_clock.mark()
             ph.started_at = None
-            if step.open_phase == name:
-                step.open_phase = None
         counter = self.live_counter
         if counter is not None and step.live_start is not None:
             live = step.live_baseline + counter.peak - step.live_start
             ph.live_tensor_peak = max(ph.live_tensor_peak or 0, live)
             step.live_tensor_peak = max(step.live_tensor_peak or 0, live)
-        read = self.read() if self.cuda else None  # (closed twice per closure evaluation: no call off CUDA)
+        read = self.read()
         if read is not None:
             allocated, reserved, peak = read
             ph.peak_allocated = max(ph.peak_allocated or 0, peak)

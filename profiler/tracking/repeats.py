@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .parallel import PLAIN_TYPES
-from .saved_tensors import fake_tensor_type, memory_ids
+from .saved_tensors import fake_tensor_type, memory_of
 from .step_record import ForwardSaves, StepRecord
 
 __all__ = ["DATA_DEPENDENT", "MAX_ORIGINALS", "RepeatBook", "call_signature", "mode_signature", "sequence_nr"]
@@ -229,7 +229,7 @@ class RepeatBook:
     def forward_begins(self, forward: ForwardSaves, step: StepRecord, inputs: list[torch.Tensor]) -> None:
         """Check what ran since the last forward ended against its original's, then remember this one."""
         forward.seq_begin = now = sequence_nr()
-        forward.io = memory_ids(inputs)
+        forward.io = [memory_of(t)[0] for t in inputs]
         last = self._last
         if last is not None:
             before, its_step = last
@@ -246,7 +246,7 @@ class RepeatBook:
             return
         forward.seq_end, forward.ended_at = sequence_nr(), time.perf_counter()
         forward.nodes = forward.seq_end - forward.seq_begin if forward.seq_begin is not None else None
-        forward.io += memory_ids(outputs)
+        forward.io += [memory_of(t)[0] for t in outputs]
         original = forward.original
         if original is None:
             return

@@ -22,7 +22,6 @@ __all__ = [
     "NOT_PACKED",
     "SavedTensor",
     "memory_of",
-    "memory_ids",
     "memory_map",
     "storage_key",
     "tensors_held",
@@ -88,22 +87,6 @@ def memory_map(tensors: list[torch.Tensor]) -> dict[Any, int]:
                 pass  # (no storage: a sparse tensor, say; memory_of says what it is)
         ident, nbytes = memory_of(t)
         out[ident] = nbytes
-    return out
-
-
-def memory_ids(tensors: list[torch.Tensor]) -> list[Any]:
-    """``memory_of(t)[0]`` of each tensor, in order (a root forward's inputs and outputs, read at every forward)."""
-    out = []
-    for t in tensors:
-        if type(t) in PLAIN_TYPES:
-            try:
-                ptr = t.untyped_storage().data_ptr()
-                if ptr:
-                    out.append(ptr)
-                    continue
-            except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-                pass  # (no storage: memory_of says what it is)
-        out.append(memory_of(t)[0])
     return out
 
 

@@ -150,7 +150,6 @@ class ForwardSaves:
     held: set[int] = field(default_factory=set)  # as an original: its saves alive when its backward began
     io: list[int] = field(default_factory=list)  # storages of its input tensors, then of its output's
     summaries: dict[int, tuple] = field(default_factory=dict)  # as an original: ``summary`` by bucket resolver
-    io_plan: list[tuple[int, str, int]] | None = None  # as an original: see ``io_saves``
 
     def own_figures(self) -> None:
         """A repeat: hold what its original saved, storage by storage, as this forward saves it (made once).
@@ -176,15 +175,12 @@ class ForwardSaves:
         o = self.original
         if o is None or len(o.io) != len(self.io):
             return []
-        plan = o.io_plan
-        if plan is None:  # (an original's saves are settled: worked out once, for all its repeats)
-            plan = o.io_plan = [
-                (i, "activations" if p in o.saved else "autocast_copies", o.saved.get(p) or o.copies.get(p, 0))
-                for i, p in enumerate(o.io)
-                if p in o.held
-            ]
-        io = self.io
-        return [(io[i], category, nbytes) for i, category, nbytes in plan]
+        out = []
+        for mine, theirs in zip(self.io, o.io):
+            if theirs in o.held:
+                category = "activations" if theirs in o.saved else "autocast_copies"
+                out.append((mine, category, o.saved.get(theirs) or o.copies.get(theirs, 0)))
+        return out
 
     def summary(self, bucket_of: Callable[[str, str], str]) -> tuple[int, dict, dict, int]:
         """An original's held saves: activations, by (module, bucket), by bucket, and autocast copies (kept)."""
@@ -271,7 +267,6 @@ class StepRecord:
     optimizer_steps: int = 0
     optimizer_state_before: int = 0  # state bytes that existed when the step began
     phases: dict[str, PhaseRecord] = field(default_factory=lambda: {p: PhaseRecord() for p in PHASES})
-    open_phase: str | None = None  # the phase begun and not yet ended (phases tile the step: one at most)
     allocated_start: int | None = None
     live_start: int | None = None  # the live-tensor counter when the step began
     live_baseline: int = 0  # weights, gradients and optimizer state alive when the step began
@@ -321,7 +316,7 @@ class StepRecord:
     @property
     def open_phases(self) -> list[str]:
         """The phases begun and not yet ended (at most one: phases tile the step)."""
-        return [] if self.open_phase is None else [self.open_phase]
+        return [name for name, ph in self.phases.items() if ph.started_at is not None]
 
     def fold(self, bucket_of: Callable[[str, str], str]) -> None:
         """Fold the forwards measured since the last fold into the step's figures.
