@@ -87,6 +87,38 @@ def overhead_table() -> str:
     )
 
 
+INSTRUCTION_LABELS = {
+    "plain": "plain step",
+    "hooks_floor": "profile()'s hooks, doing nothing (floor)",
+    "bare_reads": "the step's reads alone (bare_reads.py)",
+    "ours": "profiler.profile()",
+}
+
+
+def instructions_table() -> str:
+    """Instructions per step under each mode (``instructions.py``), beside the time ratios of overhead.py."""
+    rows = []
+    for path in sorted(RESULTS.glob("instructions_*.json")):
+        d = json.loads(path.read_text())
+        model = d["settings"]["model"]
+        for mode, row in d["modes"].items():
+            rows.append(
+                [
+                    path.name,
+                    model.get("preset"),
+                    INSTRUCTION_LABELS.get(mode, mode),
+                    f"{row['instructions_per_step'] / 1e6:.3f} M",
+                    f"{row['over_plain_per_step'] / 1e3:+,.0f} k" if "over_plain_per_step" in row else "",
+                    f"{row['ratio']:.4f}x" if "ratio" in row else "",
+                    f"{row['share_of_ours_over_plain']:.0%}" if "share_of_ours_over_plain" in row else "",
+                ]
+            )
+    if not rows:
+        return "(no instructions_*.json)"
+    headers = ["file", "model", "mode", "instructions / step", "over plain", "ratio", "share of ours"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
 def static_table() -> str:
     d = _load("static_speed.json")
     if d is None:
@@ -129,6 +161,8 @@ def torchrun_table() -> str:
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(overhead_table())
+    print()
+    print(instructions_table())
     print()
     print(static_table())
     print()

@@ -133,14 +133,15 @@ def state_fingerprint(opt: torch.optim.Optimizer) -> tuple:
     place (Adam's moments), so after its first step the count is rarely
     needed again. Plain values (LBFGS's counters) hold no tensor memory.
     """
-    out = []
+    out, tensor = [], torch.Tensor  # (every value of every parameter's state, twice a step: names looked up once)
+    add = out.append
     for p, state in state_optimizer(opt).state.items():
-        out.append(id(p))
+        add(id(p))
         for value in state.values():
-            if isinstance(value, torch.Tensor):
-                out.append(id(value))
+            if isinstance(value, tensor):
+                add(id(value))
             elif isinstance(value, (list, tuple, dict)):
-                out.append(tuple(map(id, value.values() if isinstance(value, dict) else value)))
+                add(tuple(map(id, value.values() if isinstance(value, dict) else value)))
     return tuple(out)
 
 

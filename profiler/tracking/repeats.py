@@ -113,13 +113,13 @@ def call_signature(args: Any, kwargs: dict | None) -> tuple | None:
 
 def mode_signature(modules: list[nn.Module], parameters: list[nn.Parameter]) -> tuple:
     """The state around a forward that changes its saves: training flags, autocast, which parameters train."""
-    # (Read at every root forward: comprehensions into tuples, not generators, cost less per item.)
+    # (Read at every root forward: comprehensions into tuples, not generators, cost less per item;
+    # an autocast dtype only where autocast is on, the only place it changes what is saved.)
+    cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
     return (
         tuple([m.training for m in modules]),  # (a part put in .eval(): frozen batch norm, no dropout)
-        torch.is_autocast_enabled("cpu"),
-        torch.get_autocast_dtype("cpu"),
-        torch.is_autocast_enabled("cuda"),
-        torch.get_autocast_dtype("cuda"),
+        cpu and torch.get_autocast_dtype("cpu"),
+        cuda and torch.get_autocast_dtype("cuda"),
         tuple([(p.shape, p.dtype, p.requires_grad) for p in parameters]),  # (.half() keeps the Parameter)
     )
 
