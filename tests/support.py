@@ -102,6 +102,26 @@ def trainable_bytes(model: nn.Module) -> int:
     return nbytes(p for p in model.parameters() if p.requires_grad)
 
 
+def small_mlp() -> nn.Module:
+    """A seeded two-layer MLP (8 -> 16 -> 4): the same weights at every call, for runs compared bit for bit."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+
+
+def mse_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> list[float]:
+    """``n`` steps of ``small_mlp`` on one fixed batch (zero_grad, MSE loss, backward, step): the losses."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen)
+    losses = []
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def hook_state(model: nn.Module) -> tuple:
     """Every hook that could be ours: per module, per parameter, global, saved-tensor hooks."""
     from torch.nn.modules import module as m

@@ -13,8 +13,7 @@ import copy
 
 import pytest
 import torch
-from support import assert_no_hooks, hook_state, load_benchmark
-from torch import nn
+from support import assert_no_hooks, hook_state, load_benchmark, mse_steps, small_mlp
 from torch.nn.modules import module as module_hooks
 
 
@@ -23,26 +22,8 @@ def hook_floor():
     return load_benchmark("hook_floor")
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-
-
-def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> list[float]:
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen)
-    losses = []
-    for _ in range(n):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_floor_changes_nothing_and_leaves_no_hook(hook_floor) -> None:
-    plain, floored = _net(), _net()
+    plain, floored = small_mlp(), small_mlp()
     floored.load_state_dict(plain.state_dict())
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     floor_opt = torch.optim.AdamW(floored.parameters(), lr=1e-2)
@@ -50,10 +31,10 @@ def test_floor_changes_nothing_and_leaves_no_hook(hook_floor) -> None:
     before = hook_state(floored)
     with hook_floor.HookFloor(floored, floor_opt):
         assert len(module_hooks._global_forward_pre_hooks) == globals_before[0] + 1
-        floor_losses = _steps(floored, floor_opt, 3)
+        floor_losses = mse_steps(floored, floor_opt, 3)
         # after the first forward the global pair is gone, as profile()'s is while repeats run
         assert len(module_hooks._global_forward_pre_hooks) == globals_before[0]
-    assert floor_losses == _steps(plain, plain_opt, 3)
+    assert floor_losses == mse_steps(plain, plain_opt, 3)
     for a, b in zip(plain.parameters(), floored.parameters()):
         assert torch.equal(a, b)
     assert_no_hooks(floored, before)
@@ -64,7 +45,7 @@ def test_floor_packs_what_profile_counts(hook_floor, monkeypatch) -> None:
     """The floor's pack hook runs once per tensor the first forward saves: profile()'s count of that step."""
     import profiler
 
-    model = _net()
+    model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     packs, grads = [], []
     monkeypatch.setattr(hook_floor, "_detached", lambda t: packs.append(1) or t.detach())
@@ -72,10 +53,10 @@ def test_floor_packs_what_profile_counts(hook_floor, monkeypatch) -> None:
     with floor:
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda p: grads.append(1))
-        _steps(model, opt, 1)
+        mse_steps(model, opt, 1)
     twin = copy.deepcopy(model)
     with profiler.profile(twin, sample_interval=None) as prof:
-        _steps(twin, torch.optim.SGD(twin.parameters(), lr=0.1), 1)
+        mse_steps(twin, torch.optim.SGD(twin.parameters(), lr=0.1), 1)
     step = prof.to_dict()["models"][0]["memory"]["steps"][0]
     assert len(packs) == step["saved_tensors"]
     assert len(grads) == len(list(model.parameters()))

@@ -18,8 +18,7 @@ import sys
 
 import pytest
 import torch
-from support import BENCHMARKS, assert_no_hooks, hook_state, load_benchmark
-from torch import nn
+from support import BENCHMARKS, assert_no_hooks, hook_state, load_benchmark, mse_steps, small_mlp
 
 
 @pytest.fixture(scope="module")
@@ -32,34 +31,16 @@ def bare_reads():
     return load_benchmark("bare_reads")
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-
-
-def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> list[float]:
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen)
-    losses = []
-    for _ in range(n):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_bare_reads_change_nothing_and_read_each_steps_gradients(bare_reads) -> None:
-    plain, read = _net(), _net()
+    plain, read = small_mlp(), small_mlp()
     read.load_state_dict(plain.state_dict())
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     read_opt = torch.optim.AdamW(read.parameters(), lr=1e-2)
     before = hook_state(read)
     with bare_reads.BareReads(read, read_opt) as reads:
-        read_losses = _steps(read, read_opt, 3)
+        read_losses = mse_steps(read, read_opt, 3)
         grads = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in read.parameters()}
-    assert read_losses == _steps(plain, plain_opt, 3)
+    assert read_losses == mse_steps(plain, plain_opt, 3)
     for a, b in zip(plain.parameters(), read.parameters()):
         assert torch.equal(a, b)
     assert_no_hooks(read, before)
