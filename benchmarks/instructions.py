@@ -168,7 +168,7 @@ def timed_ratios(model: str) -> list[dict[str, Any]]:
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.long <= args.short:
         raise SystemExit("--long must be more steps than --short")
-    _, desc = build_step(args.model)
+    step, desc = build_step(args.model)
     t0 = time.perf_counter()
     jobs = [(mode, n) for mode in args.modes for n in (args.short, args.long)]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -188,8 +188,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         modes[mode] = row
     if plain and "ours" in per_step and "plain" in per_step:
         extra = per_step["ours"] - plain
-        if args.model == "lbfgs":
-            modes["ours"]["over_plain_per_closure_evaluation"] = round(extra / 20)
+        if args.model == "lbfgs":  # (each LBFGS step evaluates its closure max_iter times: tolerances are 0)
+            evaluations = step.optimizer.defaults["max_iter"]
+            modes["ours"]["over_plain_per_closure_evaluation"] = round(extra / evaluations)
         for ref in ("hooks_floor", "bare_reads"):
             if ref in per_step and extra:
                 modes[ref]["share_of_ours_over_plain"] = round((per_step[ref] - plain) / extra, 4)

@@ -96,7 +96,7 @@ INSTRUCTION_LABELS = {
 
 
 def instructions_table() -> str:
-    """Instructions per step under each mode (``instructions.py``), beside the time ratios of overhead.py."""
+    """Instructions per step under each mode (``instructions.py``), and each mode's share of ``profile()``'s."""
     rows = []
     for path in sorted(RESULTS.glob("instructions_*.json")):
         d = json.loads(path.read_text())
