@@ -16,6 +16,13 @@ benchmark counts them for one step in each mode:
     ours         inside profiler.profile(model, optimizer) (no sampler thread: its samples come every
                  10 ms whatever the step does, and are counted in the timed benchmark)
 
+and, with ``--counterfactuals``, profile() with one kind of its per-step reads
+left out, and with all three (``COUNTERFACTUALS``; the figures of those runs
+are wrong where that kind changes, and are not looked at): how much of its
+work each kind of read costs, with what it does with it. Each is what taking
+that kind as unchanged between steps, instead of reading it, could save at
+most.
+
 Each mode runs in two child processes under cachegrind, with ``--short`` and
 ``--long`` measured steps after three warm-up steps and the block's first step;
 a step's instructions are the difference over the difference in steps, so
@@ -63,6 +70,15 @@ from tabulate import tabulate  # noqa: E402
 
 MODES = ("plain", "hooks_floor", "bare_reads", "ours")
 WARMUP = 3
+# profile() with one kind of its per-step reads left out, and what that kind is (see patch_out).
+COUNTERFACTUALS = {
+    "ours_no_gradient_reads": "each gradient's storage as it arrives, and the walks over the parameters' gradients "
+    "(at each backward's end, at the optimizer's step, when a forward follows a backward)",
+    "ours_no_state_reads": "the identities of the optimizer state's tensors, before and after each step",
+    "ours_no_mode_reads": "each forward's training flags, autocast state and parameters' shapes, dtypes and "
+    "requires_grad (its mode signature)",
+    "ours_no_reads": "all three of the above",
+}
 
 
 def build_step(model: str) -> tuple[Any, dict[str, Any]]:
@@ -71,6 +87,29 @@ def build_step(model: str) -> tuple[Any, dict[str, Any]]:
     if model == "lbfgs":
         return common.closure_step(torch.device("cpu"))
     return common.nanogpt_step(model, torch.device("cpu"))
+
+
+def patch_out(mode: str, step: Any) -> None:
+    """Leave ``mode``'s kind of read (or all three) out of profile(), in this child process only."""
+    from profiler.tracking import ledger, optimizers, repeats  # noqa: PLC0415
+
+    if mode == "ours_no_reads":
+        for one in ("ours_no_gradient_reads", "ours_no_state_reads", "ours_no_mode_reads"):
+            patch_out(one, step)
+    elif mode == "ours_no_gradient_reads":
+
+        def arrived(self: ledger.Ledger, param: torch.Tensor) -> None:
+            self.accumulated = True  # (what the step's state machine needs of it)
+
+        ledger.Ledger._gradient_accumulated = arrived
+        ledger.Ledger.release_cleared_gradients = lambda self, step: None
+        ledger.Ledger.count_gradients = lambda self, step: None
+    elif mode == "ours_no_state_reads":
+        optimizers.state_fingerprint = lambda opt: ()
+    elif mode == "ours_no_mode_reads":
+        modules, params = list(step.model.modules()), list(step.model.parameters())
+        signature = repeats.mode_signature(modules, params)
+        repeats.mode_signature = lambda modules, parameters: signature
 
 
 def child(model: str, mode: str, steps: int) -> None:
@@ -90,9 +129,10 @@ def child(model: str, mode: str, steps: int) -> None:
         from bare_reads import BareReads  # noqa: PLC0415
 
         BareReads(step.model, step.optimizer).__enter__()
-    elif mode == "ours":
+    elif mode == "ours" or mode in COUNTERFACTUALS:
         import profiler  # noqa: PLC0415
 
+        patch_out(mode, step)
         profiler.profile(step.model, step.optimizer, sample_interval=None).__enter__()
     elif mode != "plain":
         raise SystemExit(f"unknown mode {mode!r}")
@@ -191,9 +231,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.model == "lbfgs":  # (each LBFGS step evaluates its closure max_iter times: tolerances are 0)
             evaluations = step.optimizer.defaults["max_iter"]
             modes["ours"]["over_plain_per_closure_evaluation"] = round(extra / evaluations)
-        for ref in ("hooks_floor", "bare_reads"):
+        for ref in ("hooks_floor", "bare_reads", *COUNTERFACTUALS):
             if ref in per_step and extra:
                 modes[ref]["share_of_ours_over_plain"] = round((per_step[ref] - plain) / extra, 4)
+        for ref, what in COUNTERFACTUALS.items():
+            if ref in per_step:
+                modes[ref]["left_out"] = what
+                modes[ref]["saved_per_step"] = round(per_step["ours"] - per_step[ref])
     return {
         "benchmark": "instructions",
         "machine": common.machine_info(),
@@ -231,7 +275,12 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", choices=["tiny", "small", "lbfgs"])
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, *COUNTERFACTUALS])
+    ap.add_argument(
+        "--counterfactuals",
+        action="store_true",
+        help="also count profile() with each kind of per-step read left out, and with all three (four more modes)",
+    )
     ap.add_argument("--short", type=int, default=4, help="measured steps in the shorter run (default 4)")
     ap.add_argument("--long", type=int, default=24, help="measured steps in the longer run (default 24)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="child processes at once")
@@ -242,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         child(args.model, args.child, args.steps)
         return 0
+    if args.counterfactuals:
+        args.modes = [*args.modes, *(m for m in COUNTERFACTUALS if m not in args.modes)]
     if "plain" not in args.modes:
         args.modes = ["plain", *args.modes]
+    if any(m in COUNTERFACTUALS for m in args.modes) and "ours" not in args.modes:
+        args.modes = [*args.modes, "ours"]  # (what each leaves out is said against it)
     if shutil.which("valgrind") is None:
         print("instructions.py: valgrind is not on PATH (apt install valgrind); nothing was counted", file=sys.stderr)
         return 2
@@ -253,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"instructions.py: {exc}", file=sys.stderr)
         return 1
     print_table(result)
-    subset = "" if set(args.modes) == set(MODES) else "_" + "_".join(args.modes)
+    subset = "" if set(args.modes) in (set(MODES), set(MODES) | set(COUNTERFACTUALS)) else "_" + "_".join(args.modes)
     path = common.write_json(f"instructions_{args.model}{subset}", result, args.out)
     print(f"wrote {path}")
     return 0

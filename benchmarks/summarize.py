@@ -92,6 +92,10 @@ INSTRUCTION_LABELS = {
     "hooks_floor": "profile()'s hooks, doing nothing (floor)",
     "bare_reads": "the step's reads alone (bare_reads.py)",
     "ours": "profiler.profile()",
+    "ours_no_gradient_reads": "profile() without its gradient reads (counterfactual)",
+    "ours_no_state_reads": "profile() without its optimizer-state reads (counterfactual)",
+    "ours_no_mode_reads": "profile() without its mode-signature reads (counterfactual)",
+    "ours_no_reads": "profile() without any of these three reads (counterfactual)",
 }
 
 

@@ -6,7 +6,10 @@ and against the gradients' storages counted here. The instruction count's
 arithmetic (a step is the difference of two runs over the difference in
 steps) is checked with counts given by hand; each mode's child runs as the
 benchmark starts it (without valgrind, which takes minutes); a machine without
-valgrind gets one line and exit status 2.
+valgrind gets one line and exit status 2. Each counterfactual mode leaves
+out of ``profile()`` the reads it names and nothing else: its steps are still
+found (patched here in the test's process, and put back after each test; the
+benchmark patches only its child processes).
 """
 
 from __future__ import annotations
@@ -75,7 +78,19 @@ def test_the_cachegrind_summary_is_read(instructions, tmp_path) -> None:
         instructions.cachegrind_total(out)
 
 
-@pytest.mark.parametrize("mode", ["plain", "hooks_floor", "bare_reads", "ours"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "plain",
+        "hooks_floor",
+        "bare_reads",
+        "ours",
+        "ours_no_gradient_reads",
+        "ours_no_state_reads",
+        "ours_no_mode_reads",
+        "ours_no_reads",
+    ],
+)
 def test_each_child_runs_its_mode_and_exits_cleanly(mode) -> None:
     run = subprocess.run(
         [sys.executable, str(BENCHMARKS / "instructions.py"), "--child", mode, "--model", "tiny", "--steps", "2"],
@@ -84,6 +99,85 @@ def test_each_child_runs_its_mode_and_exits_cleanly(mode) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def _profiled_steps(model: torch.nn.Module, eval_between: bool = False) -> list:
+    """Three AdamW steps of ``model`` under profile(); the second and third in eval mode where asked."""
+    from profiler import profile
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with profile(model, opt, sample_interval=None) as prof:
+        mse_steps(model, opt, 1)
+        if eval_between:
+            model.eval()  # (no dropout or batch norm: the same graph, another mode)
+        mse_steps(model, opt, 2)
+    return prof.tracker.steps
+
+
+@pytest.fixture
+def restored(monkeypatch):
+    """What patch_out replaces, put back after the test (monkeypatch keeps the originals)."""
+    from profiler.tracking import ledger, optimizers, repeats
+
+    for owner, name in [
+        (ledger.Ledger, "_gradient_accumulated"),
+        (ledger.Ledger, "release_cleared_gradients"),
+        (ledger.Ledger, "count_gradients"),
+        (optimizers, "state_fingerprint"),
+        (repeats, "mode_signature"),
+    ]:
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+
+
+def test_each_counterfactual_leaves_out_the_reads_it_names(instructions, restored) -> None:
+    measured = _profiled_steps(small_mlp())
+    assert all(s.gradients > 0 and s.optimizer_state > 0 for s in measured)
+    switched = _profiled_steps(small_mlp(), eval_between=True)
+    assert switched[1].forwards_repeated == 0 and switched[2].forwards_repeated == 1  # (eval: a new signature)
+
+    model = small_mlp()
+    instructions.patch_out("ours_no_state_reads", argparse.Namespace(model=model))
+    steps = _profiled_steps(model)
+    assert [s.optimizer_state for s in steps] == [0, 0, 0]  # (the empty state, read once before the first)
+    assert all(s.gradients > 0 for s in steps)
+
+    model = small_mlp()
+    instructions.patch_out("ours_no_gradient_reads", argparse.Namespace(model=model))
+    steps = _profiled_steps(model)
+    assert [s.gradients for s in steps] == [0, 0, 0]
+    assert not [e for s in steps for e in s.events if e[1] == "gradients"]
+    assert all(s.complete and s.optimizer_steps == 1 for s in steps)  # (the steps are still told apart)
+
+    model = small_mlp()
+    instructions.patch_out("ours_no_mode_reads", argparse.Namespace(model=model))
+    steps = _profiled_steps(model, eval_between=True)
+    assert steps[1].forwards_repeated == 1  # eval mode unseen: taken as a repeat
+
+
+def test_no_reads_leaves_out_all_three(instructions, restored) -> None:
+    model = small_mlp()
+    instructions.patch_out("ours_no_reads", argparse.Namespace(model=model))
+    steps = _profiled_steps(model, eval_between=True)
+    assert [(s.gradients, s.optimizer_state) for s in steps] == [(0, 0)] * 3
+    assert steps[1].forwards_repeated == 1
+
+
+def test_each_counterfactual_is_said_against_ours(instructions, monkeypatch) -> None:
+    per_step = {
+        "plain": 5_000,
+        "ours": 5_600,
+        "ours_no_gradient_reads": 5_400,
+        "ours_no_state_reads": 5_500,
+        "ours_no_mode_reads": 5_550,
+    }
+    monkeypatch.setattr(instructions, "count", lambda model, mode, n, workdir: 1_000 + per_step[mode] * n)
+    args = argparse.Namespace(model="tiny", modes=list(per_step), short=4, long=24, jobs=1)
+    modes = instructions.benchmark(args)["modes"]
+    assert modes["ours_no_gradient_reads"]["saved_per_step"] == 200
+    assert modes["ours_no_gradient_reads"]["share_of_ours_over_plain"] == pytest.approx(400 / 600, abs=1e-4)
+    assert modes["ours_no_state_reads"]["saved_per_step"] == 100
+    assert "optimizer state" in modes["ours_no_state_reads"]["left_out"]
+    assert "saved_per_step" not in modes["ours"]
 
 
 def test_without_valgrind_one_line_and_status_2(instructions, monkeypatch, capsys) -> None:
