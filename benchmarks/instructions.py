@@ -17,7 +17,7 @@ benchmark counts them for one step in each mode:
                  10 ms whatever the step does, and are counted in the timed benchmark)
 
 and, with ``--counterfactuals``, profile() with one kind of its per-step reads
-left out, and with all three (``COUNTERFACTUALS``; the figures of those runs
+left out, and with all three (``counterfactuals.py``; the figures of those runs
 are wrong where that kind changes, and are not looked at): how much of its
 work each kind of read costs, with what it does with it. Each is what taking
 that kind as unchanged between steps, instead of reading it, could save at
@@ -65,20 +65,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import counterfactuals  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 MODES = ("plain", "hooks_floor", "bare_reads", "ours")
 WARMUP = 3
-# profile() with one kind of its per-step reads left out, and what that kind is (see patch_out).
-COUNTERFACTUALS = {
-    "ours_no_gradient_reads": "each gradient's storage as it arrives, and the walks over the parameters' gradients "
-    "(at each backward's end, at the optimizer's step, when a forward follows a backward)",
-    "ours_no_state_reads": "the identities of the optimizer state's tensors, before and after each step",
-    "ours_no_mode_reads": "each forward's training flags, autocast state and parameters' shapes, dtypes and "
-    "requires_grad (its mode signature)",
-    "ours_no_reads": "all three of the above",
-}
+COUNTERFACTUALS = counterfactuals.MODES  # profile() with one kind of its per-step reads left out
 
 
 def build_step(model: str) -> tuple[Any, dict[str, Any]]:
@@ -87,29 +80,6 @@ def build_step(model: str) -> tuple[Any, dict[str, Any]]:
     if model == "lbfgs":
         return common.closure_step(torch.device("cpu"))
     return common.nanogpt_step(model, torch.device("cpu"))
-
-
-def patch_out(mode: str, step: Any) -> None:
-    """Leave ``mode``'s kind of read (or all three) out of profile(), in this child process only."""
-    from profiler.tracking import ledger, optimizers, repeats  # noqa: PLC0415
-
-    if mode == "ours_no_reads":
-        for one in ("ours_no_gradient_reads", "ours_no_state_reads", "ours_no_mode_reads"):
-            patch_out(one, step)
-    elif mode == "ours_no_gradient_reads":
-
-        def arrived(self: ledger.Ledger, param: torch.Tensor) -> None:
-            self.accumulated = True  # (what the step's state machine needs of it)
-
-        ledger.Ledger._gradient_accumulated = arrived
-        ledger.Ledger.release_cleared_gradients = lambda self, step: None
-        ledger.Ledger.count_gradients = lambda self, step: None
-    elif mode == "ours_no_state_reads":
-        optimizers.state_fingerprint = lambda opt: ()
-    elif mode == "ours_no_mode_reads":
-        modules, params = list(step.model.modules()), list(step.model.parameters())
-        signature = repeats.mode_signature(modules, params)
-        repeats.mode_signature = lambda modules, parameters: signature
 
 
 def child(model: str, mode: str, steps: int) -> None:
@@ -132,7 +102,8 @@ def child(model: str, mode: str, steps: int) -> None:
     elif mode == "ours" or mode in COUNTERFACTUALS:
         import profiler  # noqa: PLC0415
 
-        patch_out(mode, step)
+        if mode in COUNTERFACTUALS:
+            counterfactuals.left_out(mode, step.model).__enter__()  # (left in place: the child ends inside)
         profiler.profile(step.model, step.optimizer, sample_interval=None).__enter__()
     elif mode != "plain":
         raise SystemExit(f"unknown mode {mode!r}")

@@ -11,8 +11,10 @@ the machine's load hits every mode alike:
     hooks_floor     the hooks ``profile()`` installs, for as long, each doing nothing (``hook_floor.py``):
                     what seeing a step through them costs before any work is done in them
 
-and, on request (``--modes``), two more: ``watch`` (what the runner leaves on
-after its measured steps) and ``ours_live`` (``profile(live_peak=True)``).
+and, on request (``--modes``), more: ``watch`` (what the runner leaves on
+after its measured steps), ``ours_live`` (``profile(live_peak=True)``) and the
+counterfactuals of ``counterfactuals.py`` (``profile()`` with a kind of its
+per-step reads left out, ``ours_no_reads`` with all three: what each costs).
 
 Each mode-repeat is one ``with`` block around K consecutive steps. The timed
 span is the whole block: building the tool (for ``profile()``: the static
@@ -43,14 +45,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import counterfactuals  # noqa: E402
 import torch  # noqa: E402
 from hook_floor import HookFloor  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import profiler  # noqa: E402
 
-MODES = ("plain", "ours", "torch_profiler", "memtracker", "watch", "ours_live", "hooks_floor")
-_ON_REQUEST = ("watch", "ours_live")  # modes run only when --modes names them
+MODES = ("plain", "ours", "torch_profiler", "memtracker", "watch", "ours_live", "hooks_floor", *counterfactuals.MODES)
+_ON_REQUEST = ("watch", "ours_live", *counterfactuals.MODES)  # modes run only when --modes names them
 TARGETS = {"cpu": 1.10, "cuda": 1.05}  # ours / plain, per step, for the seed model
 TARGET_MODEL = "seed"
 KEPT_STEPS = 50  # measured steps over which the objects profile() keeps per step are counted
@@ -135,6 +138,13 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
             t2 = time.perf_counter()
         t3 = time.perf_counter()
         extra["prof"] = prof
+    elif mode in counterfactuals.MODES:  # (profile() with a kind of read left out: its figures are not kept)
+        with counterfactuals.left_out(mode, step.model):
+            with profiler.profile(step.model, step.optimizer, sample_interval=sample_interval):
+                t1 = time.perf_counter()
+                steps()
+                t2 = time.perf_counter()
+            t3 = time.perf_counter()
     elif mode == "watch":
         # What the runner leaves on after its measured steps: the two global
         # module hooks that notice models created later.

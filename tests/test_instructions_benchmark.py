@@ -6,10 +6,9 @@ and against the gradients' storages counted here. The instruction count's
 arithmetic (a step is the difference of two runs over the difference in
 steps) is checked with counts given by hand; each mode's child runs as the
 benchmark starts it (without valgrind, which takes minutes); a machine without
-valgrind gets one line and exit status 2. Each counterfactual mode leaves
-out of ``profile()`` the reads it names and nothing else: its steps are still
-found (patched here in the test's process, and put back after each test; the
-benchmark patches only its child processes).
+valgrind gets one line and exit status 2. Each counterfactual
+(``counterfactuals.py``) leaves out of ``profile()`` the reads it names and
+nothing else (its steps are still found), and puts them back on leaving.
 """
 
 from __future__ import annotations
@@ -32,6 +31,11 @@ def instructions():
 @pytest.fixture(scope="module")
 def bare_reads():
     return load_benchmark("bare_reads")
+
+
+@pytest.fixture(scope="module")
+def counterfactuals():
+    return load_benchmark("counterfactuals")
 
 
 def test_bare_reads_change_nothing_and_read_each_steps_gradients(bare_reads) -> None:
@@ -114,52 +118,41 @@ def _profiled_steps(model: torch.nn.Module, eval_between: bool = False) -> list:
     return prof.tracker.steps
 
 
-@pytest.fixture
-def restored(monkeypatch):
-    """What patch_out replaces, put back after the test (monkeypatch keeps the originals)."""
-    from profiler.tracking import ledger, optimizers, repeats
-
-    for owner, name in [
-        (ledger.Ledger, "_gradient_accumulated"),
-        (ledger.Ledger, "release_cleared_gradients"),
-        (ledger.Ledger, "count_gradients"),
-        (optimizers, "state_fingerprint"),
-        (repeats, "mode_signature"),
-    ]:
-        monkeypatch.setattr(owner, name, getattr(owner, name))
-
-
-def test_each_counterfactual_leaves_out_the_reads_it_names(instructions, restored) -> None:
+def test_each_counterfactual_leaves_out_the_reads_it_names_and_puts_them_back(counterfactuals) -> None:
     measured = _profiled_steps(small_mlp())
     assert all(s.gradients > 0 and s.optimizer_state > 0 for s in measured)
     switched = _profiled_steps(small_mlp(), eval_between=True)
     assert switched[1].forwards_repeated == 0 and switched[2].forwards_repeated == 1  # (eval: a new signature)
 
     model = small_mlp()
-    instructions.patch_out("ours_no_state_reads", argparse.Namespace(model=model))
-    steps = _profiled_steps(model)
+    with counterfactuals.left_out("ours_no_state_reads", model):
+        steps = _profiled_steps(model)
     assert [s.optimizer_state for s in steps] == [0, 0, 0]  # (the empty state, read once before the first)
     assert all(s.gradients > 0 for s in steps)
 
     model = small_mlp()
-    instructions.patch_out("ours_no_gradient_reads", argparse.Namespace(model=model))
-    steps = _profiled_steps(model)
+    with counterfactuals.left_out("ours_no_gradient_reads", model):
+        steps = _profiled_steps(model)
     assert [s.gradients for s in steps] == [0, 0, 0]
     assert not [e for s in steps for e in s.events if e[1] == "gradients"]
     assert all(s.complete and s.optimizer_steps == 1 for s in steps)  # (the steps are still told apart)
 
     model = small_mlp()
-    instructions.patch_out("ours_no_mode_reads", argparse.Namespace(model=model))
-    steps = _profiled_steps(model, eval_between=True)
+    with counterfactuals.left_out("ours_no_mode_reads", model):
+        steps = _profiled_steps(model, eval_between=True)
     assert steps[1].forwards_repeated == 1  # eval mode unseen: taken as a repeat
 
-
-def test_no_reads_leaves_out_all_three(instructions, restored) -> None:
     model = small_mlp()
-    instructions.patch_out("ours_no_reads", argparse.Namespace(model=model))
-    steps = _profiled_steps(model, eval_between=True)
+    with counterfactuals.left_out("ours_no_reads", model):
+        steps = _profiled_steps(model, eval_between=True)
     assert [(s.gradients, s.optimizer_state) for s in steps] == [(0, 0)] * 3
     assert steps[1].forwards_repeated == 1
+
+    after = _profiled_steps(small_mlp(), eval_between=True)  # all put back on leaving
+    assert [(s.gradients, s.optimizer_state) for s in after] == [(s.gradients, s.optimizer_state) for s in measured]
+    assert after[1].forwards_repeated == 0
+    with pytest.raises(ValueError, match="unknown counterfactual"):
+        counterfactuals.left_out("ours_no_such_reads", model).__enter__()
 
 
 def test_each_counterfactual_is_said_against_ours(instructions, monkeypatch) -> None:
