@@ -27,36 +27,32 @@ MODES = {
 }
 
 
-def _replaced() -> list[tuple[Any, str]]:
-    """What a counterfactual replaces. (profiler is imported here, not with this module: a plain
-    run of instructions.py, which imports this one, keeps the memory layout it had without it.)"""
-    from profiler.tracking import ledger, optimizers, repeats  # noqa: PLC0415
-
-    return [
-        (ledger.Ledger, "_gradient_accumulated"),
-        (ledger.Ledger, "release_cleared_gradients"),
-        (ledger.Ledger, "count_gradients"),
-        (optimizers, "state_fingerprint"),
-        (repeats, "mode_signature"),
-    ]
-
-
 def _arrived(self: Any, param: Any) -> None:
     self.accumulated = True  # (what the step's state machine needs of a gradient's arrival)
 
 
-def _leave_out(mode: str, model: nn.Module) -> None:
+def _replacements(mode: str, model: nn.Module) -> list[tuple[Any, str, Any]]:
+    """(owner, name, stand-in) for each function ``mode`` replaces.
+
+    (profiler is imported here, not with this module: a plain run of
+    instructions.py, which imports this one, keeps the memory layout it had
+    without it.)
+    """
     from profiler.tracking import ledger, optimizers, repeats  # noqa: PLC0415
 
+    out: list[tuple[Any, str, Any]] = []
     if mode in ("ours_no_gradient_reads", "ours_no_reads"):
-        ledger.Ledger._gradient_accumulated = _arrived
-        ledger.Ledger.release_cleared_gradients = lambda self, step: None
-        ledger.Ledger.count_gradients = lambda self, step: None
+        out += [
+            (ledger.Ledger, "_gradient_accumulated", _arrived),
+            (ledger.Ledger, "release_cleared_gradients", lambda self, step: None),
+            (ledger.Ledger, "count_gradients", lambda self, step: None),
+        ]
     if mode in ("ours_no_state_reads", "ours_no_reads"):
-        optimizers.state_fingerprint = lambda opt: ()
+        out.append((optimizers, "state_fingerprint", lambda opt: ()))
     if mode in ("ours_no_mode_reads", "ours_no_reads"):
-        signature = repeats.mode_signature(list(model.modules()), list(model.parameters()))
-        repeats.mode_signature = lambda modules, parameters: signature
+        signature = repeats.mode_signature(list(model.modules()), list(model.parameters()))  # (read once, before)
+        out.append((repeats, "mode_signature", lambda modules, parameters: signature))
+    return out
 
 
 @contextlib.contextmanager
@@ -64,9 +60,11 @@ def left_out(mode: str, model: nn.Module) -> Iterator[None]:
     """Inside: ``mode``'s reads are left out of profile() objects made here (each is put back on leaving)."""
     if mode not in MODES:
         raise ValueError(f"unknown counterfactual {mode!r}")
-    saved: list[tuple[Any, str, Any]] = [(owner, name, getattr(owner, name)) for owner, name in _replaced()]
+    replacements = _replacements(mode, model)
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
     try:
-        _leave_out(mode, model)
+        for owner, name, stand_in in replacements:
+            setattr(owner, name, stand_in)
         yield
     finally:
         for owner, name, value in saved:

@@ -197,7 +197,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             row["over_plain_per_step"] = round(per_step[mode] - plain)
             row["ratio"] = round(per_step[mode] / plain, 5)
         modes[mode] = row
-    if plain and "ours" in per_step and "plain" in per_step:
+    if plain and "ours" in per_step:
         extra = per_step["ours"] - plain
         if args.model == "lbfgs":  # (each LBFGS step evaluates its closure max_iter times: tolerances are 0)
             evaluations = step.optimizer.defaults["max_iter"]

@@ -34,6 +34,7 @@ Writes benchmarks/results/overhead_<model>_<device>.json (or --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -128,23 +129,19 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
         t1 = time.perf_counter()
         steps()
         t2 = t3 = time.perf_counter()
-    elif mode in ("ours", "ours_live"):
-        prof = profiler.profile(
-            step.model, step.optimizer, sample_interval=sample_interval, live_peak=mode == "ours_live"
-        )
-        with prof:
-            t1 = time.perf_counter()
-            steps()
-            t2 = time.perf_counter()
-        t3 = time.perf_counter()
-        extra["prof"] = prof
-    elif mode in counterfactuals.MODES:  # (profile() with a kind of read left out: its figures are not kept)
-        with counterfactuals.left_out(mode, step.model):
-            with profiler.profile(step.model, step.optimizer, sample_interval=sample_interval):
+    elif mode in ("ours", "ours_live", *counterfactuals.MODES):
+        counterfactual = mode in counterfactuals.MODES  # (profile() with a kind of read left out)
+        with counterfactuals.left_out(mode, step.model) if counterfactual else contextlib.nullcontext():
+            prof = profiler.profile(
+                step.model, step.optimizer, sample_interval=sample_interval, live_peak=mode == "ours_live"
+            )
+            with prof:
                 t1 = time.perf_counter()
                 steps()
                 t2 = time.perf_counter()
             t3 = time.perf_counter()
+        if not counterfactual:  # (a counterfactual's figures are wrong by design: not kept)
+            extra["prof"] = prof
     elif mode == "watch":
         # What the runner leaves on after its measured steps: the two global
         # module hooks that notice models created later.
