@@ -12,7 +12,9 @@ the machine's load hits every mode alike:
                     what seeing a step through them costs before any work is done in them
 
 and, on request (``--modes``), more: ``watch`` (what the runner leaves on
-after its measured steps), ``ours_live`` (``profile(live_peak=True)``) and the
+after its measured steps), ``ours_live`` (``profile(live_peak=True)``),
+``ours_no_sampler`` (``profile(sample_interval=None)``: no host-memory sampler, so
+no thread polling RSS and no reading at each phase; its figures are kept) and the
 counterfactuals of ``counterfactuals.py`` (``profile()`` with a kind of its
 per-step reads left out, ``ours_no_reads`` with all three: what each costs).
 
@@ -53,8 +55,19 @@ from tabulate import tabulate  # noqa: E402
 
 import profiler  # noqa: E402
 
-MODES = ("plain", "ours", "torch_profiler", "memtracker", "watch", "ours_live", "hooks_floor", *counterfactuals.MODES)
-_ON_REQUEST = ("watch", "ours_live", *counterfactuals.MODES)  # modes run only when --modes names them
+MODES = (
+    "plain",
+    "ours",
+    "torch_profiler",
+    "memtracker",
+    "watch",
+    "ours_live",
+    "ours_no_sampler",
+    "hooks_floor",
+    *counterfactuals.MODES,
+)
+# Modes run only when --modes names them.
+_ON_REQUEST = ("watch", "ours_live", "ours_no_sampler", *counterfactuals.MODES)
 TARGETS = {"cpu": 1.10, "cuda": 1.05}  # ours / plain, per step, for the seed model
 TARGET_MODEL = "seed"
 KEPT_STEPS = 50  # measured steps over which the objects profile() keeps per step are counted
@@ -129,11 +142,14 @@ def run_block(mode: str, step: common.TrainStep, k: int, sample_interval: float 
         t1 = time.perf_counter()
         steps()
         t2 = t3 = time.perf_counter()
-    elif mode in ("ours", "ours_live", *counterfactuals.MODES):
+    elif mode in ("ours", "ours_live", "ours_no_sampler", *counterfactuals.MODES):
         counterfactual = mode in counterfactuals.MODES  # (profile() with a kind of read left out)
         with counterfactuals.left_out(mode, step.model) if counterfactual else contextlib.nullcontext():
             prof = profiler.profile(
-                step.model, step.optimizer, sample_interval=sample_interval, live_peak=mode == "ours_live"
+                step.model,
+                step.optimizer,
+                sample_interval=None if mode == "ours_no_sampler" else sample_interval,
+                live_peak=mode == "ours_live",
             )
             with prof:
                 t1 = time.perf_counter()
@@ -345,8 +361,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 notes.append(f"memtracker failed in repeat {r}: {type(exc).__name__}: {exc}; dropped")
                 modes.remove(mode)
                 continue
-            if "prof" in res:
-                ours_last = ours_summary(res.pop("prof"))
+            prof = res.pop("prof", None)
+            if prof is not None and (mode == "ours" or "ours" not in modes):  # (what profile() measured, by default)
+                ours_last = ours_summary(prof)
             if "memtracker" in res:
                 mt_last = memtracker_summary(res.pop("memtracker"))
             res = {k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()}

@@ -16,11 +16,21 @@ from pathlib import Path
 from tabulate import tabulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("ours", "ours_live", "watch", "hooks_floor", "torch_profiler", "memtracker", "ours_no_reads")
+MODES = (
+    "ours",
+    "ours_no_sampler",
+    "ours_live",
+    "watch",
+    "hooks_floor",
+    "torch_profiler",
+    "memtracker",
+    "ours_no_reads",
+)
 LABELS = {
     "ours": "profiler.profile()",
     "ours_no_reads": "profile() without its gradient, state and mode reads (counterfactual)",
     "ours_live": "profiler.profile(live_peak=True), opt-in",
+    "ours_no_sampler": "profiler.profile(sample_interval=None): no host-memory sampler",
     "watch": "runner after its steps (model discovery hooks only)",
     "hooks_floor": "profile()'s hooks, doing nothing (floor)",
     "torch_profiler": "torch.profiler (profile_memory)",

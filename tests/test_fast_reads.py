@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from profiler import profile
 from profiler.tracking.ledger import _is_parameter
 from profiler.tracking.parameters import unique_bytes
-from profiler.tracking.saved_tensors import memory_map, memory_of
+from profiler.tracking.saved_tensors import memory_map, memory_of, tensors_in
 
 
 class _Sub(torch.Tensor):
@@ -89,3 +91,50 @@ def test_gradient_arrivals_read_as_memory_of_reads_them() -> None:
     for step in prof.tracker.steps:
         arrived = [n for _, category, n in step.events if category == "gradients" and n > 0]
         assert sorted(arrived) == sorted(held.values())
+
+
+def _tensors_in_by_the_definition(obj: object, depth: int = 0) -> list[torch.Tensor]:
+    """What ``tensors_in`` is defined to find: tensors, in order, inside containers nested at most 3 deep."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 3:
+        return []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in_by_the_definition(v, depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors_in_by_the_definition(v, depth + 1)]
+    return []
+
+
+_LEAVES = [torch.zeros(2), nn.Parameter(torch.ones(3)), torch.zeros(1).as_subclass(_Sub), 7, None, "x"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.sampled_from(range(len(_LEAVES))),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4).map(tuple),
+            st.lists(inner, max_size=4),
+            st.dictionaries(st.sampled_from("abc"), inner, max_size=3),
+        ),
+        max_leaves=12,
+    ),
+    st.integers(0, 4),
+)
+@example(shape=(0, 1), depth=4)  # (a flat tuple of plain tensors past the depth: nothing, as for any container)
+@example(shape=((0,),), depth=3)
+@example(shape=((0, 1), {}), depth=1)  # (a forward's (args, kwargs))
+def test_tensors_in_finds_what_its_definition_finds(shape: object, depth: int) -> None:
+    """Its shortcuts (a flat tuple of plain tensors, a pair of arguments) keep the definition's order and depth."""
+
+    def build(s: object) -> object:
+        if isinstance(s, int):
+            return _LEAVES[s]
+        if isinstance(s, dict):
+            return {k: build(v) for k, v in s.items()}
+        return type(s)(build(v) for v in s)
+
+    obj = build(shape)
+    found = tensors_in(obj, depth)
+    assert [id(t) for t in found] == [id(t) for t in _tensors_in_by_the_definition(obj, depth)]

@@ -92,3 +92,11 @@ def test_a_counterfactual_block_runs_profile_without_its_reads_and_puts_them_bac
     res = overhead.run_block("ours_no_reads", _KeepingStep(), 3, sample_interval=None)
     assert res["steps_s"] > 0 and "prof" not in res  # (its figures are wrong by design: not kept)
     assert (ledger.Ledger.count_gradients, optimizers.state_fingerprint, repeats.mode_signature) == before
+
+
+def test_a_block_without_the_sampler_keeps_what_profile_measured_with_no_host_memory(overhead):
+    res = overhead.run_block("ours_no_sampler", _KeepingStep(), 3)
+    prof = res["prof"]  # (a real configuration: its figures are kept)
+    assert prof.tracker.phases.sampler is None
+    assert len(prof.tracker.steps) == 3
+    assert "ours_no_sampler" in overhead.MODES and "ours_no_sampler" in overhead._ON_REQUEST

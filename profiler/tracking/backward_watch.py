@@ -21,10 +21,22 @@ from .step_record import ForwardSaves
 __all__ = ["OutputWatch"]
 
 
-class _GraphToken:
-    """Kept alive by a hook on an autograd node, so a weak reference to it dies with the node."""
+class _Prehook:
+    """Our prehook on one output node: tells ``reached(forward)``; a weak reference to it dies with the node.
 
-    __slots__ = ("__weakref__",)
+    One object is both the hook and the token (a closure and a token of its
+    own were two objects made per output, at every forward).
+    """
+
+    __slots__ = ("__weakref__", "forward", "reached")
+
+    def __init__(self, reached: Callable[[ForwardSaves], None], forward: ForwardSaves) -> None:
+        self.reached, self.forward = reached, forward
+
+    def __call__(self, grad_outputs: Any) -> None:
+        # (kept on the node, not removed once run: a graph retained for another
+        # backward call, retain_graph=True, is a backward pass each time)
+        self.reached(self.forward)
 
 
 class OutputWatch:
@@ -37,16 +49,9 @@ class OutputWatch:
 
     def watch(self, fn: torch.autograd.graph.Node, forward: ForwardSaves) -> weakref.ref:
         """Watch ``fn``, an output node of ``forward``; a weak reference that dies with ``fn``."""
-        token = _GraphToken()
-        reached = self._reached
-
-        def prehook(grad_outputs: Any, token: _GraphToken = token) -> None:
-            # (kept on the node, not removed once run: a graph retained for another
-            # backward call, retain_graph=True, is a backward pass each time)
-            reached(forward)
-
-        handle = fn.register_prehook(prehook)
-        ref = weakref.ref(token)
+        hook = _Prehook(self._reached, forward)
+        handle = fn.register_prehook(hook)
+        ref = weakref.ref(hook)
         self._hooks.append((ref, handle))
         if len(self._hooks) > 2 * self._pruned + 64:  # (a model that never trains runs all along)
             self._hooks = [(r, h) for r, h in self._hooks if r() is not None]

@@ -9,7 +9,10 @@ model's 2.5 ms step at three reads a step. On Linux the same file is kept
 open here and re-read with ``os.pread`` at offset 0, which makes the kernel
 generate it afresh (about 1 us); its second field is the resident pages, the
 figure psutil's ``rss`` is made from. Elsewhere (and in a forked child, where
-the open file would still describe the parent) psutil is asked.
+the open file would still describe the parent) psutil is asked. A fork is
+told by ``process.PROCESS``, not by ``os.getpid()``: that is a system call of
+its own at every read (glibc no longer caches the pid), and timed in place on
+a tiny model's step it cost more than the read itself.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import os
 
 import psutil
+
+from .process import PROCESS
 
 __all__ = ["HostRss", "rss_source"]
 
@@ -34,7 +39,7 @@ class HostRss:
     """Reads this process's RSS in bytes; ``close()`` releases the open file."""
 
     def __init__(self) -> None:
-        self._pid = os.getpid()
+        self._forks = PROCESS.forks
         self._proc = psutil.Process()
         self._fd: int | None = None
         self._page = 0
@@ -50,7 +55,7 @@ class HostRss:
     def read(self) -> int:
         """Resident bytes now."""
         fd = self._fd
-        if os.getpid() != self._pid:  # a forked child: its own figure, not the parent's
+        if PROCESS.forks != self._forks:  # a forked child: its own figure, not the parent's
             return int(psutil.Process().memory_info().rss)
         if fd is not None:
             return int(os.pread(fd, 256, 0).split()[1]) * self._page

@@ -17,7 +17,6 @@ checkpointed block.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import warnings
@@ -31,6 +30,7 @@ from torch import nn
 from ..errors import guarded
 from .compiled import compiled_parts, hookable_modules, is_compiled, unwrap_compiled_call, wrap_compiled_call
 from .global_pair import GlobalPair
+from .process import PROCESS
 from .saved_tensors import tensors_in
 
 __all__ = [
@@ -50,29 +50,6 @@ COMPILED_NOTE = (
     "run for compiled graphs), but no module hook runs inside it, so it is charged to the compiled "
     "module itself (autocast's weight copies made inside it are counted as activations)"
 )
-
-
-class _Process:
-    """How many times this process's lineage forked since we were imported.
-
-    A global hook is called at every module call in the process, so its
-    checks must be cheap: comparing this count with the one seen at start
-    tells a forked child (a DataLoader worker, where the hooks must do
-    nothing) for about a tenth of an ``os.getpid()`` system call.
-    """
-
-    forks = 0
-
-
-PROCESS = _Process()
-
-
-def _after_fork_in_child() -> None:
-    PROCESS.forks += 1
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _module_call_codes() -> frozenset:

@@ -215,6 +215,7 @@ class OptimizerWatch:
         # Which frame runs that step() call: (id, code), never the frame itself,
         # which would keep the caller's locals (a failed attempt's tensors) alive.
         self.frame: tuple[int, Any] | None = None
+        self._depth = 0  # how far up the stack ``step_running`` last found that frame
         self.in_pre_hooks = False  # torch is iterating its optimizer pre-hooks (ours is running)
         self.in_post_hooks = False
         self._scaler: bool | None = None  # whether a GradScaler exists, looked up once
@@ -328,11 +329,20 @@ class OptimizerWatch:
         target = self.frame
         if target is None:
             return True  # not known: keep the old view
-        frame = sys._getframe(1)
+        depth = self._depth  # (where it was found last: each closure evaluation asks from the same depth)
+        if depth:
+            try:
+                frame = sys._getframe(depth)
+            except ValueError:
+                frame = None
+            if frame is not None and id(frame) == target[0] and frame.f_code is target[1]:
+                return True
+        frame, depth = sys._getframe(1), 1
         while frame is not None:
             if id(frame) == target[0] and frame.f_code is target[1]:
+                self._depth = depth
                 return True
-            frame = frame.f_back
+            frame, depth = frame.f_back, depth + 1
         return False
 
     def find_once(self) -> None:

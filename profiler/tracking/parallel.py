@@ -132,6 +132,19 @@ class ParallelSetup:
     job: str = ""  # names this job's keys in the store (run id and restart count)
 
 
+# os.environ's own mapping, read without its Python-level lookup (looked at every step; the same
+# mapping ``"WORLD_SIZE" in os.environ`` reads, kept up to date by os.environ's assignments).
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_WORLD_SIZE = os.environ.encodekey("WORLD_SIZE") if hasattr(os.environ, "encodekey") else None
+
+
+def _launched() -> bool:
+    """torchrun's environment is set (``WORLD_SIZE``)."""
+    if isinstance(_ENV_DATA, dict) and _ENV_WORLD_SIZE is not None:
+        return _ENV_WORLD_SIZE in _ENV_DATA
+    return "WORLD_SIZE" in os.environ
+
+
 def detect_setup() -> ParallelSetup | None:
     """This process's rank and world size: from the default process group, else from torchrun's environment.
 
@@ -140,7 +153,7 @@ def detect_setup() -> ParallelSetup | None:
     """
     dist = sys.modules.get("torch.distributed")
     initialized = dist is not None and dist.is_available() and dist.is_initialized()
-    if not initialized and "WORLD_SIZE" not in os.environ:
+    if not initialized and not _launched():
         return None  # (the common case, looked at every step: one process, no torchrun)
     job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if initialized:

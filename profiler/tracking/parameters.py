@@ -130,7 +130,12 @@ class ModelParameters:
         ]
 
     def any_trainable(self) -> bool:
-        return self.model is not None and any(p.requires_grad for p in self._all)
+        if self.model is None:
+            return False
+        for p in self._all:  # (at every root forward: a loop, not a generator; the first usually says)
+            if p.requires_grad:
+                return True
+        return False
 
     def gradients(self) -> dict[int, int]:
         """Storage identity -> bytes of every gradient the parameters hold now."""

@@ -212,8 +212,9 @@ class PhaseClock:
     def begin(self, step: StepRecord, name: str) -> None:
         """Close the open phase and open ``name``."""
         now = time.perf_counter()
-        for other in step.open_phases:
-            self.end(step, other, now)
+        for other, open_ph in step.phases.items():  # (at most one is open: phases tile the step)
+            if open_ph.started_at is not None:
+                self.end(step, other, now)
         ph = step.phases[name]
         ph.started_at = now
         step.phase_spans.setdefault(name, []).append((now, now))
@@ -246,9 +247,8 @@ class PhaseClock:
             live = step.live_baseline + counter.peak - step.live_start
             ph.live_tensor_peak = max(ph.live_tensor_peak or 0, live)
             step.live_tensor_peak = max(step.live_tensor_peak or 0, live)
-        read = self.read()
-        if read is not None:
-            allocated, reserved, peak = read
+        if self.cuda:
+            allocated, reserved, peak = self.read()
             ph.peak_allocated = max(ph.peak_allocated or 0, peak)
             ph.allocated_end, ph.reserved_end = allocated, reserved
             step.peak_allocated = max(step.peak_allocated or 0, peak)

@@ -91,6 +91,10 @@ class _Peaks:
         self.nvml_process_used: int | None = None
 
     def update(self, s: Sample) -> None:
+        if s.nvml_device_used is None and s.nvml_process_used is None:  # (host only: one figure)
+            if s.host_rss is not None and (self.host_rss is None or s.host_rss > self.host_rss):
+                self.host_rss = s.host_rss
+            return
         for name in _FIELDS:
             value = getattr(s, name)
             if value is not None:
@@ -349,9 +353,13 @@ class MemorySampler:
         """
         if not self._running:
             raise RuntimeError("MemorySampler is not running; call start() first")
+        if label in self._label_peaks:
+            # (One store, atomic under the GIL: a tick of the thread reads the old label or the new.)
+            self._label = label
+            return None
         with self._lock:
             self._label = label
-            return self._take_locked() if label not in self._label_peaks else None
+            return self._take_locked()
 
     def sample_now(self) -> Sample:
         """Take one sample on the calling thread (it also goes into the timeline)."""
@@ -367,7 +375,10 @@ class MemorySampler:
         t = time.perf_counter() - self._t0
         assert self._rss is not None
         rss = self._rss.read()
-        sample = Sample(t, rss, self._read_device(), self._read_process(), self._label)
+        if self._nvml is None:  # (host only, every tick and each phase's first sample: no call for nothing)
+            sample = Sample(t, rss, None, None, self._label)
+        else:
+            sample = Sample(t, rss, self._read_device(), self._read_process(), self._label)
         self._record(sample)
         return sample
 
@@ -417,7 +428,10 @@ class MemorySampler:
         self._n_samples += 1
         self._peaks.update(sample)
         if sample.label is not None:
-            self._label_peaks.setdefault(sample.label, _Peaks()).update(sample)
+            peaks = self._label_peaks.get(sample.label)
+            if peaks is None:  # (not setdefault: that makes a _Peaks at every sample)
+                peaks = self._label_peaks[sample.label] = _Peaks()
+            peaks.update(sample)
         if not self.keep_timeline or index % self._stride:
             return
         self._timeline.append(sample)

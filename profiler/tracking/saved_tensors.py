@@ -68,12 +68,27 @@ def memory_of(t: torch.Tensor) -> tuple[int, int]:
     return key if key is not None else (id(t), local_tensor(t).numel() * t.element_size())
 
 
+_PLAIN_SET = frozenset(PLAIN_TYPES)
+_UNTYPED_STORAGE = torch.Tensor.untyped_storage
+_DATA_PTR, _NBYTES = torch.UntypedStorage.data_ptr, torch.UntypedStorage.nbytes
+
+
 def memory_map(tensors: list[torch.Tensor]) -> dict[Any, int]:
     """``memory_of`` of many tensors, as identity -> bytes (shared memory once).
 
-    Read several times a step over every parameter or gradient: a plain
-    tensor's storage is read here in the loop, without two calls per tensor.
+    Read several times a step over every parameter or gradient: where all
+    are plain tensors with storages (the common case) they are read by
+    ``map`` in C, else one by one here, a plain tensor's storage without two
+    calls.
     """
+    if _PLAIN_SET.issuperset(map(type, tensors)):
+        try:  # (every one a plain tensor with a storage, the common case: read in C, no call per tensor)
+            storages = list(map(_UNTYPED_STORAGE, tensors))
+            ptrs = list(map(_DATA_PTR, storages))
+            if 0 not in ptrs:
+                return dict(zip(ptrs, map(_NBYTES, storages)))
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+            pass  # (a sparse tensor, say: one by one below)
     out: dict[Any, int] = {}
     for t in tensors:
         if type(t) in PLAIN_TYPES:
@@ -139,10 +154,15 @@ class SavedTensor:
 
 def tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
     """Tensors in a forward's output: a tensor, a tuple/list/dict of them, or a ModelOutput."""
+    kind = type(obj)
+    if kind in PLAIN_TYPES:  # (read at every root forward's start and end: the common shapes first)
+        return [obj]
     if isinstance(obj, torch.Tensor):
         return [obj]
     if depth > 3:
         return []
+    if kind is tuple and _PLAIN_SET.issuperset(map(type, obj)):
+        return list(obj)  # (a flat tuple of plain tensors: a model's output, its positional arguments)
     if isinstance(obj, dict):
         return [t for v in obj.values() for t in tensors_in(v, depth + 1)]
     if isinstance(obj, (list, tuple)):

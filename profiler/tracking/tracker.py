@@ -368,7 +368,8 @@ class StepTracker:
     # ------------------------------------------------------- root forwards
     def root_forward_begins(self, args: Any, kwargs: dict | None = None) -> None:
         """A root forward of the model begins (told by the module-call stack)."""
-        inputs = tensors_in((args, kwargs))
+        # (as tensors_in((args, kwargs)) finds them, without the pair: positional arguments are most calls)
+        inputs = tensors_in(args, 1) + tensors_in(kwargs, 1) if kwargs else tensors_in(args, 1)
         step = self.step
         if step is not None and self._state is StepState.BACKWARD and torch._C._current_graph_task_id() != -1:
             # Backward recomputing a checkpointed model: part of that backward, not a
