@@ -50,6 +50,7 @@ Needs valgrind on PATH. Writes benchmarks/results/instructions_<model>.json (or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -82,6 +83,34 @@ def build_step(model: str) -> tuple[Any, dict[str, Any]]:
     return common.nanogpt_step(model, torch.device("cpu"))
 
 
+def enter_mode(mode: str, step: Any) -> contextlib.ExitStack:
+    """Enter ``mode`` around ``step``'s model and optimizer; the stack holds what the mode needs alive.
+
+    Held by the caller for as long as the mode must last: a counterfactual's
+    context manager put its reads back as soon as nothing held it (a
+    ``left_out(...).__enter__()`` whose object was dropped ran its ``finally``
+    at once, and the child counted ``profile()`` with every read).
+    """
+    stack = contextlib.ExitStack()
+    if mode == "hooks_floor":
+        from hook_floor import HookFloor  # noqa: PLC0415
+
+        stack.enter_context(HookFloor(step.model, step.optimizer))
+    elif mode == "bare_reads":
+        from bare_reads import BareReads  # noqa: PLC0415
+
+        stack.enter_context(BareReads(step.model, step.optimizer))
+    elif mode == "ours" or mode in COUNTERFACTUALS:
+        import profiler  # noqa: PLC0415
+
+        if mode in COUNTERFACTUALS:
+            stack.enter_context(counterfactuals.left_out(mode, step.model))
+        stack.enter_context(profiler.profile(step.model, step.optimizer, sample_interval=None))
+    elif mode != "plain":
+        raise SystemExit(f"unknown mode {mode!r}")
+    return stack
+
+
 def child(model: str, mode: str, steps: int) -> None:
     """Run in a child under valgrind: warm up, enter ``mode``, take its first step and ``steps`` more, then leave.
 
@@ -91,22 +120,7 @@ def child(model: str, mode: str, steps: int) -> None:
     step, _ = build_step(model)
     for _ in range(WARMUP):
         step()
-    if mode == "hooks_floor":
-        from hook_floor import HookFloor  # noqa: PLC0415
-
-        HookFloor(step.model, step.optimizer).__enter__()
-    elif mode == "bare_reads":
-        from bare_reads import BareReads  # noqa: PLC0415
-
-        BareReads(step.model, step.optimizer).__enter__()
-    elif mode == "ours" or mode in COUNTERFACTUALS:
-        import profiler  # noqa: PLC0415
-
-        if mode in COUNTERFACTUALS:
-            counterfactuals.left_out(mode, step.model).__enter__()  # (left in place: the child ends inside)
-        profiler.profile(step.model, step.optimizer, sample_interval=None).__enter__()
-    elif mode != "plain":
-        raise SystemExit(f"unknown mode {mode!r}")
+    _held = enter_mode(mode, step)  # (held to the end, never left: the child ends inside)
     step()  # the block's first step (measured in full by profile()), in both runs
     gc.collect()
     gc.disable()  # (a collection falls in one run's steps and not the other's: counted in overhead.py's gc ms/step)

@@ -14,6 +14,7 @@ nothing else (its steps are still found), and puts them back on leaving.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -153,6 +154,26 @@ def test_each_counterfactual_leaves_out_the_reads_it_names_and_puts_them_back(co
     assert after[1].forwards_repeated == 0
     with pytest.raises(ValueError, match="unknown counterfactual"):
         counterfactuals.left_out("ours_no_such_reads", model).__enter__()
+
+
+def test_a_childs_counterfactual_stays_in_force_while_the_child_runs(instructions) -> None:
+    """The child enters its mode and counts steps with it: its reads stay left out until the mode is left."""
+    from profiler.tracking import ledger, optimizers, repeats
+
+    def reads():
+        return (ledger.Ledger.count_gradients, optimizers.state_fingerprint, repeats.mode_signature)
+
+    before = reads()
+    step, _ = instructions.build_step("lbfgs")
+    held = instructions.enter_mode("ours_no_reads", step)
+    try:
+        gc.collect()  # (nothing but the stack holds the counterfactual: it must not be put back by a collection)
+        step()
+        step()
+        assert all(now is not then for now, then in zip(reads(), before))
+    finally:
+        held.close()
+    assert reads() == before
 
 
 def test_each_counterfactual_is_said_against_ours(instructions, monkeypatch) -> None:
