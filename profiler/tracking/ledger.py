@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from ..errors import guarded
-from .parallel import PLAIN_TYPES, fsdp_wrapped
+from .parallel import fsdp_wrapped
 from .parameters import ModelParameters, unique_bytes
 from .repeats import DATA_DEPENDENT
 from .saved_tensors import (
@@ -310,23 +310,10 @@ class Ledger:
             if step is None:
                 return
             self.accumulated = True
-            ident = 0
-            if type(grad) in PLAIN_TYPES:  # (memory_of's common case, read here: one call less per gradient)
-                try:
-                    storage = grad.untyped_storage()
-                    ident = storage.data_ptr()
-                except (RuntimeError, NotImplementedError):
-                    ident = 0  # (a sparse gradient: memory_of says what it is)
-            if ident:
-                if ident in self.gradients_seen:
-                    return
-                nbytes = storage.nbytes()
-            else:
-                ident, nbytes = memory_of(grad)
-                if ident in self.gradients_seen:
-                    return
-            self.gradients_seen[ident] = nbytes
-            step.events.append((time.perf_counter(), "gradients", nbytes))
+            ident, nbytes = memory_of(grad)
+            if ident not in self.gradients_seen:
+                self.gradients_seen[ident] = nbytes
+                step.events.append((time.perf_counter(), "gradients", nbytes))
         except Exception as exc:  # noqa: BLE001 - reported, never raised into the backward pass
             self.fail("_gradient_accumulated", exc)
 

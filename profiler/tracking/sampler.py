@@ -91,10 +91,6 @@ class _Peaks:
         self.nvml_process_used: int | None = None
 
     def update(self, s: Sample) -> None:
-        if s.nvml_device_used is None and s.nvml_process_used is None:  # (host only: one figure)
-            if s.host_rss is not None and (self.host_rss is None or s.host_rss > self.host_rss):
-                self.host_rss = s.host_rss
-            return
         for name in _FIELDS:
             value = getattr(s, name)
             if value is not None:
@@ -375,10 +371,7 @@ class MemorySampler:
         t = time.perf_counter() - self._t0
         assert self._rss is not None
         rss = self._rss.read()
-        if self._nvml is None:  # (host only, every tick and each phase's first sample: no call for nothing)
-            sample = Sample(t, rss, None, None, self._label)
-        else:
-            sample = Sample(t, rss, self._read_device(), self._read_process(), self._label)
+        sample = Sample(t, rss, self._read_device(), self._read_process(), self._label)
         self._record(sample)
         return sample
 

@@ -78,8 +78,7 @@ def memory_map(tensors: list[torch.Tensor]) -> dict[Any, int]:
 
     Read several times a step over every parameter or gradient: where all
     are plain tensors with storages (the common case) they are read by
-    ``map`` in C, else one by one here, a plain tensor's storage without two
-    calls.
+    ``map`` in C, else one by one.
     """
     if _PLAIN_SET.issuperset(map(type, tensors)):
         try:  # (every one a plain tensor with a storage, the common case: read in C, no call per tensor)
@@ -91,15 +90,6 @@ def memory_map(tensors: list[torch.Tensor]) -> dict[Any, int]:
             pass  # (a sparse tensor, say: one by one below)
     out: dict[Any, int] = {}
     for t in tensors:
-        if type(t) in PLAIN_TYPES:
-            try:
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr:
-                    out[ptr] = storage.nbytes()
-                    continue
-            except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-                pass  # (no storage: a sparse tensor, say; memory_of says what it is)
         ident, nbytes = memory_of(t)
         out[ident] = nbytes
     return out
